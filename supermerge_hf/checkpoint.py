@@ -1,0 +1,100 @@
+"""Lazy reading of a checkpoint folder: one tensor at a time, sharded or not, safetensors unless told otherwise."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+class PickleCheckpointError(ValueError):
+    """A checkpoint has only pickle `.bin` weights and the user did not opt in to reading them."""
+
+
+def _weight_map(folder: Path, weights: str, index: str) -> dict[str, str] | None:
+    if (folder / index).is_file():
+        return dict(json.loads((folder / index).read_text())["weight_map"])
+    if (folder / weights).is_file():
+        return {}  # filled lazily from the single file's header
+    return None
+
+
+class Checkpoint:
+    """Read-only view of the weights in a model folder.
+
+    Tensors are read on demand, one at a time; at most one safetensors shard is open. Returned tensors are
+    memory-mapped and alias the file: clone them before any in-place edit.
+
+    Args:
+        folder (`str` or `Path`): A model folder with `model.safetensors` or `model.safetensors.index.json`.
+        allow_pickle (`bool`, defaults to `False`): Also accept `pytorch_model.bin` (loaded with
+            `weights_only=True`). Only for files you trust.
+
+    Raises:
+        `FileNotFoundError`: The folder holds no weights.
+        `PickleCheckpointError`: The folder holds only pickle weights and `allow_pickle` is False.
+    """
+
+    def __init__(self, folder: str | Path, *, allow_pickle: bool = False) -> None:
+        self.folder = Path(folder)
+        self._pickle_state: dict[str, torch.Tensor] | None = None
+        self._open_file: str | None = None
+        self._handle = None
+        weight_map = _weight_map(self.folder, SAFE_WEIGHTS, SAFE_INDEX)
+        if weight_map is None:
+            pickle_map = _weight_map(self.folder, PICKLE_WEIGHTS, PICKLE_INDEX)
+            if pickle_map is None:
+                raise FileNotFoundError(
+                    f"No weights in {self.folder}: expected {SAFE_WEIGHTS} or {SAFE_INDEX}."
+                )
+            if not allow_pickle:
+                raise PickleCheckpointError(
+                    f"{self.folder} has only pickle .bin weights, which can run code when loaded. Convert it "
+                    "to safetensors, or pass allow_pickle=True if you trust the file."
+                )
+            self._pickle_state = self._load_pickle(pickle_map)
+            weight_map = {name: "" for name in self._pickle_state}
+        elif not weight_map:
+            with safe_open(self.folder / SAFE_WEIGHTS, framework="pt") as f:
+                weight_map = {name: SAFE_WEIGHTS for name in f.keys()}
+        self.weight_map = weight_map
+
+    def _load_pickle(self, pickle_map: dict[str, str]) -> dict[str, torch.Tensor]:
+        files = sorted(set(pickle_map.values())) or [PICKLE_WEIGHTS]
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state.update(torch.load(self.folder / name, map_location="cpu", weights_only=True, mmap=True))
+        return state
+
+    def _file(self, filename: str):
+        if self._open_file != filename:
+            self._handle = safe_open(self.folder / filename, framework="pt")
+            self._open_file = filename
+        return self._handle
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor `name`, read from the header only."""
+        if self._pickle_state is not None:
+            return tuple(self._pickle_state[name].shape)
+        return tuple(self._file(self.weight_map[name]).get_slice(name).get_shape())
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        if self._pickle_state is not None:
+            return self._pickle_state[name]
+        return self._file(self.weight_map[name]).get_tensor(name)

@@ -1,0 +1,101 @@
+"""The learned coefficients: the transform c(w), the merged tensor, its exact cheap gradient, and the table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+COEFFICIENTS_NAME = "coefficients.json"
+
+
+def transform(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """c(w): `tanh` bounds each contribution in (-1, 1); `none` is the identity."""
+    return torch.tanh(w) if kind == "tanh" else w
+
+
+def inverse_transform(c: float, kind: str) -> float:
+    return float(torch.atanh(torch.tensor(c))) if kind == "tanh" else float(c)
+
+
+def merge_tensor(base: torch.Tensor, deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """theta_p + sum_i c_i * tau_i.
+
+    Args:
+        base: `(*shape)`. deltas: `(S, *shape)`. coefficients: `(S,)`, already transformed.
+    """
+    return base + torch.tensordot(coefficients.to(deltas.dtype), deltas, dims=1)  # (*shape)
+
+
+def coefficient_grad(grads: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], group_index: dict[str, int],
+                     num_groups: int) -> torch.Tensor:
+    """dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij>  (method.md section 3); chain with c'(w) for dL/dw.
+
+    Args:
+        grads: `name -> (*shape)` gradient of the loss wrt the merged tensor. deltas: `name -> (S, *shape)`.
+
+    Returns:
+        `(S, G)` float32.
+    """
+    first = next(iter(deltas.values()))
+    out = torch.zeros(first.shape[0], num_groups, dtype=torch.float32, device=first.device)  # (S, G)
+    for name, grad in grads.items():
+        tau = deltas[name]  # (S, *shape)
+        out[:, group_index[name]] += (tau.flatten(1).float() @ grad.flatten().float())  # (S,)
+    return out
+
+
+class CoefficientModule(nn.Module):
+    """Holds w `(S, G)`; `forward()` returns c(w). The only module given to `accelerator.prepare`."""
+
+    def __init__(self, num_sources: int, num_groups: int, *, init: float, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.w = nn.Parameter(torch.full((num_sources, num_groups), inverse_transform(init, kind)))
+
+    def forward(self) -> torch.Tensor:
+        return transform(self.w, self.kind)  # (S, G)
+
+
+@dataclass
+class Coefficients:
+    """The coefficient table: `values[i, g]` = c(w[i, g]) for source (task) i and group g.
+
+    Example:
+        `coefficients["bbc", "encoder.layer.0.attention.self.query.weight"]`, `coefficients.to_dict()`.
+    """
+
+    tasks: list[str]
+    groups: list[str]
+    values: torch.Tensor  # (S, G), transformed
+    raw: torch.Tensor  # (S, G), w itself
+    transform: str
+
+    def __getitem__(self, key: tuple[str, str]) -> float:
+        task, group = key
+        return float(self.values[self.tasks.index(task), self.groups.index(group)])
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {t: dict(zip(self.groups, map(float, row))) for t, row in zip(self.tasks, self.values)}
+
+    def save(self, path: str | Path) -> None:
+        data = {"tasks": self.tasks, "groups": self.groups, "transform": self.transform,
+                "values": self.values.tolist(), "raw": self.raw.tolist()}
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Coefficients:
+        data = json.loads(Path(path).read_text())
+        return cls(data["tasks"], data["groups"], torch.tensor(data["values"]), torch.tensor(data["raw"]),
+                   data["transform"])
+
+    def __repr__(self) -> str:
+        width = max(len(t) for t in self.tasks)
+        lines = [f"Coefficients({len(self.tasks)} sources x {len(self.groups)} groups, transform={self.transform})"]
+        for task, row in zip(self.tasks, self.values):
+            summary = f"mean {row.mean():+.3f}  min {row.min():+.3f}  max {row.max():+.3f}"
+            lines.append(f"  {task:<{width}}  {summary}")
+        return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Task examples: accepted forms (datasets.Dataset, list of dicts, DataLoader, JSONL/CSV files), batching."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Example = dict[str, torch.Tensor]
+
+# padding value per model input; anything else pads with 0
+PAD_VALUES = {"attention_mask": 0, "labels": -100}
+
+
+def _to_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float, bool)) or (isinstance(value, list) and value and not isinstance(value[0], str)):
+        return torch.tensor(value)
+    return None  # strings and other raw fields are not model inputs
+
+
+def _from_batch(batch: Mapping[str, Any]) -> list[Example]:
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    size = len(next(iter(tensors.values())))
+    return [{k: v[i] for k, v in tensors.items()} for i in range(size)]
+
+
+def as_examples(task: str, data: Any, *, limit: int | None = None, require_labels: bool = True) -> list[Example]:
+    """Turn one task's examples into a list of `{input name: tensor}` dicts (model inputs, plus `labels`).
+
+    `data` may be a `datasets.Dataset`, a list of dicts, or a `torch.utils.data.DataLoader` of dict batches.
+    Raw text fields are dropped: tokenise first (or use `read_examples`).
+
+    Raises:
+        `ValueError`: No examples, or (with `require_labels`) an example without `labels`.
+        `TypeError`: An unsupported container.
+    """
+    if isinstance(data, torch.utils.data.DataLoader):
+        examples = [ex for batch in data for ex in _from_batch(batch)]
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        examples = []
+        for row in data:
+            if not isinstance(row, Mapping):
+                raise TypeError(f"Examples of task {task!r} must be dicts of model inputs, got {type(row).__name__}.")
+            examples.append({k: t for k, v in row.items() if (t := _to_tensor(v)) is not None})
+    else:
+        raise TypeError(
+            f"Examples of task {task!r} must be a datasets.Dataset, a list of dicts or a DataLoader, "
+            f"got {type(data).__name__}."
+        )
+    examples = examples[:limit] if limit else examples
+    if not examples:
+        raise ValueError(f"Task {task!r} has no examples: give at least one labelled example per task.")
+    if require_labels and any("labels" not in ex for ex in examples):
+        raise ValueError(
+            f"Task {task!r} has examples without `labels`: the supervised loss needs a `labels` field in every "
+            "example (rename your label column to `labels`)."
+        )
+    if any("input_ids" not in ex and "inputs_embeds" not in ex and "pixel_values" not in ex for ex in examples):
+        raise ValueError(f"Task {task!r} has examples without model inputs (e.g. `input_ids`): tokenise them first.")
+    return examples
+
+
+def split_holdout(examples: list[Example], fraction: float, generator: torch.Generator):
+    """Seeded split into (train, holdout); holdout is empty when fraction is 0 or there are too few examples."""
+    n_holdout = int(round(fraction * len(examples)))
+    if n_holdout == 0 or n_holdout >= len(examples):
+        return examples, []
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    return [examples[i] for i in order[n_holdout:]], [examples[i] for i in order[:n_holdout]]
+
+
+def collate(examples: list[Example], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack examples into a batch, right-padding sequences (`input_ids` with the pad id, `labels` with -100)."""
+    batch = {}
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        if values[0].dim() == 0 or all(v.shape == values[0].shape for v in values):
+            batch[key] = torch.stack(values)
+            continue
+        length = max(v.shape[0] for v in values)
+        pad = pad_token_id if key == "input_ids" else PAD_VALUES.get(key, 0)
+        out = torch.full((len(values), length, *values[0].shape[1:]), pad, dtype=values[0].dtype)  # (B, T, ...)
+        for i, v in enumerate(values):
+            out[i, : v.shape[0]] = v
+        batch[key] = out
+    return batch
+
+
+class BatchSampler:
+    """Endless seeded stream of global batches of one task: reshuffled each epoch, wrapping around."""
+
+    def __init__(self, num_examples: int, batch_size: int, generator: torch.Generator) -> None:
+        self.num_examples, self.batch_size, self.generator = num_examples, batch_size, generator
+        self._order: list[int] = []
+
+    def next(self) -> list[int]:
+        out = []
+        while len(out) < min(self.batch_size, self.num_examples):
+            if not self._order:
+                self._order = torch.randperm(self.num_examples, generator=self.generator).tolist()
+            out.append(self._order.pop(0))
+        return out
+
+
+def read_examples(
+    path: str | Path,
+    tokenizer,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    text_pair_field: str | None = None,
+    label2id: Mapping[str, int] | None = None,
+    max_length: int = 128,
+) -> list[Example]:
+    """Read labelled text from a JSONL or CSV file and tokenise it with `tokenizer`.
+
+    Labels may be integers or label names (mapped with `label2id`, e.g. the fine-tune's `config.label2id`).
+
+    Raises:
+        `ValueError`: Unknown file type, a missing field, or a label name not in `label2id`.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"Unsupported examples file {str(path)!r}: use .jsonl or .csv.")
+    examples = []
+    for i, row in enumerate(rows):
+        for field_name in (text_field, label_field, text_pair_field):
+            if field_name and field_name not in row:
+                raise ValueError(f"{path}:{i + 1} has no field {field_name!r} (fields: {sorted(row)}).")
+        label = row[label_field]
+        if isinstance(label, str) and not label.lstrip("-").isdigit():
+            if not label2id or label not in label2id:
+                raise ValueError(f"{path}:{i + 1}: label {label!r} is not one of {sorted(label2id or {})}.")
+            label = label2id[label]
+        pair = row[text_pair_field] if text_pair_field else None
+        encoded = tokenizer(row[text_field], pair, truncation=True, max_length=max_length)
+        examples.append({k: torch.tensor(v) for k, v in encoded.items()} | {"labels": torch.tensor(int(label))})
+    return examples

@@ -1,0 +1,280 @@
+"""`SuperMerger`: resolve and check the sources, learn the coefficients with Accelerate, build the merged model."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .coefficients import CoefficientModule, Coefficients, coefficient_grad, merge_tensor, transform
+from .config import SuperMergeConfig
+from .examples import BatchSampler, Example, as_examples, collate, split_holdout
+from .hub import resolve
+from .methods import get_method
+from .task_vectors import ModelSpec, build_plan, load_task_specific, load_task_vectors
+
+logger = logging.getLogger(__name__)
+
+
+def skeleton(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The source's architecture with real buffers but parameter-free (meta): run it with `functional_call`."""
+    model = spec.cls(spec.config).to(device=device, dtype=dtype).eval()  # eval: dropout off while learning
+    replaced: dict[int, nn.Parameter] = {}  # keeps tied parameters tied
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in replaced:
+                    replaced[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), False)
+                module._parameters[name] = replaced[id(p)]
+    return model
+
+
+class SuperMerger:
+    """Merge fine-tunes of one base with the method of `config` (SuperMerge by default).
+
+    Construction resolves the base and sources (local folders or Hub ids) and checks that they fit together,
+    reading configs and safetensors headers only; `fit` does the heavy work.
+
+    Args:
+        config (`SuperMergeConfig`): What to merge and how.
+        accelerator (`accelerate.Accelerator`, *optional*): Defaults to one on the GPU if there is one, else CPU.
+        token (`str` or `bool`, *optional*): Hub token for private repos; never logged or written.
+        cache_dir (`str`, *optional*): Hub cache folder.
+        endpoint (`str`, *optional*): Hub endpoint (defaults to huggingface_hub's).
+
+    Example:
+        ```python
+        merger = SuperMerger(config)
+        merger.fit({"sst2": sst2_examples, "rte": rte_examples})
+        merger.save_pretrained("merged")
+        ```
+    """
+
+    def __init__(
+        self,
+        config: SuperMergeConfig,
+        *,
+        accelerator: Accelerator | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        self.config = config
+        self.accelerator = accelerator
+        self.method = get_method(config.method)
+        hub = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint, "allow_pickle": config.allow_pickle}
+        self.resolved_base = resolve(config.base, revision=config.base_revision, **hub)
+        self.resolved_sources = [resolve(s.path, revision=s.revision, **hub) for s in config.sources]
+        load = {"allow_pickle": config.allow_pickle, "trust_remote_code": config.trust_remote_code}
+        self.plan = build_plan(
+            ModelSpec.from_folder(self.resolved_base.path, **load),
+            [ModelSpec.from_folder(r.path, **load) for r in self.resolved_sources],
+            config.tasks,
+            config.granularity,
+        )
+        self.coefficients: Coefficients | None = None
+        self.final_coefficients: Coefficients | None = None
+        self.history: list[dict[str, Any]] = []
+        self.selected_step: int | None = None
+        self.merged_tensors: dict[str, torch.Tensor] | None = None
+        logger.info(
+            "Merging %d sources: %d shared tensors in %d groups, task-specific: %s",
+            self.plan.num_sources, len(self.plan.merged), len(self.plan.groups),
+            {t: len(n) for t, n in self.plan.task_specific.items()},
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.dtype)
+
+    def merge_info(self) -> dict[str, Any]:
+        """What a merge resolved and decided, saved in `supermerge_config.json` for reproducibility."""
+        return {
+            "base_commit": self.resolved_base.commit,
+            "source_commits": {t: r.commit for t, r in zip(self.config.tasks, self.resolved_sources)},
+            "task_specific": self.plan.task_specific,
+            "num_merged_tensors": len(self.plan.merged),
+            "groups": len(self.plan.groups),
+            "selected_step": self.selected_step,
+        }
+
+    # ------------------------------------------------------------------ learning
+    def fit(self, examples: Mapping[str, Any] | None = None) -> SuperMerger:
+        """Learn the coefficients (learned methods) or compute the merge (data-free methods).
+
+        Args:
+            examples (`dict[str, Any]`): Per task name, labelled examples: a `datasets.Dataset`, a list of
+                dicts of model inputs with `labels`, or a `DataLoader`. Only the first
+                `config.examples_per_task` are used.
+
+        Raises:
+            `ValueError`: A task without examples or labels, examples for an unknown task.
+            `FileExistsError`: `config.output_dir` already holds files and overwriting was not asked.
+            `FloatingPointError`: A task's loss is not finite at the start.
+        """
+        from .outputs import check_output_dir
+
+        if self.config.output_dir:
+            check_output_dir(self.config.output_dir, overwrite=self.config.overwrite_output_dir)
+        if self.method.kind == "data_free":
+            self._merge_data_free()
+            return self
+        data = self._prepare_examples(examples or {})
+        self._learn(data)
+        return self
+
+    def _prepare_examples(self, examples: Mapping[str, Any]) -> dict[str, list[Example]]:
+        unknown = sorted(set(examples) - set(self.config.tasks))
+        if unknown:
+            raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.config.tasks}.")
+        return {
+            task: as_examples(task, examples.get(task, []), limit=self.config.examples_per_task)
+            for task in self.config.tasks
+        }
+
+    def _merge_data_free(self) -> None:
+        base, deltas = load_task_vectors(self.plan, dtype=torch.float32)
+        kwargs = dict(self.config.method_kwargs)
+        self.merged_tensors = {
+            name: (base[name] + self.method.merge(deltas.pop(name), **kwargs)).to(self.dtype) for name in base
+        }
+
+    def _learn(self, data: dict[str, list[Example]]) -> None:
+        cfg, plan = self.config, self.plan
+        acc = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = acc
+        generator = torch.Generator().manual_seed(cfg.seed)
+        splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in cfg.tasks}
+        if cfg.batch_size % acc.num_processes:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} is not divisible by the {acc.num_processes} processes: each "
+                "process must get an equal share of every global batch."
+            )
+        device, dtype = acc.device, self.dtype
+        base, deltas = load_task_vectors(plan, dtype=dtype, device=device)
+        models = {t: skeleton(s, device, dtype) for t, s in zip(cfg.tasks, plan.sources)}
+        heads = {t: load_task_specific(plan, t, dtype=dtype, device=device) for t in cfg.tasks}
+        pad_id = plan.base.config.pad_token_id or 0
+
+        def task_loss(task: str, merged: dict[str, torch.Tensor], batch: list[Example]) -> torch.Tensor:
+            names = plan.sources[cfg.tasks.index(task)].param_names
+            params = {names[n]: merged[n] for n in plan.merged} | heads[task]
+            inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            return torch.func.functional_call(models[task], params, (), inputs).loss
+
+        def merged_params(c: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {n: merge_tensor(base[n], deltas[n], c[:, plan.group_index[n]]) for n in plan.merged}
+
+        @torch.no_grad()
+        def mean_losses(c: torch.Tensor, split: int) -> dict[str, float]:
+            merged = merged_params(c)
+            out = {}
+            for t in cfg.tasks:
+                ex = splits[t][split]
+                chunks = [ex[i : i + 32] for i in range(0, len(ex), 32)]
+                out[t] = sum(float(task_loss(t, merged, b)) * len(b) for b in chunks) / len(ex)
+            return out
+
+        scale = {t: 1.0 for t in cfg.tasks}
+        if cfg.loss_combination == "normalized":  # divide by each fine-tune's own loss on its examples
+            for i, t in enumerate(cfg.tasks):
+                one_hot = torch.zeros(plan.num_sources, len(plan.groups), device=device)
+                one_hot[i] = 1.0
+                scale[t] = 1.0 / max(mean_losses(one_hot, 0)[t], 1e-6)
+        if cfg.loss_combination == "mean":
+            scale = {t: 1.0 / len(cfg.tasks) for t in cfg.tasks}
+
+        module = CoefficientModule(plan.num_sources, len(plan.groups), init=cfg.init_coefficient, kind=cfg.transform)
+        w0 = module.w.detach().clone()
+        optimizer = torch.optim.Adam(module.parameters(), lr=cfg.learning_rate)
+        module, optimizer = acc.prepare(module, optimizer)
+        raw = acc.unwrap_model(module)
+        samplers = {t: BatchSampler(len(splits[t][0]), cfg.batch_size, generator) for t in cfg.tasks}
+        share, rank = cfg.batch_size // acc.num_processes, acc.process_index
+        has_holdout = all(splits[t][1] for t in cfg.tasks)
+
+        def record(step: int, train: dict[str, float] | None) -> float | None:
+            holdout = mean_losses(raw().detach(), 1) if has_holdout else None
+            score = sum(scale[t] * v for t, v in holdout.items()) if holdout else None
+            self.history.append({"step": step, "train_loss": train, "holdout_loss": holdout, "score": score})
+            logger.info("step %d train %s holdout %s", step, train, holdout)
+            return score
+
+        best_score = record(0, None)
+        _check_finite(self.history[-1]["holdout_loss"] or {}, 0)
+        best_w, best_step = raw.w.detach().clone(), 0
+        bar = tqdm(range(1, cfg.steps + 1), desc="Learning coefficients", disable=not acc.is_local_main_process)
+        for step in bar:
+            c = module()  # (S, G), through DDP so that the w gradient is averaged over processes
+            merged = {n: t.requires_grad_() for n, t in merged_params(c.detach()).items()}
+            losses = {}
+            for t in cfg.tasks:
+                batch = [splits[t][0][i] for i in samplers[t].next()]
+                losses[t] = task_loss(t, merged, batch[rank * share : (rank + 1) * share] or batch)
+            _check_finite({t: float(v) for t, v in losses.items()}, step)
+            total = sum(scale[t] * losses[t] for t in cfg.tasks)
+            grads = torch.autograd.grad(total, list(merged.values()))
+            grad_c = coefficient_grad(dict(zip(merged, grads)), deltas, plan.group_index, len(plan.groups))
+            surrogate = (c * grad_c.to(c.dtype)).sum()  # d/dw = c'(w) * dL/dc: exact chain rule
+            if cfg.l2_to_init:
+                surrogate = surrogate + cfg.l2_to_init * ((raw.w - w0.to(raw.w.device)) ** 2).sum()
+            optimizer.zero_grad()
+            acc.backward(surrogate)
+            optimizer.step()
+            train = {t: float(acc.reduce(v.detach(), reduction="mean")) for t, v in losses.items()}
+            bar.set_postfix(loss=f"{sum(train.values()):.4f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                score = record(step, train)
+                if score is not None and score < best_score:
+                    best_score, best_w, best_step = score, raw.w.detach().clone(), step
+        final_w = raw.w.detach().clone()
+        if not has_holdout:
+            best_w, best_step = final_w, cfg.steps
+        self.selected_step = best_step
+        def table(w: torch.Tensor) -> Coefficients:
+            return Coefficients(cfg.tasks, plan.groups, transform(w, cfg.transform).cpu(), w.cpu(), cfg.transform)
+
+        self.final_coefficients, self.coefficients = table(final_w), table(best_w)
+        logger.info("Selected step %d of %d (hold-out score %s)", best_step, cfg.steps, best_score)
+        with torch.no_grad():
+            merged = merged_params(self.coefficients.values.to(device))
+        self.merged_tensors = {n: t.cpu() for n, t in merged.items()}
+
+
+    # ------------------------------------------------------------------ outputs
+    def merge_and_unload(self) -> PreTrainedModel:
+        """The base's model class holding the merged weights (task-specific heads are not part of it)."""
+        if self.merged_tensors is None:
+            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
+        spec = self.plan.base
+        model = spec.cls.from_pretrained(spec.folder, dtype=self.dtype)
+        with torch.no_grad():
+            for name, tensor in self.merged_tensors.items():
+                model.get_parameter(spec.param_names[name]).copy_(tensor)
+        return model.eval()
+
+    def save_pretrained(self, save_directory: str | None = None, *, overwrite: bool | None = None) -> str:
+        """Write the merged model, tokenizer, heads, config, coefficients and model card; see `outputs.save_merge`."""
+        from .outputs import save_merge
+
+        save_directory = save_directory or self.config.output_dir
+        if not save_directory:
+            raise ValueError("No output folder: pass `save_directory` or set `config.output_dir`.")
+        overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
+        return str(save_merge(self, save_directory, overwrite=overwrite))
+
+
+def _check_finite(losses: dict[str, float], step: int) -> None:
+    bad = {t: v for t, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f"Non-finite loss at step {step} for task(s) {bad}. Check the labels (e.g. out of range) and the "
+            "inputs, or use dtype='float32'."
+        )
