@@ -9,31 +9,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .coefficients import CoefficientModule, Coefficients, coefficient_grad, merge_tensor, transform
+from .coefficients import CoefficientModule, Coefficients, transform
 from .config import SuperMergeConfig
-from .examples import BatchSampler, Example, as_examples, collate, split_holdout
+from .examples import BatchSampler, Example, as_examples, split_holdout
+from .objectives import FunctionalMerge
 from .hub import resolve
 from .methods import get_method
-from .task_vectors import ModelSpec, build_plan, load_task_specific, load_task_vectors
+from .task_vectors import ModelSpec, build_plan, load_task_vectors
 
 logger = logging.getLogger(__name__)
-
-
-def skeleton(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The source's architecture with real buffers but parameter-free (meta): run it with `functional_call`."""
-    model = spec.cls(spec.config).to(device=device, dtype=dtype).eval()  # eval: dropout off while learning
-    replaced: dict[int, nn.Parameter] = {}  # keeps tied parameters tied
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None:
-                if id(p) not in replaced:
-                    replaced[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), False)
-                module._parameters[name] = replaced[id(p)]
-    return model
 
 
 class SuperMerger:
@@ -150,49 +137,19 @@ class SuperMerger:
         cfg, plan = self.config, self.plan
         acc = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.accelerator = acc
-        generator = torch.Generator().manual_seed(cfg.seed)
-        splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in cfg.tasks}
         if cfg.batch_size % acc.num_processes:
             raise ValueError(
                 f"batch_size={cfg.batch_size} is not divisible by the {acc.num_processes} processes: each "
                 "process must get an equal share of every global batch."
             )
-        device, dtype = acc.device, self.dtype
-        base, deltas = load_task_vectors(plan, dtype=dtype, device=device)
-        models = {t: skeleton(s, device, dtype) for t, s in zip(cfg.tasks, plan.sources)}
-        heads = {t: load_task_specific(plan, t, dtype=dtype, device=device) for t in cfg.tasks}
-        pad_id = plan.base.config.pad_token_id or 0
-
-        def task_loss(task: str, merged: dict[str, torch.Tensor], batch: list[Example]) -> torch.Tensor:
-            names = plan.sources[cfg.tasks.index(task)].param_names
-            params = {names[n]: merged[n] for n in plan.merged} | heads[task]
-            inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-            return torch.func.functional_call(models[task], params, (), inputs).loss
-
-        def merged_params(c: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {n: merge_tensor(base[n], deltas[n], c[:, plan.group_index[n]]) for n in plan.merged}
-
-        @torch.no_grad()
-        def mean_losses(c: torch.Tensor, split: int) -> dict[str, float]:
-            merged = merged_params(c)
-            out = {}
-            for t in cfg.tasks:
-                ex = splits[t][split]
-                chunks = [ex[i : i + 32] for i in range(0, len(ex), 32)]
-                out[t] = sum(float(task_loss(t, merged, b)) * len(b) for b in chunks) / len(ex)
-            return out
-
-        scale = {t: 1.0 for t in cfg.tasks}
-        if cfg.loss_combination == "normalized":  # divide by each fine-tune's own loss on its examples
-            for i, t in enumerate(cfg.tasks):
-                one_hot = torch.zeros(plan.num_sources, len(plan.groups), device=device)
-                one_hot[i] = 1.0
-                scale[t] = 1.0 / max(mean_losses(one_hot, 0)[t], 1e-6)
-        if cfg.loss_combination == "mean":
-            scale = {t: 1.0 / len(cfg.tasks) for t in cfg.tasks}
+        generator = torch.Generator().manual_seed(cfg.seed)
+        splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in cfg.tasks}
+        fm = FunctionalMerge(plan, dtype=self.dtype, device=acc.device)
+        self._functional = fm
+        scale = self._loss_scale(fm, {t: s[0] for t, s in splits.items()})
 
         module = CoefficientModule(plan.num_sources, len(plan.groups), init=cfg.init_coefficient, kind=cfg.transform)
-        w0 = module.w.detach().clone()
+        w0 = module.w.detach().clone().to(acc.device)
         optimizer = torch.optim.Adam(module.parameters(), lr=cfg.learning_rate)
         module, optimizer = acc.prepare(module, optimizer)
         raw = acc.unwrap_model(module)
@@ -201,10 +158,11 @@ class SuperMerger:
         has_holdout = all(splits[t][1] for t in cfg.tasks)
 
         def record(step: int, train: dict[str, float] | None) -> float | None:
-            holdout = mean_losses(raw().detach(), 1) if has_holdout else None
+            c = raw().detach()
+            holdout = {t: fm.mean_loss(c, t, splits[t][1]) for t in cfg.tasks} if has_holdout else None
             score = sum(scale[t] * v for t, v in holdout.items()) if holdout else None
             self.history.append({"step": step, "train_loss": train, "holdout_loss": holdout, "score": score})
-            logger.info("step %d train %s holdout %s", step, train, holdout)
+            logger.info("step %d: train loss %s, hold-out loss %s", step, train, holdout)
             return score
 
         best_score = record(0, None)
@@ -212,23 +170,20 @@ class SuperMerger:
         best_w, best_step = raw.w.detach().clone(), 0
         bar = tqdm(range(1, cfg.steps + 1), desc="Learning coefficients", disable=not acc.is_local_main_process)
         for step in bar:
-            c = module()  # (S, G), through DDP so that the w gradient is averaged over processes
-            merged = {n: t.requires_grad_() for n, t in merged_params(c.detach()).items()}
-            losses = {}
+            c = module()  # (S, G), through DDP so that the gradient of w is averaged over processes
+            batches = {}
             for t in cfg.tasks:
                 batch = [splits[t][0][i] for i in samplers[t].next()]
-                losses[t] = task_loss(t, merged, batch[rank * share : (rank + 1) * share] or batch)
+                batches[t] = batch[rank * share : (rank + 1) * share] or batch
+            grad_c, losses = fm.supervised_grad(c, batches, scale)
             _check_finite({t: float(v) for t, v in losses.items()}, step)
-            total = sum(scale[t] * losses[t] for t in cfg.tasks)
-            grads = torch.autograd.grad(total, list(merged.values()))
-            grad_c = coefficient_grad(dict(zip(merged, grads)), deltas, plan.group_index, len(plan.groups))
-            surrogate = (c * grad_c.to(c.dtype)).sum()  # d/dw = c'(w) * dL/dc: exact chain rule
+            surrogate = (c * grad_c.to(c.dtype)).sum()  # d/dw = c'(w) * dL/dc: the exact chain rule
             if cfg.l2_to_init:
-                surrogate = surrogate + cfg.l2_to_init * ((raw.w - w0.to(raw.w.device)) ** 2).sum()
+                surrogate = surrogate + cfg.l2_to_init * ((raw.w - w0) ** 2).sum()
             optimizer.zero_grad()
             acc.backward(surrogate)
             optimizer.step()
-            train = {t: float(acc.reduce(v.detach(), reduction="mean")) for t, v in losses.items()}
+            train = {t: float(acc.reduce(v, reduction="mean")) for t, v in losses.items()}
             bar.set_postfix(loss=f"{sum(train.values()):.4f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 score = record(step, train)
@@ -238,15 +193,45 @@ class SuperMerger:
         if not has_holdout:
             best_w, best_step = final_w, cfg.steps
         self.selected_step = best_step
-        def table(w: torch.Tensor) -> Coefficients:
-            return Coefficients(cfg.tasks, plan.groups, transform(w, cfg.transform).cpu(), w.cpu(), cfg.transform)
-
-        self.final_coefficients, self.coefficients = table(final_w), table(best_w)
+        self.final_coefficients = self._table(final_w)
         logger.info("Selected step %d of %d (hold-out score %s)", best_step, cfg.steps, best_score)
-        with torch.no_grad():
-            merged = merged_params(self.coefficients.values.to(device))
-        self.merged_tensors = {n: t.cpu() for n, t in merged.items()}
+        self.apply_coefficients(transform(best_w, cfg.transform), raw=best_w)
 
+    def _loss_scale(self, fm: FunctionalMerge, train: dict[str, list[Example]]) -> dict[str, float]:
+        tasks = self.config.tasks
+        if self.config.loss_combination == "mean":
+            return {t: 1.0 / len(tasks) for t in tasks}
+        if self.config.loss_combination == "normalized":  # each task's loss over its fine-tune's own loss
+            scale = {}
+            for i, t in enumerate(tasks):
+                one_hot = torch.zeros(len(tasks), len(self.plan.groups), device=fm.device)
+                one_hot[i] = 1.0
+                scale[t] = 1.0 / max(fm.mean_loss(one_hot, t, train[t]), 1e-6)
+            return scale
+        return {t: 1.0 for t in tasks}
+
+    def _table(self, w: torch.Tensor) -> Coefficients:
+        kind = self.config.transform
+        return Coefficients(self.config.tasks, self.plan.groups, transform(w, kind).cpu(), w.cpu(), kind)
+
+    @torch.no_grad()
+    def apply_coefficients(self, values: torch.Tensor, *, raw: torch.Tensor | None = None) -> None:
+        """Merge with given coefficient values `(S, G)` (already transformed), e.g. ones saved earlier.
+
+        Raises:
+            `ValueError`: `values` does not have shape (num sources, num groups).
+        """
+        expected = (self.plan.num_sources, len(self.plan.groups))
+        if tuple(values.shape) != expected:
+            raise ValueError(f"Coefficients of shape {tuple(values.shape)} given; this merge needs {expected}.")
+        fm = getattr(self, "_functional", None)
+        if fm is None:
+            fm = self._functional = FunctionalMerge(self.plan, dtype=self.dtype)
+        values = values.to(device=fm.device, dtype=torch.float32)
+        kind = self.config.transform
+        raw = raw if raw is not None else (torch.atanh(values) if kind == "tanh" else values)
+        self.coefficients = Coefficients(self.config.tasks, self.plan.groups, values.cpu(), raw.cpu(), kind)
+        self.merged_tensors = {n: t.cpu() for n, t in fm.merged_params(values).items()}
 
     # ------------------------------------------------------------------ outputs
     def merge_and_unload(self) -> PreTrainedModel:
