@@ -1,0 +1,156 @@
+"""Exact properties of the merge: the formula, its limits, its gradient, and save -> reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForCausalLM
+
+from supermerge_hf import SuperMergeConfig, SuperMerger, load_task_model
+from supermerge_hf.coefficients import transform
+from supermerge_hf.examples import as_examples
+from supermerge_hf.objectives import FunctionalMerge
+
+from .conftest import family_examples
+
+
+def make_merger(family, **kwargs) -> SuperMerger:
+    kwargs = {"steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0} | kwargs
+    return SuperMerger(SuperMergeConfig(base=str(family.base), sources=family.source_list(), **kwargs))
+
+
+def raw_state(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def canonical_state(folder, prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix + "."): v for k, v in raw_state(folder).items()}
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "block", "task"])
+def test_merged_equals_formula(bert_family, granularity):
+    merger = make_merger(bert_family, granularity=granularity).fit(family_examples(bert_family))
+    base = canonical_state(bert_family.base, "bert")
+    sources = [canonical_state(p, "bert") for p in bert_family.sources.values()]
+    c = merger.coefficients.values  # (S, G)
+    assert c.shape == (2, {"tensor": 39, "block": 4, "task": 1}[granularity])
+    assert not torch.equal(c, torch.full_like(c, 0.3)), "the coefficients should have moved"
+    for name, merged in merger.merged_tensors.items():
+        g = merger.plan.group_index[name]
+        expected = base[name] + sum(c[i, g] * (src[name] - base[name]) for i, src in enumerate(sources))
+        torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-6)
+    assert sorted(merger.plan.task_specific["sst"]) == ["classifier.bias", "classifier.weight"]
+
+
+def test_block_groups_follow_the_model(bert_family):
+    merger = make_merger(bert_family, granularity="block")
+    assert merger.plan.groups == ["embeddings", "encoder.layer.0", "encoder.layer.1", "pooler"]
+
+
+def test_transform_none_zero_is_base_and_one_hot_is_source(llama_family):
+    merger = make_merger(llama_family, transform="none", init_coefficient=0.0)
+    S, G = merger.plan.num_sources, len(merger.plan.groups)
+    merger.apply_coefficients(torch.zeros(S, G))
+    base = canonical_state(llama_family.base, "model")
+    for name, merged in merger.merged_tensors.items():
+        assert torch.equal(merged, base[name]), name
+    for i, path in enumerate(llama_family.sources.values()):
+        one_hot = torch.zeros(S, G)
+        one_hot[i] = 1.0
+        merger.apply_coefficients(one_hot)
+        source = canonical_state(path, "model")
+        for name, merged in merger.merged_tensors.items():
+            torch.testing.assert_close(merged, source[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["tanh", "none"])
+def test_analytic_gradient_equals_autograd(bert_family, kind):
+    merger = make_merger(bert_family, transform=kind)
+    fm = FunctionalMerge(merger.plan, dtype=torch.float32)
+    examples = {t: as_examples(t, ex) for t, ex in family_examples(bert_family, n=6).items()}
+    S, G = merger.plan.num_sources, len(merger.plan.groups)
+    w = (0.4 * torch.randn(S, G, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    scale = {"sst": 1.0, "nli": 0.5}
+    # reference: autograd through theta_m(c(w)) and the S task vectors
+    merged = fm.merged_params(transform(w, kind))
+    loss = sum(scale[t] * fm.forward(t, merged, batch).loss for t, batch in examples.items())
+    (reference,) = torch.autograd.grad(loss, [w])
+    # analytic: one backward through the merged model, then <dL/dtheta_m, tau> and c'(w)
+    grad_c, _ = fm.supervised_grad(transform(w, kind).detach(), examples, scale)
+    c_prime = 1 - torch.tanh(w.detach()) ** 2 if kind == "tanh" else torch.ones_like(w)
+    torch.testing.assert_close(c_prime * grad_c, reference, rtol=1e-4, atol=1e-7)
+    assert reference.abs().max() > 0
+
+
+def test_learning_step_follows_the_gradient(bert_family):
+    """One Adam step moves each w against the sign of the exact gradient."""
+    examples = family_examples(bert_family, n=4)
+    merger = make_merger(bert_family, steps=1, holdout_fraction=0.0, batch_size=4, learning_rate=1e-3)
+    merger.fit(examples)
+    fm = FunctionalMerge(merger.plan, dtype=torch.float32)
+    w0 = torch.full((2, len(merger.plan.groups)), float(torch.atanh(torch.tensor(0.3))))
+    batches = {t: as_examples(t, ex) for t, ex in examples.items()}
+    # the sampler reshuffles but a batch of all 4 examples gives the same mean loss
+    grad_c, _ = fm.supervised_grad(torch.tanh(w0), batches, {"sst": 1.0, "nli": 1.0})
+    moved = merger.coefficients.raw - w0
+    big = grad_c.abs() > 1e-6
+    assert torch.equal(torch.sign(moved[big]), -torch.sign(grad_c[big]))
+    torch.testing.assert_close(moved[big].abs(), torch.full_like(moved[big], 1e-3), rtol=1e-2, atol=0)
+
+
+def test_deterministic_for_a_seed(bert_family):
+    examples = family_examples(bert_family)
+    a = make_merger(bert_family, seed=3).fit(examples).coefficients.values
+    b = make_merger(bert_family, seed=3).fit(examples).coefficients.values
+    assert torch.equal(a, b)
+
+
+def test_holdout_selection_reports_final_and_selected(bert_family):
+    merger = make_merger(bert_family, steps=6, eval_every=2, holdout_fraction=0.25).fit(family_examples(bert_family))
+    scores = {h["step"]: h["score"] for h in merger.history}
+    assert sorted(scores) == [0, 2, 4, 6]
+    assert merger.selected_step == min(scores, key=scores.get)
+    assert merger.final_coefficients is not None
+
+
+def test_save_and_reload_bert_heads(bert_family, tmp_path):
+    merger = make_merger(bert_family).fit(family_examples(bert_family))
+    out = merger.save_pretrained(tmp_path / "merged")
+    x = torch.randint(1, 64, (3, 7))
+    body = AutoModel.from_pretrained(out)
+    assert torch.equal(body(x).last_hidden_state, merger.merge_and_unload()(x).last_hidden_state)
+    fm = FunctionalMerge(merger.plan, dtype=torch.float32)
+    merged = fm.merged_params(merger.coefficients.values)
+    for task, k in bert_family.num_labels.items():
+        model = load_task_model(out, task)
+        assert model.config.num_labels == k
+        expected = fm.forward(task, merged, [{"input_ids": row} for row in x]).logits
+        torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "merged" / "heads").iterdir()) == ["nli", "sst"]
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "base_model_relation: merge" in card and str(bert_family.sources["sst"]) in card
+
+
+@pytest.mark.parametrize("family_name", ["llama_family", "gpt2_family"])
+def test_save_and_reload_causal_lm(family_name, request, tmp_path):
+    family = request.getfixturevalue(family_name)
+    merger = make_merger(family).fit(family_examples(family))
+    out = merger.save_pretrained(tmp_path / "merged")
+    x = torch.randint(1, 64, (2, 8))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(reloaded(x).logits, merger.merge_and_unload()(x).logits)
+    fm = FunctionalMerge(merger.plan, dtype=torch.float32)
+    task = next(iter(family.sources))
+    expected = fm.forward(task, fm.merged_params(merger.coefficients.values), [{"input_ids": r} for r in x]).logits
+    torch.testing.assert_close(reloaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not any(merger.plan.task_specific.values())
+
+
+def test_tied_embeddings_merged_once(gpt2_family):
+    merger = make_merger(gpt2_family)
+    assert "wte.weight" in merger.plan.merged
+    assert not any("lm_head" in n for n in merger.plan.merged)
+    model = merger.fit(family_examples(gpt2_family)).merge_and_unload()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, merger.merged_tensors["wte.weight"])
