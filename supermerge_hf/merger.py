@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ from .coefficients import CoefficientModule, Coefficients, transform
 from .config import SuperMergeConfig
 from .examples import BatchSampler, Example, as_examples, split_holdout
 from .objectives import FunctionalMerge
-from .hub import resolve
+from .hub import push_folder, resolve
 from .methods import get_method
 from .task_vectors import ModelSpec, build_plan, load_task_vectors
 
@@ -71,11 +73,20 @@ class SuperMerger:
         self.history: list[dict[str, Any]] = []
         self.selected_step: int | None = None
         self.merged_tensors: dict[str, torch.Tensor] | None = None
+        self._functional: FunctionalMerge | None = None
+        self._hub = {"token": token, "endpoint": endpoint}
         logger.info(
             "Merging %d sources: %d shared tensors in %d groups, task-specific: %s",
             self.plan.num_sources, len(self.plan.merged), len(self.plan.groups),
             {t: len(n) for t, n in self.plan.task_specific.items()},
         )
+
+    @property
+    def functional(self) -> FunctionalMerge:
+        """The merged model as a function of the coefficients (loads base and task vectors on first use)."""
+        if self._functional is None:
+            self._functional = FunctionalMerge(self.plan, dtype=self.dtype)
+        return self._functional
 
     @property
     def dtype(self) -> torch.dtype:
@@ -144,8 +155,7 @@ class SuperMerger:
             )
         generator = torch.Generator().manual_seed(cfg.seed)
         splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in cfg.tasks}
-        fm = FunctionalMerge(plan, dtype=self.dtype, device=acc.device)
-        self._functional = fm
+        fm = self._functional = FunctionalMerge(plan, dtype=self.dtype, device=acc.device)
         scale = self._loss_scale(fm, {t: s[0] for t, s in splits.items()})
 
         module = CoefficientModule(plan.num_sources, len(plan.groups), init=cfg.init_coefficient, kind=cfg.transform)
@@ -224,9 +234,7 @@ class SuperMerger:
         expected = (self.plan.num_sources, len(self.plan.groups))
         if tuple(values.shape) != expected:
             raise ValueError(f"Coefficients of shape {tuple(values.shape)} given; this merge needs {expected}.")
-        fm = getattr(self, "_functional", None)
-        if fm is None:
-            fm = self._functional = FunctionalMerge(self.plan, dtype=self.dtype)
+        fm = self.functional
         values = values.to(device=fm.device, dtype=torch.float32)
         kind = self.config.transform
         raw = raw if raw is not None else (torch.atanh(values) if kind == "tanh" else values)
@@ -254,6 +262,27 @@ class SuperMerger:
             raise ValueError("No output folder: pass `save_directory` or set `config.output_dir`.")
         overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
         return str(save_merge(self, save_directory, overwrite=overwrite))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Save the merge (as `save_pretrained` does) and upload it to a Hub model repo.
+
+        Returns:
+            `str`: The sha of the commit created.
+        """
+        token = token if token is not None else self._hub["token"]
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(str(Path(tmp) / repo_id.split("/")[-1]))
+            message = commit_message or f"Upload {self.config.method} merge of {', '.join(self.config.tasks)}"
+            return push_folder(folder, repo_id, private=private, token=token, revision=revision,
+                               commit_message=message, endpoint=self._hub["endpoint"])
 
 
 def _check_finite(losses: dict[str, float], step: int) -> None:

