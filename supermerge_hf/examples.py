@@ -76,7 +76,12 @@ def split_holdout(examples: list[Example], fraction: float, generator: torch.Gen
 
 
 def collate(examples: list[Example], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Stack examples into a batch, right-padding sequences (`input_ids` with the pad id, `labels` with -100)."""
+    """Stack examples into a batch, right-padding sequences (`input_ids` with the pad id, `labels` with -100).
+
+    An `attention_mask` is added when the examples have none, so results do not depend on the padding.
+    """
+    if "input_ids" in examples[0] and "attention_mask" not in examples[0]:  # so padding is never attended to
+        examples = [ex | {"attention_mask": torch.ones_like(ex["input_ids"])} for ex in examples]
     batch = {}
     for key in examples[0]:
         values = [ex[key] for ex in examples]

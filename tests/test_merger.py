@@ -94,7 +94,7 @@ def test_learning_step_follows_the_gradient(bert_family):
     # the sampler reshuffles but a batch of all 4 examples gives the same mean loss
     grad_c, _ = fm.supervised_grad(torch.tanh(w0), batches, {"sst": 1.0, "nli": 1.0})
     moved = merger.coefficients.raw - w0
-    big = grad_c.abs() > 1e-6
+    big = grad_c.abs() > 1e-4  # where Adam's eps (1e-8) is negligible
     assert torch.equal(torch.sign(moved[big]), -torch.sign(grad_c[big]))
     torch.testing.assert_close(moved[big].abs(), torch.full_like(moved[big], 1e-3), rtol=1e-2, atol=0)
 

