@@ -65,6 +65,33 @@ def family_examples(family: Family, n: int = 16) -> dict[str, list[dict]]:
     return {t: classification_examples(k, n, seed=i) for i, (t, k) in enumerate(family.num_labels.items())}
 
 
+WORDS = ["good", "bad", "movie", "plot", "actor", "is", "was", "not", "very", "the", "a", "and", "but", "fun",
+         "dull", "cat", "dog", "sat", "ran", "on", "mat", "yes", "no", "maybe"]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer whose ids fit the tiny models' vocabulary of 64."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def write_text_examples(path: Path, n: int, num_labels: int, seed: int) -> None:
+    """JSONL of {"text", "label"} lines made of WORDS."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    lines = [json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(3, 8))), "label": rng.randrange(num_labels)})
+             for _ in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+
+
 BERT_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                    vocab_size=VOCAB, max_position_embeddings=32)
 
@@ -75,6 +102,7 @@ def bert_family(tmp_path_factory) -> Family:
     root = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
     BertModel(BertConfig(**BERT_CONFIG)).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
     labels = {"sst": 2, "nli": 3}
     sources = {}
     for i, (task, k) in enumerate(labels.items()):

@@ -1,0 +1,97 @@
+"""The README's Python quickstart, the example recipe and the `supermerge` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from supermerge_hf import Coefficients, SuperMergeConfig
+from supermerge_hf.cli import build_parser, main
+
+from .conftest import write_text_examples
+
+ROOT = Path(__file__).parent.parent
+
+
+def code_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\s*```\w*\n(.*?)```", text, re.S)
+    assert match, f"README has no block after <!-- {marker} -->"
+    return match.group(1)
+
+
+def place_models(bert_family, folder: Path) -> None:
+    for name, path in [("base", bert_family.base), *bert_family.sources.items()]:
+        shutil.copytree(path, folder / name)
+
+
+def test_readme_python_quickstart(bert_family, tmp_path, monkeypatch):
+    place_models(bert_family, tmp_path)
+    for i, (task, k) in enumerate(bert_family.num_labels.items()):
+        write_text_examples(tmp_path / f"{task}.jsonl", 24, k, seed=i)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code_block("quickstart"), "README-quickstart", "exec"), namespace)
+    assert isinstance(namespace["merger"].coefficients, Coefficients)
+    assert namespace["sst_model"].config.num_labels == 2
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_readme_commands_are_what_ci_runs():
+    assert "pip install torch==2.13.0" in code_block("ci:demo") and "supermerge demo" in code_block("ci:demo")
+    assert "pytest" in code_block("ci:test")
+    assert "ci:test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_example_recipe_runs(bert_family, tmp_path):
+    recipe_dir = tmp_path / "recipe"
+    (recipe_dir / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "examples" / "recipe.yaml", recipe_dir / "recipe.yaml")
+    place_models(bert_family, recipe_dir / "models")
+    write_text_examples(recipe_dir / "data" / "sst.jsonl", 20, 2, seed=0)
+    rows = [json.loads(line) for line in (recipe_dir / "data" / "sst.jsonl").read_text().splitlines()]
+    with (recipe_dir / "data" / "nli.csv").open("w", newline="") as f:  # label names, as in the fine-tune's config
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"], "label": f"LABEL_{i % 3}"} for i, r in enumerate(rows))
+    assert main(["merge", str(recipe_dir / "recipe.yaml"), "--steps", "2"]) == 0
+    out = recipe_dir / "merged"
+    config = SuperMergeConfig.from_pretrained(out)
+    assert config.steps == 2 and config.merge_info["task_specific"]["sst"] == ["classifier.weight", "classifier.bias"]
+    assert AutoModel.from_pretrained(out)(torch.tensor([[2, 5, 6, 3]])).last_hidden_state.shape == (1, 4, 32)
+    # a second run refuses to overwrite, --overwrite replaces
+    assert main(["merge", str(recipe_dir / "recipe.yaml"), "--steps", "1"]) == 2
+    assert main(["merge", str(recipe_dir / "recipe.yaml"), "--steps", "1", "--overwrite"]) == 0
+
+
+def test_recipe_without_data_is_refused(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("base: b\nsources:\n  - {task: t, path: p}\n")
+    assert main(["merge", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "o")]) == 2
+    assert "needs `data:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["merge", "demo"])
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        assert action.help, f"option {action.option_strings or action.dest} has no help"
+        for flag in action.option_strings:
+            assert flag in text
+
+
+def test_methods_lists_all_nine(capsys):
+    assert main(["methods"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == sorted(["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                            "adamerging", "adamerging_plus", "supermerge"])
