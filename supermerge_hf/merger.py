@@ -16,13 +16,16 @@ from transformers import PreTrainedModel
 
 from .coefficients import CoefficientModule, Coefficients, transform
 from .config import SuperMergeConfig
+from .data_free import LAMBDA_GRID, merge_data_free, ties_trimmed
 from .examples import BatchSampler, Example, as_examples, split_holdout
 from .objectives import FunctionalMerge
 from .hub import push_folder, resolve
 from .methods import get_method
-from .task_vectors import ModelSpec, build_plan, load_task_vectors
+from .task_vectors import ModelSpec, build_plan
 
 logger = logging.getLogger(__name__)
+
+ENTROPY_METHODS = {"adamerging", "adamerging_plus"}  # unsupervised: entropy of predictions, no labels
 
 
 class SuperMerger:
@@ -73,6 +76,9 @@ class SuperMerger:
         self.history: list[dict[str, Any]] = []
         self.selected_step: int | None = None
         self.merged_tensors: dict[str, torch.Tensor] | None = None
+        self.metrics: dict[str, Any] = {}
+        self.chosen: dict[str, float] = {}
+        self.grid_scores: dict[str, float] = {}
         self._functional: FunctionalMerge | None = None
         self._hub = {"token": token, "endpoint": endpoint}
         logger.info(
@@ -121,30 +127,29 @@ class SuperMerger:
 
         if self.config.output_dir:
             check_output_dir(self.config.output_dir, overwrite=self.config.overwrite_output_dir)
+        entropy = self.method.name in ENTROPY_METHODS
+        needs_examples = self.method.kind == "learned" or "auto" in self.config.method_kwargs.values()
+        data = self._prepare_examples(examples or {}, require_labels=not entropy) if needs_examples else None
         if self.method.kind == "data_free":
-            self._merge_data_free()
+            merged, self.chosen, self.grid_scores = merge_data_free(
+                self.functional, self.method, self.config.method_kwargs, seed=self.config.seed, examples=data
+            )
+            self.merged_tensors = {n: t.to(self.dtype).cpu() for n, t in merged.items()}
             return self
-        data = self._prepare_examples(examples or {})
-        self._learn(data)
+        self._learn(data, objective="entropy" if entropy else "supervised")
         return self
 
-    def _prepare_examples(self, examples: Mapping[str, Any]) -> dict[str, list[Example]]:
+    def _prepare_examples(self, examples: Mapping[str, Any], require_labels: bool = True) -> dict[str, list[Example]]:
         unknown = sorted(set(examples) - set(self.config.tasks))
         if unknown:
             raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.config.tasks}.")
         return {
-            task: as_examples(task, examples.get(task, []), limit=self.config.examples_per_task)
+            task: as_examples(task, examples.get(task, []), limit=self.config.examples_per_task,
+                              require_labels=require_labels)
             for task in self.config.tasks
         }
 
-    def _merge_data_free(self) -> None:
-        base, deltas = load_task_vectors(self.plan, dtype=torch.float32)
-        kwargs = dict(self.config.method_kwargs)
-        self.merged_tensors = {
-            name: (base[name] + self.method.merge(deltas.pop(name), **kwargs)).to(self.dtype) for name in base
-        }
-
-    def _learn(self, data: dict[str, list[Example]]) -> None:
+    def _learn(self, data: dict[str, list[Example]], objective: str) -> None:
         cfg, plan = self.config, self.plan
         acc = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.accelerator = acc
@@ -155,10 +160,13 @@ class SuperMerger:
             )
         generator = torch.Generator().manual_seed(cfg.seed)
         splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in cfg.tasks}
-        fm = self._functional = FunctionalMerge(plan, dtype=self.dtype, device=acc.device)
+        trim = ties_trimmed if self.method.name == "adamerging_plus" else None
+        fm = self._functional = FunctionalMerge(plan, dtype=self.dtype, device=acc.device, delta_transform=trim)
         scale = self._loss_scale(fm, {t: s[0] for t, s in splits.items()})
+        kind = self._kind
+        init = self._task_arithmetic_init(fm, splits) if cfg.init_from_task_arithmetic else cfg.init_coefficient
 
-        module = CoefficientModule(plan.num_sources, len(plan.groups), init=cfg.init_coefficient, kind=cfg.transform)
+        module = CoefficientModule(plan.num_sources, len(plan.groups), init=init, kind=kind)
         w0 = module.w.detach().clone().to(acc.device)
         optimizer = torch.optim.Adam(module.parameters(), lr=cfg.learning_rate)
         module, optimizer = acc.prepare(module, optimizer)
@@ -166,26 +174,28 @@ class SuperMerger:
         samplers = {t: BatchSampler(len(splits[t][0]), cfg.batch_size, generator) for t in cfg.tasks}
         share, rank = cfg.batch_size // acc.num_processes, acc.process_index
         has_holdout = all(splits[t][1] for t in cfg.tasks)
+        metric = "entropy" if objective == "entropy" else "loss"
 
         def record(step: int, train: dict[str, float] | None) -> float | None:
-            c = raw().detach()
-            holdout = {t: fm.mean_loss(c, t, splits[t][1]) for t in cfg.tasks} if has_holdout else None
+            merged = fm.merged_params(raw().detach())
+            holdout = {t: fm.evaluate(merged, t, splits[t][1])[metric] for t in cfg.tasks} if has_holdout else None
             score = sum(scale[t] * v for t, v in holdout.items()) if holdout else None
-            self.history.append({"step": step, "train_loss": train, "holdout_loss": holdout, "score": score})
-            logger.info("step %d: train loss %s, hold-out loss %s", step, train, holdout)
+            self.history.append({"step": step, "train": train, "holdout": holdout, "score": score})
+            logger.info("step %d: train %s %s, hold-out %s", step, metric, train, holdout)
             return score
 
         best_score = record(0, None)
-        _check_finite(self.history[-1]["holdout_loss"] or {}, 0)
+        _check_finite(self.history[-1]["holdout"] or {}, 0)
         best_w, best_step = raw.w.detach().clone(), 0
-        bar = tqdm(range(1, cfg.steps + 1), desc="Learning coefficients", disable=not acc.is_local_main_process)
+        bar = tqdm(range(1, cfg.steps + 1), desc=f"Learning {self.method.name} coefficients",
+                   disable=not acc.is_local_main_process)
         for step in bar:
             c = module()  # (S, G), through DDP so that the gradient of w is averaged over processes
             batches = {}
             for t in cfg.tasks:
                 batch = [splits[t][0][i] for i in samplers[t].next()]
                 batches[t] = batch[rank * share : (rank + 1) * share] or batch
-            grad_c, losses = fm.supervised_grad(c, batches, scale)
+            grad_c, losses = fm.coefficient_grad(c, batches, scale, objective)
             _check_finite({t: float(v) for t, v in losses.items()}, step)
             surrogate = (c * grad_c.to(c.dtype)).sum()  # d/dw = c'(w) * dL/dc: the exact chain rule
             if cfg.l2_to_init:
@@ -193,8 +203,11 @@ class SuperMerger:
             optimizer.zero_grad()
             acc.backward(surrogate)
             optimizer.step()
+            if objective == "entropy":  # AdaMerging keeps its coefficients in [0, 1]
+                with torch.no_grad():
+                    raw.w.clamp_(0.0, 1.0)
             train = {t: float(acc.reduce(v, reduction="mean")) for t, v in losses.items()}
-            bar.set_postfix(loss=f"{sum(train.values()):.4f}")
+            bar.set_postfix({metric: f"{sum(train.values()):.4f}"})
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 score = record(step, train)
                 if score is not None and score < best_score:
@@ -205,7 +218,34 @@ class SuperMerger:
         self.selected_step = best_step
         self.final_coefficients = self._table(final_w)
         logger.info("Selected step %d of %d (hold-out score %s)", best_step, cfg.steps, best_score)
-        self.apply_coefficients(transform(best_w, cfg.transform), raw=best_w)
+        self.apply_coefficients(transform(best_w, kind), raw=best_w)
+        self.metrics = self._before_after(fm, {t: s[1] or s[0] for t, s in splits.items()}, has_holdout)
+
+    @property
+    def _kind(self) -> str:
+        """The coefficient transform: AdaMerging uses the identity (projected to [0, 1]), SuperMerge the config's."""
+        return "none" if self.method.name in ENTROPY_METHODS else self.config.transform
+
+    def _task_arithmetic_init(self, fm: FunctionalMerge, splits) -> float:
+        """The λ of the task-arithmetic grid with the lowest summed training loss, as initial coefficient."""
+        shape = (self.plan.num_sources, len(self.plan.groups))
+        losses = {lam: sum(fm.mean_loss(torch.full(shape, lam, device=fm.device), t, splits[t][0])
+                           for t in self.config.tasks) for lam in LAMBDA_GRID}
+        lam = min(losses, key=losses.get)
+        logger.info("Task-arithmetic initialisation: losses %s, starting from c = %.1f", losses, lam)
+        return min(lam, 0.95) if self._kind == "tanh" else lam
+
+    def _before_after(self, fm: FunctionalMerge, examples: dict[str, list[Example]], holdout: bool) -> dict:
+        """Per task: each fine-tune's metrics and the merge's, on the hold-out examples (or the training ones)."""
+        merged = {n: t.to(fm.device) for n, t in self.merged_tensors.items()}
+        out = {}
+        for i, task in enumerate(self.config.tasks):
+            one_hot = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=fm.device)
+            one_hot[i] = 1.0
+            out[task] = {"examples": "holdout" if holdout else "train", "count": len(examples[task]),
+                         "finetune": fm.evaluate(fm.merged_params(one_hot), task, examples[task]),
+                         "merged": fm.evaluate(merged, task, examples[task])}
+        return out
 
     def _loss_scale(self, fm: FunctionalMerge, train: dict[str, list[Example]]) -> dict[str, float]:
         tasks = self.config.tasks
@@ -221,7 +261,7 @@ class SuperMerger:
         return {t: 1.0 for t in tasks}
 
     def _table(self, w: torch.Tensor) -> Coefficients:
-        kind = self.config.transform
+        kind = self._kind
         return Coefficients(self.config.tasks, self.plan.groups, transform(w, kind).cpu(), w.cpu(), kind)
 
     @torch.no_grad()
@@ -236,7 +276,7 @@ class SuperMerger:
             raise ValueError(f"Coefficients of shape {tuple(values.shape)} given; this merge needs {expected}.")
         fm = self.functional
         values = values.to(device=fm.device, dtype=torch.float32)
-        kind = self.config.transform
+        kind = self._kind
         raw = raw if raw is not None else (torch.atanh(values) if kind == "tanh" else values)
         self.coefficients = Coefficients(self.config.tasks, self.plan.groups, values.cpu(), raw.cpu(), kind)
         self.merged_tensors = {n: t.cpu() for n, t in fm.merged_params(values).items()}

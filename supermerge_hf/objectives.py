@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Literal
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from .examples import Example, collate
 from .task_vectors import MergePlan, ModelSpec, load_task_specific, load_task_vectors
 
 EVAL_BATCH = 32
+Objective = Literal["supervised", "entropy"]
 
 
 def skeleton(spec: ModelSpec, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
@@ -35,9 +37,18 @@ class FunctionalMerge:
     are learned, elsewhere.
     """
 
-    def __init__(self, plan: MergePlan, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        plan: MergePlan,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        delta_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.plan, self.device = plan, device
         self.base, self.deltas = load_task_vectors(plan, dtype=dtype, device=device)
+        if delta_transform is not None:  # e.g. TIES trimming for AdaMerging++
+            self.deltas = {n: delta_transform(d) for n, d in self.deltas.items()}
         self.models = {t: skeleton(s, device, dtype) for t, s in zip(plan.tasks, plan.sources)}
         self.heads = {t: load_task_specific(plan, t, dtype=dtype, device=device) for t in plan.tasks}
         self.pad_id = plan.base.config.pad_token_id or 0
@@ -54,14 +65,32 @@ class FunctionalMerge:
         return torch.func.functional_call(self.models[task], params, (), inputs)
 
     @torch.no_grad()
-    def mean_loss(self, c: torch.Tensor, task: str, examples: list[Example]) -> float:
-        """Mean supervised loss of the merged model on examples (batched, per-example weighted)."""
-        merged = self.merged_params(c)
-        total = 0.0
+    def evaluate(self, merged: Mapping[str, torch.Tensor], task: str, examples: list[Example]) -> dict[str, float]:
+        """Mean loss, prediction entropy and (for classification) accuracy of merged tensors on examples."""
+        totals = {"loss": 0.0, "entropy": 0.0, "correct": 0.0}
+        classification = True
         for i in range(0, len(examples), EVAL_BATCH):
             batch = examples[i : i + EVAL_BATCH]
-            total += float(self.forward(task, merged, batch).loss) * len(batch)
-        return total / len(examples)
+            out = self.forward(task, merged, batch)
+            totals["entropy"] += float(entropy(out.logits)) * len(batch)
+            if "labels" in batch[0]:
+                totals["loss"] += float(out.loss) * len(batch)
+                labels = torch.stack([ex["labels"] for ex in batch]).to(out.logits.device)  # (B,)
+                classification = classification and out.logits.dim() == 2 and labels.dim() == 1
+                if classification:
+                    totals["correct"] += float((out.logits.argmax(-1) == labels).sum())
+        n = len(examples)
+        metrics = {"entropy": totals["entropy"] / n}
+        if "labels" in examples[0]:
+            metrics["loss"] = totals["loss"] / n
+            if classification:
+                metrics["accuracy"] = totals["correct"] / n
+        return metrics
+
+    def mean_loss(self, c: torch.Tensor, task: str, examples: list[Example]) -> float:
+        """Mean supervised loss of the merge with coefficients `c` `(S, G)`."""
+        with torch.no_grad():
+            return self.evaluate(self.merged_params(c), task, examples)["loss"]
 
     @torch.no_grad()
     def predictions(self, c: torch.Tensor, task: str, examples: list[Example]) -> torch.Tensor:
@@ -71,13 +100,18 @@ class FunctionalMerge:
                   for i in range(0, len(examples), EVAL_BATCH)]
         return torch.cat(chunks).cpu()
 
-    def supervised_grad(
-        self, c: torch.Tensor, batches: Mapping[str, list[Example]], scale: Mapping[str, float]
+    def coefficient_grad(
+        self,
+        c: torch.Tensor,
+        batches: Mapping[str, list[Example]],
+        scale: Mapping[str, float],
+        objective: Objective = "supervised",
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """dL/dc `(S, G)` of L = sum_t scale[t] * loss_t, by one backward through the merged model only.
 
         The graph never runs through the S task vectors: autograd gives dL/dtheta_m, then
-        dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij> (method.md section 3).
+        dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij> (method.md section 3). `objective` is the model's
+        own loss (`supervised`, needs `labels`) or the mean prediction entropy (`entropy`, AdaMerging).
 
         Returns:
             `(grad_c, losses)` with each task's loss (detached).
@@ -85,8 +119,20 @@ class FunctionalMerge:
         with torch.no_grad():
             merged = self.merged_params(c.detach())
         merged = {n: t.requires_grad_() for n, t in merged.items()}
-        losses = {t: self.forward(t, merged, batch).loss for t, batch in batches.items()}
+        losses = {}
+        for task, batch in batches.items():
+            if objective == "entropy":
+                batch = [{k: v for k, v in ex.items() if k != "labels"} for ex in batch]  # never read a label
+                losses[task] = entropy(self.forward(task, merged, batch).logits)
+            else:
+                losses[task] = self.forward(task, merged, batch).loss
         total = sum(scale[t] * loss for t, loss in losses.items())
         grads = torch.autograd.grad(total, list(merged.values()))
         grad_c = coefficient_grad(dict(zip(merged, grads)), self.deltas, self.plan.group_index, len(self.plan.groups))
         return grad_c, {t: v.detach() for t, v in losses.items()}
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the predicted distributions, over every position but the class axis."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)  # (..., C)
+    return -(log_p.exp() * log_p).sum(-1).mean()

@@ -77,7 +77,7 @@ def test_analytic_gradient_equals_autograd(bert_family, kind):
     loss = sum(scale[t] * fm.forward(t, merged, batch).loss for t, batch in examples.items())
     (reference,) = torch.autograd.grad(loss, [w])
     # analytic: one backward through the merged model, then <dL/dtheta_m, tau> and c'(w)
-    grad_c, _ = fm.supervised_grad(transform(w, kind).detach(), examples, scale)
+    grad_c, _ = fm.coefficient_grad(transform(w, kind).detach(), examples, scale)
     c_prime = 1 - torch.tanh(w.detach()) ** 2 if kind == "tanh" else torch.ones_like(w)
     torch.testing.assert_close(c_prime * grad_c, reference, rtol=1e-4, atol=1e-7)
     assert reference.abs().max() > 0
@@ -92,7 +92,7 @@ def test_learning_step_follows_the_gradient(bert_family):
     w0 = torch.full((2, len(merger.plan.groups)), float(torch.atanh(torch.tensor(0.3))))
     batches = {t: as_examples(t, ex) for t, ex in examples.items()}
     # the sampler reshuffles but a batch of all 4 examples gives the same mean loss
-    grad_c, _ = fm.supervised_grad(torch.tanh(w0), batches, {"sst": 1.0, "nli": 1.0})
+    grad_c, _ = fm.coefficient_grad(torch.tanh(w0), batches, {"sst": 1.0, "nli": 1.0})
     moved = merger.coefficients.raw - w0
     big = grad_c.abs() > 1e-4  # where Adam's eps (1e-8) is negligible
     assert torch.equal(torch.sign(moved[big]), -torch.sign(grad_c[big]))
