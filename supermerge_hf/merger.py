@@ -143,11 +143,14 @@ class SuperMerger:
         unknown = sorted(set(examples) - set(self.config.tasks))
         if unknown:
             raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.config.tasks}.")
-        return {
+        data = {
             task: as_examples(task, examples.get(task, []), limit=self.config.examples_per_task,
                               require_labels=require_labels)
             for task in self.config.tasks
         }
+        if not require_labels:  # unsupervised methods never see a label, even one that was given
+            data = {t: [{k: v for k, v in ex.items() if k != "labels"} for ex in exs] for t, exs in data.items()}
+        return data
 
     def _learn(self, data: dict[str, list[Example]], objective: str) -> None:
         cfg, plan = self.config, self.plan
