@@ -21,30 +21,22 @@ def inverse_transform(c: float, kind: str) -> float:
     return float(torch.atanh(torch.tensor(c))) if kind == "tanh" else float(c)
 
 
-def merge_tensor(base: torch.Tensor, deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """theta_p + sum_i c_i * tau_i.
-
-    Args:
-        base: `(*shape)`. deltas: `(S, *shape)`. coefficients: `(S,)`, already transformed.
-    """
-    return base + torch.tensordot(coefficients.to(deltas.dtype), deltas, dims=1)  # (*shape)
-
-
-def coefficient_grad(grads: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], group_index: dict[str, int],
+def coefficient_grad(grads: dict[str, torch.Tensor], deltas: dict, group_index: dict[str, int],
                      num_groups: int) -> torch.Tensor:
     """dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij>  (method.md section 3); chain with c'(w) for dL/dw.
 
     Args:
-        grads: `name -> (*shape)` gradient of the loss wrt the merged tensor. deltas: `name -> (S, *shape)`.
+        grads: `name -> (*shape)` gradient of the loss wrt the merged tensor. deltas: `name -> DeltaStack`.
 
     Returns:
         `(S, G)` float32.
     """
-    first = next(iter(deltas.values()))
-    out = torch.zeros(first.shape[0], num_groups, dtype=torch.float32, device=first.device)  # (S, G)
+    out = None
     for name, grad in grads.items():
-        tau = deltas[name]  # (S, *shape)
-        out[:, group_index[name]] += (tau.flatten(1).float() @ grad.flatten().float())  # (S,)
+        inner = deltas[name].inner(grad)  # (S,)
+        if out is None:
+            out = torch.zeros(inner.shape[0], num_groups, dtype=torch.float32, device=grad.device)  # (S, G)
+        out[:, group_index[name]] += inner
     return out
 
 

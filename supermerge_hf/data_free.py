@@ -11,6 +11,7 @@ import torch
 from .examples import Example
 from .methods import MergeMethod, elect_sign, magnitude_thresholds, trim
 from .objectives import FunctionalMerge
+from .task_vectors import DeltaStack
 
 logger = logging.getLogger(__name__)
 
@@ -21,15 +22,15 @@ TRIM_METHODS = {"ties", "magnitude_prune"}  # take trim_scope / threshold
 
 
 def merged_deltas(
-    method: MergeMethod, deltas: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], seed: int
+    method: MergeMethod, deltas: Mapping[str, DeltaStack], kwargs: Mapping[str, Any], seed: int
 ) -> dict[str, torch.Tensor]:
     """The method's merged delta `(*shape)` of every tensor; whole-task trimming thresholds computed first."""
     kwargs = dict(kwargs)
     if method.name in RANDOM_METHODS:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     if method.name in TRIM_METHODS and kwargs.get("trim_scope") == "task":
-        kwargs["threshold"] = magnitude_thresholds(deltas.values(), kwargs.get("density", 0.2))  # (S,)
-    return {name: method.merge(d, **kwargs) for name, d in deltas.items()}
+        kwargs["threshold"] = magnitude_thresholds((d.dense() for d in deltas.values()), kwargs.get("density", 0.2))
+    return {name: method.merge(d.dense(), **kwargs) for name, d in deltas.items()}  # name -> (*shape)
 
 
 def score(fm: FunctionalMerge, merged: Mapping[str, torch.Tensor], examples: Mapping[str, list[Example]]) -> float:

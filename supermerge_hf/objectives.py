@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .coefficients import coefficient_grad, merge_tensor
+from .coefficients import coefficient_grad
 from .examples import Example, collate
-from .task_vectors import MergePlan, ModelSpec, load_task_specific, load_task_vectors
+from .task_vectors import DeltaStack, MergePlan, ModelSpec, load_task_specific, load_task_vectors
 
 EVAL_BATCH = 32
 Objective = Literal["supervised", "entropy"]
@@ -32,7 +32,7 @@ def skeleton(spec: ModelSpec, device: torch.device | str, dtype: torch.dtype) ->
 class FunctionalMerge:
     """theta_m(c) = theta_p + sum_i c_i * tau_i, run per task with that task's architecture and head.
 
-    Holds the base tensors and the stacked task vectors (about S + 1 model copies), one parameter-free
+    Holds the base tensors and the task vectors (dense: about S + 1 model copies; LoRA: their factors), one parameter-free
     skeleton per task, and each task's own tensors. Nothing here is a module parameter: only the coefficients
     are learned, elsewhere.
     """
@@ -48,14 +48,14 @@ class FunctionalMerge:
         self.plan, self.device = plan, device
         self.base, self.deltas = load_task_vectors(plan, dtype=dtype, device=device)
         if delta_transform is not None:  # e.g. TIES trimming for AdaMerging++
-            self.deltas = {n: delta_transform(d) for n, d in self.deltas.items()}
+            self.deltas = {n: DeltaStack.from_dense(delta_transform(d.dense())) for n, d in self.deltas.items()}
         self.models = {t: skeleton(s, device, dtype) for t, s in zip(plan.tasks, plan.sources)}
         self.heads = {t: load_task_specific(plan, t, dtype=dtype, device=device) for t in plan.tasks}
         self.pad_id = plan.base.config.pad_token_id or 0
 
     def merged_params(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """Merged tensors for coefficients `c` `(S, G)` (already transformed); differentiable in `c`."""
-        return {n: merge_tensor(self.base[n], self.deltas[n], c[:, self.plan.group_index[n]]) for n in self.plan.merged}
+        return {n: self.base[n] + self.deltas[n].combine(c[:, self.plan.group_index[n]]) for n in self.plan.merged}
 
     def forward(self, task: str, merged: Mapping[str, torch.Tensor], batch: list[Example]):
         """The task's model output on a batch, with the merged body and the task's own head."""

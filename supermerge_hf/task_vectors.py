@@ -83,6 +83,10 @@ class ModelSpec:
     def get_tensor(self, canonical: str) -> torch.Tensor:
         return self.checkpoint.get_tensor(self.keys[canonical])
 
+    def delta(self, canonical: str, base: torch.Tensor) -> torch.Tensor:
+        """This source's task vector of one tensor (dense for a full fine-tune)."""
+        return self.get_tensor(canonical).to(dtype=base.dtype, device=base.device) - base
+
 
 @dataclass
 class MergePlan:
@@ -167,21 +171,86 @@ def build_plan(base: ModelSpec, sources: list[ModelSpec], tasks: list[str], gran
     return plan
 
 
+class LowRankDelta:
+    """One source's task vector of one weight in LoRA form: scale * B @ A, transposed for `fan_in_fan_out`."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scale: float, transpose: bool = False) -> None:
+        self.A, self.B, self.scale, self.transpose = A, B, scale, transpose  # A: (r, in), B: (out, r)
+
+    def dense(self) -> torch.Tensor:
+        delta = self.scale * (self.B @ self.A)  # (out, in)
+        return delta.T if self.transpose else delta
+
+    def inner(self, grad: torch.Tensor) -> torch.Tensor:
+        """<grad, scale * B A> without forming B A: scale * sum(B * (grad @ A^T))."""
+        grad = grad.T if self.transpose else grad  # (out, in)
+        return self.scale * (self.B * (grad @ self.A.T)).sum()
+
+    def to(self, **kwargs) -> LowRankDelta:
+        return LowRankDelta(self.A.to(**kwargs), self.B.to(**kwargs), self.scale, self.transpose)
+
+
+Delta = torch.Tensor | LowRankDelta | None  # None: the source does not change this tensor
+
+
+class DeltaStack:
+    """The S task vectors of one tensor, dense or low-rank per source, and the two operations learning needs."""
+
+    def __init__(self, shape: tuple[int, ...], parts: list[Delta]) -> None:
+        self.shape, self.parts = tuple(shape), parts
+        # all dense: keep one (S, *shape) stack, so combine and inner are single tensor ops
+        self.stacked = torch.stack(parts) if all(isinstance(p, torch.Tensor) for p in parts) else None
+
+    @classmethod
+    def from_dense(cls, stacked: torch.Tensor) -> DeltaStack:
+        return cls(tuple(stacked.shape[1:]), list(stacked))
+
+    def combine(self, c: torch.Tensor) -> torch.Tensor:
+        """sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`; differentiable in `c`."""
+        if self.stacked is not None:
+            return torch.tensordot(c.to(self.stacked.dtype), self.stacked, dims=1)  # (*shape)
+        out = None
+        for ci, part in zip(c, self.parts):
+            if part is None:
+                continue
+            term = ci * (part.dense() if isinstance(part, LowRankDelta) else part)
+            out = term if out is None else out + term
+        return out if out is not None else torch.zeros(self.shape, device=c.device) * c.sum()
+
+    def inner(self, grad: torch.Tensor) -> torch.Tensor:
+        """<grad, tau_i> for every source, `(S,)` float32."""
+        if self.stacked is not None:
+            return self.stacked.flatten(1).float() @ grad.flatten().float()  # (S,)
+        values = [torch.zeros((), device=grad.device) if p is None else
+                  (p.inner(grad.float()) if isinstance(p, LowRankDelta) else (p.float() * grad.float()).sum())
+                  for p in self.parts]
+        return torch.stack(values).float()
+
+    def dense(self) -> torch.Tensor:
+        """All task vectors as one `(S, *shape)` tensor (what data-free methods take)."""
+        if self.stacked is not None:
+            return self.stacked
+        ref = next((p for p in self.parts if isinstance(p, torch.Tensor)), None)
+        zeros = lambda: torch.zeros(self.shape, dtype=ref.dtype if ref is not None else torch.float32)  # noqa: E731
+        return torch.stack([zeros() if p is None else (p.dense() if isinstance(p, LowRankDelta) else p)
+                            for p in self.parts])
+
+
 def load_task_vectors(
     plan: MergePlan, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Base tensors and stacked task vectors of every merged tensor, read one tensor at a time.
+) -> tuple[dict[str, torch.Tensor], dict[str, DeltaStack]]:
+    """Base tensors and the task vectors of every merged tensor, read one tensor at a time.
 
     Returns:
-        `(base, deltas)`: `base[name]` has the tensor's shape; `deltas[name]` is `(S, *shape)`.
+        `(base, deltas)`: `base[name]` has the tensor's shape; `deltas[name]` holds its S task vectors.
     """
     base, deltas = {}, {}
     for name in plan.merged:
         theta_p = plan.base.get_tensor(name).to(device=device, dtype=dtype)  # (*shape)
         base[name] = theta_p
-        deltas[name] = torch.stack(
-            [s.get_tensor(name).to(device=device, dtype=dtype) - theta_p for s in plan.sources]
-        )  # (S, *shape)
+        parts = [s.delta(name, theta_p) for s in plan.sources]
+        parts = [p.to(device=device, dtype=dtype) if p is not None else None for p in parts]
+        deltas[name] = DeltaStack(theta_p.shape, parts)
     return base, deltas
 
 
