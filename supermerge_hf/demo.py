@@ -22,12 +22,13 @@ logger = logging.getLogger(__name__)
 LAMBDA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 
 
-def accuracies(fm: FunctionalMerge, c: torch.Tensor, examples: dict[str, list]) -> dict[str, float]:
+def accuracies(fm: FunctionalMerge, c: torch.Tensor, examples: dict[str, list], name: str | None = None):
     """Per-task accuracy of the merged model with coefficients `c` `(S, G)`."""
     out = {}
     for task, ex in examples.items():
         labels = torch.stack([e["labels"] for e in ex])  # (N,)
-        out[task] = float((fm.predictions(c, task, ex) == labels).float().mean())
+        desc = f"Evaluating {name} on {task}" if name else None
+        out[task] = float((fm.predictions(c, task, ex, desc=desc) == labels).float().mean())
     return out
 
 
@@ -75,19 +76,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     merger = SuperMerger(config)
     fm = merger.functional
     shape = (len(args.tasks), len(merger.plan.groups))
-    rows = {}
+    rows = {"fine-tunes (each on its own task)": {}}
     for i, task in enumerate(args.tasks):  # each fine-tune on its own task: c = one-hot
         one_hot = torch.zeros(shape)
         one_hot[i] = 1.0
-        rows[f"fine-tune {task}"] = accuracies(fm, one_hot, test)
-    rows["individual (own task)"] = {t: rows[f"fine-tune {t}"][t] for t in args.tasks}
+        rows["fine-tunes (each on its own task)"] |= accuracies(fm, one_hot, {task: test[task]}, f"fine-tune {task}")
     labelled_tensors = {t: as_examples(t, ex) for t, ex in labelled.items()}
     lam = pick_task_arithmetic(fm, shape, labelled_tensors)
-    rows[f"task arithmetic (lambda={lam})"] = accuracies(fm, torch.full(shape, lam), test)
+    rows[f"task arithmetic (lambda={lam})"] = accuracies(fm, torch.full(shape, lam), test, "task arithmetic")
     learn_start = time.perf_counter()
     merger.fit(labelled)
     learn_seconds = time.perf_counter() - learn_start
-    rows["supermerge"] = accuracies(fm, merger.coefficients.values, test)
+    rows["supermerge"] = accuracies(fm, merger.coefficients.values, test, "supermerge")
 
     print(f"\nTest accuracy ({', '.join(f'{t}: {len(test[t])}' for t in args.tasks)} examples; "
           f"{args.examples_per_task} labelled examples per task for merging)\n")

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .coefficients import coefficient_grad
 from .examples import Example, collate
@@ -93,11 +94,11 @@ class FunctionalMerge:
             return self.evaluate(self.merged_params(c), task, examples)["loss"]
 
     @torch.no_grad()
-    def predictions(self, c: torch.Tensor, task: str, examples: list[Example]) -> torch.Tensor:
-        """Arg-max class of each example (sequence classification), `(N,)`."""
+    def predictions(self, c: torch.Tensor, task: str, examples: list[Example], desc: str | None = None) -> torch.Tensor:
+        """Arg-max class of each example (sequence classification), `(N,)`; a progress bar when `desc` is given."""
         merged = self.merged_params(c)
-        chunks = [self.forward(task, merged, examples[i : i + EVAL_BATCH]).logits.argmax(-1)
-                  for i in range(0, len(examples), EVAL_BATCH)]
+        starts = tqdm(range(0, len(examples), EVAL_BATCH), desc=desc, disable=desc is None, leave=False)
+        chunks = [self.forward(task, merged, examples[i : i + EVAL_BATCH]).logits.argmax(-1) for i in starts]
         return torch.cat(chunks).cpu()
 
     def coefficient_grad(
