@@ -39,24 +39,24 @@ class Checkpoint:
         folder (`str` or `Path`): A model folder with `model.safetensors` or `model.safetensors.index.json`.
         allow_pickle (`bool`, defaults to `False`): Also accept `pytorch_model.bin` (loaded with
             `weights_only=True`). Only for files you trust.
+        weights (`str`, defaults to `"model.safetensors"`): File name of the weights (`adapter_model.safetensors`
+            for PEFT adapters).
 
     Raises:
         `FileNotFoundError`: The folder holds no weights.
         `PickleCheckpointError`: The folder holds only pickle weights and `allow_pickle` is False.
     """
 
-    def __init__(self, folder: str | Path, *, allow_pickle: bool = False) -> None:
+    def __init__(self, folder: str | Path, *, allow_pickle: bool = False, weights: str = SAFE_WEIGHTS) -> None:
         self.folder = Path(folder)
         self._pickle_state: dict[str, torch.Tensor] | None = None
         self._open_file: str | None = None
         self._handle = None
-        weight_map = _weight_map(self.folder, SAFE_WEIGHTS, SAFE_INDEX)
+        weight_map = _weight_map(self.folder, weights, weights.replace(".safetensors", ".safetensors.index.json"))
         if weight_map is None:
             pickle_map = _weight_map(self.folder, PICKLE_WEIGHTS, PICKLE_INDEX)
             if pickle_map is None:
-                raise FileNotFoundError(
-                    f"No weights in {self.folder}: expected {SAFE_WEIGHTS} or {SAFE_INDEX}."
-                )
+                raise FileNotFoundError(f"No weights in {self.folder}: expected {weights} (or its sharded index).")
             if not allow_pickle:
                 raise PickleCheckpointError(
                     f"{self.folder} has only pickle .bin weights, which can run code when loaded. Convert it "
@@ -65,8 +65,8 @@ class Checkpoint:
             self._pickle_state = self._load_pickle(pickle_map)
             weight_map = {name: "" for name in self._pickle_state}
         elif not weight_map:
-            with safe_open(self.folder / SAFE_WEIGHTS, framework="pt") as f:
-                weight_map = {name: SAFE_WEIGHTS for name in f.keys()}
+            with safe_open(self.folder / weights, framework="pt") as f:
+                weight_map = {name: weights for name in f.keys()}
         self.weight_map = weight_map
 
     def _load_pickle(self, pickle_map: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from .examples import BatchSampler, Example, as_examples, split_holdout
 from .objectives import FunctionalMerge
 from .hub import push_folder, resolve
 from .methods import get_method
-from .task_vectors import ModelSpec, build_plan
+from .task_vectors import ModelSpec, build_plan, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,9 @@ class SuperMerger:
         self.resolved_base = resolve(config.base, revision=config.base_revision, **hub)
         self.resolved_sources = [resolve(s.path, revision=s.revision, **hub) for s in config.sources]
         load = {"allow_pickle": config.allow_pickle, "trust_remote_code": config.trust_remote_code}
-        self.plan = build_plan(
-            ModelSpec.from_folder(self.resolved_base.path, **load),
-            [ModelSpec.from_folder(r.path, **load) for r in self.resolved_sources],
-            config.tasks,
-            config.granularity,
-        )
+        base = ModelSpec.from_folder(self.resolved_base.path, **load)
+        sources = [load_source(r.path, base, base_name=config.base, **load) for r in self.resolved_sources]
+        self.plan = build_plan(base, sources, config.tasks, config.granularity)
         self.coefficients: Coefficients | None = None
         self.final_coefficients: Coefficients | None = None
         self.history: list[dict[str, Any]] = []
@@ -305,6 +302,15 @@ class SuperMerger:
             raise ValueError("No output folder: pass `save_directory` or set `config.output_dir`.")
         overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
         return str(save_merge(self, save_directory, overwrite=overwrite))
+
+    def save_adapter(self, save_directory: str, *, rank: int | None = None, overwrite: bool = False) -> str:
+        """Write one PEFT LoRA adapter equal to the merge (all sources LoRA); `rank` compresses it by SVD.
+
+        See `lora.save_combined_adapter`; the per-module reconstruction error is in `supermerge_adapter.json`.
+        """
+        from .lora import save_combined_adapter
+
+        return str(save_combined_adapter(self, save_directory, rank=rank, overwrite=overwrite))
 
     def push_to_hub(
         self,

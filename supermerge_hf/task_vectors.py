@@ -136,6 +136,15 @@ def group_name(canonical: str, granularity: str, container: str | None) -> str:
     return canonical.split(".", 1)[0]
 
 
+def load_source(folder: str | Path, base: ModelSpec, *, base_name: str | None = None, **kwargs):
+    """A source folder as a spec: a full fine-tune (`ModelSpec`) or a PEFT LoRA adapter (`LoraSpec`)."""
+    from .lora import LoraSpec, is_adapter  # lora builds on this module
+
+    if is_adapter(folder):
+        return LoraSpec(folder, base, base_name=base_name)
+    return ModelSpec.from_folder(folder, **kwargs)
+
+
 def build_plan(base: ModelSpec, sources: list[ModelSpec], tasks: list[str], granularity: str) -> MergePlan:
     """Check that every source fits the base and decide what is merged; reads headers only.
 
