@@ -1,89 +1,163 @@
-"""The model card of a merge: Hub metadata (`base_model_relation: merge`) and what was merged, how."""
+"""The model card of a merge: Hub metadata (`base_model_relation: merge`), recipe, commits, metrics, coefficients."""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 if TYPE_CHECKING:
+    from .coefficients import Coefficients
     from .merger import SuperMerger
 
-TEMPLATE = """---
-{card_data}
----
+logger = logging.getLogger(__name__)
 
-# {title}
-
-This model merges {num_sources} fine-tunes of [`{base}`]({base_link}) with
-[supermerge_hf](https://arxiv.org/abs/2412.10416) (method: `{method}`).
-
-## Sources
-
-| task | source | revision |
-|---|---|---|
-{source_rows}
-
-## Recipe
-
-```yaml
-{recipe}```
-
-{coefficients_section}
-## Loading
-
-```python
-from transformers import AutoModel
-
-model = AutoModel.from_pretrained("{name}")
-```
-{heads_section}"""
+HEATMAP_NAME = "coefficients.png"
+MAX_TABLE_GROUPS = 40  # above this the full table is only in coefficients.json
+_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # "encoder.layer.3.attention..." -> "encoder.layer.3"
+_ATOMIC = re.compile(r"^\.(.+)\.tmp-[^.]+$")  # outputs.atomic_output_dir writes into ".NAME.tmp-XXXX" first
 
 
-def _link(path: str) -> str:
-    return f"https://huggingface.co/{path}" if not Path(path).exists() else path
+def _source_cell(path: str, repo_id: str | None) -> str:
+    return f"[`{repo_id}`](https://huggingface.co/{repo_id})" if repo_id else f"`{path}` (local folder)"
+
+
+def _recipe(merger: SuperMerger) -> str:
+    """The config as YAML, without the outputs the merger adds (`merge_info`); it never holds a token."""
+    data = {k: v for k, v in merger.config.to_dict().items() if k != "merge_info"}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _metrics_section(metrics: dict[str, Any]) -> str:
+    if not metrics:
+        return ""
+    keys = [k for k in ("loss", "accuracy", "entropy") if any(k in m["merged"] for m in metrics.values())]
+    head = " | ".join(f"{k} fine-tune | {k} merged" for k in keys)
+    lines = ["## Metrics before and after merging", "",
+             "Each task's own fine-tune against the merge, on examples of that task (`holdout`: kept aside from "
+             "learning; `train`: no hold-out was configured).", "",
+             f"| task | examples | {head} |", "|---|---|" + "---|---|" * len(keys)]
+    for task, m in metrics.items():
+        cells = [f"{m[side][k]:.4f}" if k in m[side] else "-" for k in keys for side in ("finetune", "merged")]
+        lines.append(f"| {task} | {m['examples']} ({m['count']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
+def heatmap_table(coefficients: Coefficients) -> tuple[list[str], torch.Tensor]:
+    """Column labels and values `(S, B)` of the heatmap: per-tensor groups are averaged per block.
+
+    A tensor's block is its name up to the first numeric part (`encoder.layer.0`, `model.layers.3`), else its
+    top-level module (`embeddings`, `lm_head`). Block and task groups (`encoder.layer.0`, `all`) map to themselves.
+    """
+    blocks: dict[str, list[int]] = {}
+    for g, name in enumerate(coefficients.groups):
+        match = _BLOCK.match(name)
+        blocks.setdefault(match[1] if match else name.split(".", 1)[0], []).append(g)
+    values = torch.stack([coefficients.values[:, idx].mean(dim=1) for idx in blocks.values()], dim=1)  # (S, B)
+    return list(blocks), values
+
+
+def write_heatmap(coefficients: Coefficients, path: str | Path) -> Path | None:
+    """Write a sources x blocks heatmap PNG of the coefficients; `None` (and a log note) without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.info("matplotlib is not installed: no coefficient heatmap (pip install 'supermerge_hf[card]').")
+        return None
+    labels, values = heatmap_table(coefficients)
+    values = values.float().numpy()
+    limit = 1.0 if coefficients.transform == "tanh" else max(float(abs(values).max()), 1e-8)
+    fig = Figure(figsize=(max(4.0, 0.5 * len(labels) + 2.5), 1.2 + 0.45 * len(coefficients.tasks)))
+    FigureCanvasAgg(fig)  # Agg, never a GUI backend
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(coefficients.tasks)), coefficients.tasks)
+    if values.size <= 200:  # small enough to print each value in its cell
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    per_block = ", mean per block" if len(labels) < len(coefficients.groups) else ""
+    ax.set_title(f"learned coefficients c(w){per_block}", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _coefficients_section(coefficients: Coefficients, heatmap: bool) -> str:
+    lines = ["## Learned coefficients", "", f"Transform `{coefficients.transform}`; "
+             f"{len(coefficients.tasks)} sources x {len(coefficients.groups)} groups.", ""]
+    if heatmap:
+        lines += [f"![Learned coefficients, sources x blocks]({HEATMAP_NAME})", ""]
+    lines += ["| task | mean | min | max |", "|---|---|---|---|"]
+    for task, row in zip(coefficients.tasks, coefficients.values):
+        lines.append(f"| {task} | {row.mean():.4f} | {row.min():.4f} | {row.max():.4f} |")
+    lines.append("")
+    if len(coefficients.groups) <= MAX_TABLE_GROUPS:
+        lines += ["| group | " + " | ".join(coefficients.tasks) + " |", "|---|" + "---|" * len(coefficients.tasks)]
+        for g, group in enumerate(coefficients.groups):
+            lines.append(f"| `{group}` | " + " | ".join(f"{v:.4f}" for v in coefficients.values[:, g].tolist()) + " |")
+        lines.append("")
+    lines.append("All values (and the raw w): [`coefficients.json`](coefficients.json).")
+    return "\n".join(lines) + "\n\n"
 
 
 def build_model_card(merger: SuperMerger, save_directory: str | Path) -> ModelCard:
-    """A `ModelCard` whose metadata lists the sources as `base_model` with `base_model_relation: merge`."""
-    cfg = merger.config
+    """The model card of a merge, and its coefficient heatmap written into `save_directory`.
+
+    Metadata: `base_model` lists the sources that are Hub repos, by repo id (local folders are named in the body
+    only: Hub metadata takes model ids, and a local path would publish the machine's layout),
+    `base_model_relation: merge`, `library_name: transformers`, `tags: [merge, supermerge, <method>]`.
+    Body: base and sources with their resolved commits, per-task metrics before and after merging, the coefficient
+    table and heatmap (`coefficients.png`, written when matplotlib is installed and the method learned
+    coefficients), and the recipe.
+
+    Args:
+        merger (`SuperMerger`): A fitted merger.
+        save_directory (`str` or `Path`): The folder the card is saved into (existing).
+
+    Returns:
+        [`~huggingface_hub.ModelCard`]: save it with `card.save(Path(save_directory) / "README.md")`.
+    """
+    cfg, info, folder = merger.config, merger.merge_info(), Path(save_directory)
+    name = _ATOMIC.sub(r"\1", folder.name)
     data = ModelCardData(
-        base_model=[s.path for s in cfg.sources],
+        base_model=[r.repo_id for r in merger.resolved_sources if r.repo_id] or None,
         base_model_relation="merge",
         library_name="transformers",
         tags=["merge", "supermerge", cfg.method],
     )
-    commits = merger.merge_info()["source_commits"]
-    rows = "\n".join(f"| {s.task} | `{s.path}` | {commits.get(s.task) or s.revision or '-'} |" for s in cfg.sources)
+    base = merger.resolved_base
+    rows = [f"| base | {_source_cell(cfg.base, base.repo_id)} | {cfg.base_revision or '-'} | "
+            f"{info['base_commit'] or '-'} |"]
+    for s, r in zip(cfg.sources, merger.resolved_sources):
+        rows.append(f"| {s.task} | {_source_cell(s.path, r.repo_id)} | {s.revision or '-'} | "
+                    f"{info['source_commits'][s.task] or '-'} |")
     coefficients = ""
     if merger.coefficients is not None:
-        lines = ["## Learned coefficients", "", "| task | mean | min | max |", "|---|---|---|---|"]
-        for task, row in zip(merger.coefficients.tasks, merger.coefficients.values):
-            lines.append(f"| {task} | {row.mean():.3f} | {row.min():.3f} | {row.max():.3f} |")
-        lines += ["", f"Per group values ({len(merger.coefficients.groups)} groups): `coefficients.json`.", ""]
-        coefficients = "\n".join(lines) + "\n"
+        heatmap = write_heatmap(merger.coefficients, folder / HEATMAP_NAME) is not None
+        coefficients = _coefficients_section(merger.coefficients, heatmap)
     heads = [t for t, names in merger.plan.task_specific.items() if names]
-    heads_section = ""
-    if heads:
-        heads_section = (
-            "\nTasks with their own head ("
-            + ", ".join(f"`{t}`" for t in heads)
-            + ") load as complete models with:\n\n```python\nfrom supermerge_hf import load_task_model\n\n"
-            + f'model = load_task_model("{Path(save_directory).name}", "{heads[0]}")\n```\n'
-        )
-    recipe = cfg.to_yaml_string()
-    content = TEMPLATE.format(
-        card_data=data.to_yaml(),
-        title=f"Merge of {', '.join(cfg.tasks)}",
-        num_sources=len(cfg.sources),
-        base=cfg.base,
-        base_link=_link(cfg.base),
-        method=cfg.method,
-        source_rows=rows,
-        recipe=recipe,
-        coefficients_section=coefficients,
-        name=Path(save_directory).name,
-        heads_section=heads_section,
+    heads_section = "" if not heads else (
+        "\nTasks with their own head (" + ", ".join(f"`{t}`" for t in heads) + ") load as complete models with:\n\n"
+        f'```python\nfrom supermerge_hf import load_task_model\n\nmodel = load_task_model("{name}", '
+        f'"{heads[0]}")\n```\n'
+    )
+    content = (
+        f"---\n{data.to_yaml()}\n---\n\n# Merge of {', '.join(cfg.tasks)}\n\n"
+        f"This model merges {len(cfg.sources)} fine-tunes of {_source_cell(cfg.base, base.repo_id)} with "
+        f"[supermerge_hf](https://arxiv.org/abs/2412.10416) (method: `{cfg.method}`, granularity: "
+        f"`{cfg.granularity}`).\n\n## Sources\n\nThe commit is the exact revision merged (Hub repos).\n\n"
+        "| task | source | revision | commit |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        + _metrics_section(merger.metrics) + coefficients
+        + f"## Recipe\n\n```yaml\n{_recipe(merger)}```\n\n## Loading\n\n```python\nfrom transformers import "
+        f'AutoModel\n\nmodel = AutoModel.from_pretrained("{name}")\n```\n{heads_section}'
     )
     return ModelCard(content)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ class Checkpoint:
         self._pickle_state: dict[str, torch.Tensor] | None = None
         self._open_file: str | None = None
         self._handle = None
+        self._headers: dict[str, tuple[dict, int]] = {}
         weight_map = _weight_map(self.folder, weights, weights.replace(".safetensors", ".safetensors.index.json"))
         if weight_map is None:
             pickle_map = _weight_map(self.folder, PICKLE_WEIGHTS, PICKLE_INDEX)
@@ -95,6 +97,42 @@ class Checkpoint:
         return tuple(self._file(self.weight_map[name]).get_slice(name).get_shape())
 
     def get_tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name`, memory-mapped (aliases the file: clone before editing in place)."""
         if self._pickle_state is not None:
             return self._pickle_state[name]
         return self._file(self.weight_map[name]).get_tensor(name)
+
+    def _header(self, filename: str) -> tuple[dict, int]:
+        if filename not in self._headers:
+            with open(self.folder / filename, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                self._headers[filename] = (json.loads(f.read(size)), 8 + size)
+        return self._headers[filename]
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name` read into fresh memory with plain file reads (no mapping stays resident): streaming."""
+        if self._pickle_state is not None:
+            return self._pickle_state[name].clone()
+        filename = self.weight_map[name]
+        header, start = self._header(filename)
+        info = header[name]
+        begin, end = info["data_offsets"]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.folder / filename, "rb") as f:
+            f.seek(start + begin)
+            f.readinto(memoryview(out.numpy()))
+        return out.view(getattr(torch, _DTYPES[info["dtype"]])).reshape(info["shape"])
+
+    def nbytes(self) -> int:
+        """Total bytes of the weights, from the headers only."""
+        if self._pickle_state is not None:
+            return sum(t.numel() * t.element_size() for t in self._pickle_state.values())
+        total = 0
+        for filename in set(self.weight_map.values()):
+            header, _ = self._header(filename)
+            total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+        return total
+
+
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}

@@ -72,6 +72,8 @@ class SuperMergeConfig:
         loss_combination (`str`, defaults to `"sum"`): How task losses add up: `sum`, `mean`, or `normalized`
             (each task's loss divided by its fine-tune's loss on the same examples).
         l2_to_init (`float`): Weight of an optional L2 pull of w towards its initial value.
+        streaming (`bool`): Keep full fine-tunes' task vectors on disk and re-read them tensor by tensor at each
+            step (memory ~ base + merged model + gradients, whatever the number of sources; slower).
         seed (`int`): Seed of the example split, the batch order and every random choice.
         dtype (`str`): dtype in which the merged model runs (`float32`, `bfloat16`, `float16`).
         allow_pickle (`bool`): Allow reading pickle `.bin` checkpoints (only for files you trust).
@@ -100,6 +102,7 @@ class SuperMergeConfig:
     eval_every: int = 10
     loss_combination: LossCombination = "sum"
     l2_to_init: float = 0.0
+    streaming: bool = False
     seed: int = 42
     dtype: DType = "float32"
     allow_pickle: bool = False

@@ -88,7 +88,7 @@ class SuperMerger:
     def functional(self) -> FunctionalMerge:
         """The merged model as a function of the coefficients (loads base and task vectors on first use)."""
         if self._functional is None:
-            self._functional = FunctionalMerge(self.plan, dtype=self.dtype)
+            self._functional = FunctionalMerge(self.plan, dtype=self.dtype, streaming=self.config.streaming)
         return self._functional
 
     @property
@@ -161,7 +161,8 @@ class SuperMerger:
         generator = torch.Generator().manual_seed(cfg.seed)
         splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in cfg.tasks}
         trim = ties_trimmed if self.method.name == "adamerging_plus" else None
-        fm = self._functional = FunctionalMerge(plan, dtype=self.dtype, device=acc.device, delta_transform=trim)
+        fm = self._functional = FunctionalMerge(plan, dtype=self.dtype, device=acc.device, delta_transform=trim,
+                                                streaming=cfg.streaming)
         scale = self._loss_scale(fm, {t: s[0] for t, s in splits.items()})
         kind = self._kind
         init = self._task_arithmetic_init(fm, splits) if cfg.init_from_task_arithmetic else cfg.init_coefficient

@@ -45,9 +45,10 @@ class FunctionalMerge:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         delta_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        streaming: bool = False,
     ) -> None:
         self.plan, self.device = plan, device
-        self.base, self.deltas = load_task_vectors(plan, dtype=dtype, device=device)
+        self.base, self.deltas = load_task_vectors(plan, dtype=dtype, device=device, streaming=streaming)
         if delta_transform is not None:  # e.g. TIES trimming for AdaMerging++
             self.deltas = {n: DeltaStack.from_dense(delta_transform(d.dense())) for n, d in self.deltas.items()}
         self.models = {t: skeleton(s, device, dtype) for t, s in zip(plan.tasks, plan.sources)}

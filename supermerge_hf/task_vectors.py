@@ -83,9 +83,13 @@ class ModelSpec:
     def get_tensor(self, canonical: str) -> torch.Tensor:
         return self.checkpoint.get_tensor(self.keys[canonical])
 
+    def read_tensor(self, canonical: str) -> torch.Tensor:
+        """Like `get_tensor`, but into fresh memory (no file mapping stays resident)."""
+        return self.checkpoint.read_tensor(self.keys[canonical])
+
     def delta(self, canonical: str, base: torch.Tensor) -> torch.Tensor:
         """This source's task vector of one tensor (dense for a full fine-tune)."""
-        return self.get_tensor(canonical).to(dtype=base.dtype, device=base.device) - base
+        return self.read_tensor(canonical).to(dtype=base.dtype, device=base.device) - base
 
 
 @dataclass
@@ -199,7 +203,23 @@ class LowRankDelta:
         return LowRankDelta(self.A.to(**kwargs), self.B.to(**kwargs), self.scale, self.transpose)
 
 
-Delta = torch.Tensor | LowRankDelta | None  # None: the source does not change this tensor
+class StreamedDelta:
+    """One full fine-tune's task vector of one tensor, read from disk each time it is used (streaming mode)."""
+
+    def __init__(self, source: ModelSpec, name: str, base: torch.Tensor) -> None:
+        self.source, self.name, self.base = source, name, base
+
+    def dense(self) -> torch.Tensor:
+        return self.source.delta(self.name, self.base)
+
+    def inner(self, grad: torch.Tensor) -> torch.Tensor:
+        return (self.dense().float() * grad.float()).sum()
+
+    def to(self, **kwargs) -> StreamedDelta:
+        return self  # already on the base's device and dtype
+
+
+Delta = torch.Tensor | LowRankDelta | StreamedDelta | None  # None: the source does not change this tensor
 
 
 class DeltaStack:
@@ -222,7 +242,7 @@ class DeltaStack:
         for ci, part in zip(c, self.parts):
             if part is None:
                 continue
-            term = ci * (part.dense() if isinstance(part, LowRankDelta) else part)
+            term = ci * (part if isinstance(part, torch.Tensor) else part.dense())
             out = term if out is None else out + term
         return out if out is not None else torch.zeros(self.shape, device=c.device) * c.sum()
 
@@ -231,7 +251,7 @@ class DeltaStack:
         if self.stacked is not None:
             return self.stacked.flatten(1).float() @ grad.flatten().float()  # (S,)
         values = [torch.zeros((), device=grad.device) if p is None else
-                  (p.inner(grad.float()) if isinstance(p, LowRankDelta) else (p.float() * grad.float()).sum())
+                  ((p.float() * grad.float()).sum() if isinstance(p, torch.Tensor) else p.inner(grad.float()))
                   for p in self.parts]
         return torch.stack(values).float()
 
@@ -241,23 +261,27 @@ class DeltaStack:
             return self.stacked
         ref = next((p for p in self.parts if isinstance(p, torch.Tensor)), None)
         zeros = lambda: torch.zeros(self.shape, dtype=ref.dtype if ref is not None else torch.float32)  # noqa: E731
-        return torch.stack([zeros() if p is None else (p.dense() if isinstance(p, LowRankDelta) else p)
+        return torch.stack([zeros() if p is None else (p if isinstance(p, torch.Tensor) else p.dense())
                             for p in self.parts])
 
 
 def load_task_vectors(
-    plan: MergePlan, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    plan: MergePlan, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", streaming: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, DeltaStack]]:
     """Base tensors and the task vectors of every merged tensor, read one tensor at a time.
+
+    With `streaming`, full fine-tunes' task vectors are not kept: they are re-read from disk, tensor by tensor,
+    whenever learning needs them, so memory does not grow with the number of sources.
 
     Returns:
         `(base, deltas)`: `base[name]` has the tensor's shape; `deltas[name]` holds its S task vectors.
     """
     base, deltas = {}, {}
     for name in plan.merged:
-        theta_p = plan.base.get_tensor(name).to(device=device, dtype=dtype)  # (*shape)
+        theta_p = plan.base.read_tensor(name).to(device=device, dtype=dtype)  # (*shape)
         base[name] = theta_p
-        parts = [s.delta(name, theta_p) for s in plan.sources]
+        parts = [StreamedDelta(s, name, theta_p) if streaming and isinstance(s, ModelSpec) else s.delta(name, theta_p)
+                 for s in plan.sources]
         parts = [p.to(device=device, dtype=dtype) if p is not None else None for p in parts]
         deltas[name] = DeltaStack(theta_p.shape, parts)
     return base, deltas

@@ -154,3 +154,21 @@ def test_tied_embeddings_merged_once(gpt2_family):
     model = merger.fit(family_examples(gpt2_family)).merge_and_unload()
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     assert torch.equal(model.lm_head.weight, merger.merged_tensors["wte.weight"])
+
+
+def test_streaming_equals_flat(bert_family):
+    """Streaming re-reads task vectors from disk: same merged tensors and the same exact gradient as flat."""
+    examples = family_examples(bert_family)
+    flat = make_merger(bert_family, seed=5).fit(examples)
+    streamed = make_merger(bert_family, seed=5, streaming=True).fit(examples)
+    # equal up to float rounding: a tensordot over the stack vs a sum over sources read one by one
+    torch.testing.assert_close(flat.coefficients.raw, streamed.coefficients.raw, rtol=0, atol=1e-5)
+    for name, tensor in flat.merged_tensors.items():
+        torch.testing.assert_close(tensor, streamed.merged_tensors[name], rtol=1e-5, atol=1e-6)
+    fm_flat, fm_stream = flat.functional, streamed.functional
+    assert fm_flat.deltas[name].stacked is not None and fm_stream.deltas[name].stacked is None
+    batches = {t: as_examples(t, ex) for t, ex in family_examples(bert_family, n=5).items()}
+    c = torch.tanh(0.3 * torch.randn(2, len(flat.plan.groups), generator=torch.Generator().manual_seed(1)))
+    scale = {"sst": 1.0, "nli": 1.0}
+    torch.testing.assert_close(fm_stream.coefficient_grad(c, batches, scale)[0],
+                               fm_flat.coefficient_grad(c, batches, scale)[0], rtol=1e-5, atol=1e-7)
