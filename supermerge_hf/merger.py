@@ -137,13 +137,13 @@ class SuperMerger:
         return self
 
     def _prepare_examples(self, examples: Mapping[str, Any], require_labels: bool = True) -> dict[str, list[Example]]:
-        unknown = sorted(set(examples) - set(self.config.tasks))
+        unknown = sorted(set(examples) - set(self.plan.tasks))
         if unknown:
-            raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.config.tasks}.")
+            raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.plan.tasks}.")
         data = {
             task: as_examples(task, examples.get(task, []), limit=self.config.examples_per_task,
                               require_labels=require_labels)
-            for task in self.config.tasks
+            for task in self.plan.tasks
         }
         if not require_labels:  # unsupervised methods never see a label, even one that was given
             data = {t: [{k: v for k, v in ex.items() if k != "labels"} for ex in exs] for t, exs in data.items()}
@@ -159,7 +159,8 @@ class SuperMerger:
                 "process must get an equal share of every global batch."
             )
         generator = torch.Generator().manual_seed(cfg.seed)
-        splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in cfg.tasks}
+        tasks = plan.tasks
+        splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in tasks}
         trim = ties_trimmed if self.method.name == "adamerging_plus" else None
         fm = self._functional = FunctionalMerge(plan, dtype=self.dtype, device=acc.device, delta_transform=trim,
                                                 streaming=cfg.streaming)
@@ -172,14 +173,14 @@ class SuperMerger:
         optimizer = torch.optim.Adam(module.parameters(), lr=cfg.learning_rate)
         module, optimizer = acc.prepare(module, optimizer)
         raw = acc.unwrap_model(module)
-        samplers = {t: BatchSampler(len(splits[t][0]), cfg.batch_size, generator) for t in cfg.tasks}
+        samplers = {t: BatchSampler(len(splits[t][0]), cfg.batch_size, generator) for t in tasks}
         share, rank = cfg.batch_size // acc.num_processes, acc.process_index
-        has_holdout = all(splits[t][1] for t in cfg.tasks)
+        has_holdout = all(splits[t][1] for t in tasks)
         metric = "entropy" if objective == "entropy" else "loss"
 
         def record(step: int, train: dict[str, float] | None) -> float | None:
             merged = fm.merged_params(raw().detach())
-            holdout = {t: fm.evaluate(merged, t, splits[t][1])[metric] for t in cfg.tasks} if has_holdout else None
+            holdout = {t: fm.evaluate(merged, t, splits[t][1])[metric] for t in tasks} if has_holdout else None
             score = sum(scale[t] * v for t, v in holdout.items()) if holdout else None
             self.history.append({"step": step, "train": train, "holdout": holdout, "score": score})
             logger.info("step %d: train %s %s, hold-out %s", step, metric, train, holdout)
@@ -193,7 +194,7 @@ class SuperMerger:
         for step in bar:
             c = module()  # (S, G), through DDP so that the gradient of w is averaged over processes
             batches = {}
-            for t in cfg.tasks:
+            for t in tasks:
                 batch = [splits[t][0][i] for i in samplers[t].next()]
                 batches[t] = batch[rank * share : (rank + 1) * share] or batch
             grad_c, losses = fm.coefficient_grad(c, batches, scale, objective)
@@ -231,7 +232,7 @@ class SuperMerger:
         """The λ of the task-arithmetic grid with the lowest summed training loss, as initial coefficient."""
         shape = (self.plan.num_sources, len(self.plan.groups))
         losses = {lam: sum(fm.mean_loss(torch.full(shape, lam, device=fm.device), t, splits[t][0])
-                           for t in self.config.tasks) for lam in LAMBDA_GRID}
+                           for t in self.plan.tasks) for lam in LAMBDA_GRID}
         lam = min(losses, key=losses.get)
         logger.info("Task-arithmetic initialisation: losses %s, starting from c = %.1f", losses, lam)
         return min(lam, 0.95) if self._kind == "tanh" else lam
@@ -240,30 +241,30 @@ class SuperMerger:
         """Per task: each fine-tune's metrics and the merge's, on the hold-out examples (or the training ones)."""
         merged = {n: t.to(fm.device) for n, t in self.merged_tensors.items()}
         out = {}
-        for i, task in enumerate(self.config.tasks):
+        for task in self.plan.tasks:
             one_hot = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=fm.device)
-            one_hot[i] = 1.0
+            one_hot[self.plan.task_source[task]] = 1.0
             out[task] = {"examples": "holdout" if holdout else "train", "count": len(examples[task]),
                          "finetune": fm.evaluate(fm.merged_params(one_hot), task, examples[task]),
                          "merged": fm.evaluate(merged, task, examples[task])}
         return out
 
     def _loss_scale(self, fm: FunctionalMerge, train: dict[str, list[Example]]) -> dict[str, float]:
-        tasks = self.config.tasks
+        tasks = self.plan.tasks
         if self.config.loss_combination == "mean":
             return {t: 1.0 / len(tasks) for t in tasks}
         if self.config.loss_combination == "normalized":  # each task's loss over its fine-tune's own loss
             scale = {}
-            for i, t in enumerate(tasks):
-                one_hot = torch.zeros(len(tasks), len(self.plan.groups), device=fm.device)
-                one_hot[i] = 1.0
+            for t in tasks:
+                one_hot = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=fm.device)
+                one_hot[self.plan.task_source[t]] = 1.0
                 scale[t] = 1.0 / max(fm.mean_loss(one_hot, t, train[t]), 1e-6)
             return scale
         return {t: 1.0 for t in tasks}
 
     def _table(self, w: torch.Tensor) -> Coefficients:
         kind = self._kind
-        return Coefficients(self.config.tasks, self.plan.groups, transform(w, kind).cpu(), w.cpu(), kind)
+        return Coefficients(self.plan.source_names, self.plan.groups, transform(w, kind).cpu(), w.cpu(), kind)
 
     @torch.no_grad()
     def apply_coefficients(self, values: torch.Tensor, *, raw: torch.Tensor | None = None) -> None:
@@ -279,7 +280,7 @@ class SuperMerger:
         values = values.to(device=fm.device, dtype=torch.float32)
         kind = self._kind
         raw = raw if raw is not None else (torch.atanh(values) if kind == "tanh" else values)
-        self.coefficients = Coefficients(self.config.tasks, self.plan.groups, values.cpu(), raw.cpu(), kind)
+        self.coefficients = Coefficients(self.plan.source_names, self.plan.groups, values.cpu(), raw.cpu(), kind)
         self.merged_tensors = {n: t.cpu() for n, t in fm.merged_params(values).items()}
 
     # ------------------------------------------------------------------ outputs

@@ -51,7 +51,7 @@ class FunctionalMerge:
         self.base, self.deltas = load_task_vectors(plan, dtype=dtype, device=device, streaming=streaming)
         if delta_transform is not None:  # e.g. TIES trimming for AdaMerging++
             self.deltas = {n: DeltaStack.from_dense(delta_transform(d.dense())) for n, d in self.deltas.items()}
-        self.models = {t: skeleton(s, device, dtype) for t, s in zip(plan.tasks, plan.sources)}
+        self.models = {t: skeleton(s, device, dtype) for t, s in plan.task_specs.items()}
         self.heads = {t: load_task_specific(plan, t, dtype=dtype, device=device) for t in plan.tasks}
         self.pad_id = plan.base.config.pad_token_id or 0
 
@@ -61,8 +61,8 @@ class FunctionalMerge:
 
     def forward(self, task: str, merged: Mapping[str, torch.Tensor], batch: list[Example]):
         """The task's model output on a batch, with the merged body and the task's own head."""
-        names = self.plan.sources[self.plan.tasks.index(task)].param_names
-        params = {names[n]: merged[n] for n in self.plan.merged} | self.heads[task]
+        names = self.plan.task_specs[task].param_names
+        params = {names[n]: merged[n] for n in self.plan.merged if n in names} | self.heads[task]
         inputs = {k: v.to(self.device) for k, v in collate(batch, self.pad_id).items()}
         return torch.func.functional_call(self.models[task], params, (), inputs)
 

@@ -88,7 +88,7 @@ def save_merge(merger: SuperMerger, save_directory: str | Path, *, overwrite: bo
     with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
         merger.merge_and_unload().save_pretrained(tmp, max_shard_size=merger.config.max_shard_size)
         copy_tokenizer(plan.base.folder, tmp)
-        for task, source in zip(plan.tasks, plan.sources):
+        for task, source in plan.task_specs.items():
             names = plan.task_specific[task]
             if not names:
                 continue

@@ -109,6 +109,10 @@ class MergePlan:
     task_specific: dict[str, list[str]] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)
     group_index: dict[str, int] = field(default_factory=dict)
+    # one source per task unless a hierarchical level merges group results that carry several tasks:
+    source_names: list[str] = field(default_factory=list)  # row names of the coefficients
+    task_specs: dict[str, ModelSpec] = field(default_factory=dict)  # each task's architecture and head
+    task_source: dict[str, int] = field(default_factory=dict)  # the source that is the task's own fine-tune
 
     @property
     def num_sources(self) -> int:
@@ -149,7 +153,16 @@ def load_source(folder: str | Path, base: ModelSpec, *, base_name: str | None = 
     return ModelSpec.from_folder(folder, **kwargs)
 
 
-def build_plan(base: ModelSpec, sources: list[ModelSpec], tasks: list[str], granularity: str) -> MergePlan:
+def build_plan(
+    base: ModelSpec,
+    sources: list[ModelSpec],
+    tasks: list[str],
+    granularity: str,
+    *,
+    source_names: list[str] | None = None,
+    task_specs: dict[str, ModelSpec] | None = None,
+    task_source: dict[str, int] | None = None,
+) -> MergePlan:
     """Check that every source fits the base and decide what is merged; reads headers only.
 
     Raises:
@@ -170,9 +183,14 @@ def build_plan(base: ModelSpec, sources: list[ModelSpec], tasks: list[str], gran
                     "vocabulary)."
                 )
     merged = [n for n in base.shapes if all(n in s.shapes for s in sources)]
-    plan = MergePlan(base, sources, tasks, granularity, merged=merged)
+    plan = MergePlan(
+        base, sources, tasks, granularity, merged=merged,
+        source_names=source_names or list(tasks),
+        task_specs=task_specs or dict(zip(tasks, sources)),
+        task_source=task_source or {t: i for i, t in enumerate(tasks)},
+    )
     merged_set = set(merged)
-    for task, source in zip(tasks, sources):
+    for task, source in plan.task_specs.items():
         plan.task_specific[task] = [n for n in source.shapes if n not in merged_set]
         if plan.task_specific[task]:
             logger.info("Task %r keeps its own tensors (not merged): %s", task, plan.task_specific[task])
@@ -291,7 +309,7 @@ def load_task_specific(
     plan: MergePlan, task: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """The task's own tensors (heads), keyed by the source model's parameter names."""
-    source = plan.sources[plan.tasks.index(task)]
+    source = plan.task_specs[task]
     return {
         source.param_names[n]: source.get_tensor(n).to(device=device, dtype=dtype)
         for n in plan.task_specific[task]
