@@ -17,6 +17,7 @@ Granularity = Literal["tensor", "block", "task"]
 Transform = Literal["tanh", "none"]
 LossCombination = Literal["sum", "mean", "normalized"]
 DType = Literal["float32", "bfloat16", "float16"]
+Grouping = Literal["similarity", "explicit", "random"]
 
 
 def _check_choice(name: str, value: Any, allowed: Any) -> None:
@@ -72,6 +73,9 @@ class SuperMergeConfig:
         loss_combination (`str`, defaults to `"sum"`): How task losses add up: `sum`, `mean`, or `normalized`
             (each task's loss divided by its fine-tune's loss on the same examples).
         l2_to_init (`float`): Weight of an optional L2 pull of w towards its initial value.
+        hierarchical (`dict`, *optional*): Merge level by level: `{"group_size": g, "grouping": "similarity" |
+            "explicit" | "random", "groups": [[task, ...], ...]}` (groups only for `explicit`); each level holds
+            at most g task vectors and the base.
         streaming (`bool`): Keep full fine-tunes' task vectors on disk and re-read them tensor by tensor at each
             step (memory ~ base + merged model + gradients, whatever the number of sources; slower).
         seed (`int`): Seed of the example split, the batch order and every random choice.
@@ -102,6 +106,7 @@ class SuperMergeConfig:
     eval_every: int = 10
     loss_combination: LossCombination = "sum"
     l2_to_init: float = 0.0
+    hierarchical: dict[str, Any] | None = None
     streaming: bool = False
     seed: int = 42
     dtype: DType = "float32"
@@ -140,9 +145,31 @@ class SuperMergeConfig:
             raise ValueError(f"`holdout_fraction` must be in [0, 1), got {self.holdout_fraction!r}.")
         if self.l2_to_init < 0:
             raise ValueError(f"`l2_to_init` must be >= 0, got {self.l2_to_init!r}.")
+        if self.hierarchical is not None:
+            self._check_hierarchical()
         from .methods import get_method  # the registry raises on an unknown name, listing the known ones
 
         get_method(self.method)
+
+    def _check_hierarchical(self) -> None:
+        options = self.hierarchical
+        unknown = sorted(set(options) - {"group_size", "grouping", "groups"})
+        if unknown:
+            raise ValueError(f"Unknown `hierarchical` option(s) {unknown}: use group_size, grouping, groups.")
+        size = options.get("group_size")
+        if not isinstance(size, int) or size < 2:
+            raise ValueError(f"`hierarchical.group_size` must be an integer >= 2, got {size!r}.")
+        _check_choice("hierarchical.grouping", options.setdefault("grouping", "similarity"), Grouping)
+        if options["grouping"] == "explicit":
+            groups = options.get("groups") or []
+            flat = [t for g in groups for t in g]
+            if sorted(flat) != sorted(self.tasks) or any(len(g) > size for g in groups):
+                raise ValueError(
+                    f"`hierarchical.groups` {groups} must split the tasks {self.tasks} into groups of at most "
+                    f"{size}, each task once."
+                )
+        if self.method not in ("supermerge", "adamerging", "adamerging_plus"):
+            raise ValueError(f"Hierarchical merging learns coefficients; method {self.method!r} is data-free.")
 
     @property
     def tasks(self) -> list[str]:

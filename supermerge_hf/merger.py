@@ -19,9 +19,9 @@ from .config import SuperMergeConfig
 from .data_free import LAMBDA_GRID, merge_data_free, ties_trimmed
 from .examples import BatchSampler, Example, as_examples, split_holdout
 from .objectives import FunctionalMerge
-from .hub import push_folder, resolve
+from .hub import ResolvedSource, push_folder, resolve
 from .methods import get_method
-from .task_vectors import ModelSpec, build_plan, load_source
+from .task_vectors import MergePlan, ModelSpec, build_plan, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,20 @@ class SuperMerger:
         load = {"allow_pickle": config.allow_pickle, "trust_remote_code": config.trust_remote_code}
         base = ModelSpec.from_folder(self.resolved_base.path, **load)
         sources = [load_source(r.path, base, base_name=config.base, **load) for r in self.resolved_sources]
-        self.plan = build_plan(base, sources, config.tasks, config.granularity)
+        self._setup(build_plan(base, sources, config.tasks, config.granularity), token=token, endpoint=endpoint)
+
+    @classmethod
+    def from_plan(cls, config: SuperMergeConfig, plan: MergePlan, *, accelerator: Accelerator | None = None):
+        """A merger over an already checked plan (a hierarchical level); nothing is resolved again."""
+        merger = cls.__new__(cls)
+        merger.config, merger.accelerator, merger.method = config, accelerator, get_method(config.method)
+        merger.resolved_base = ResolvedSource(plan.base.folder)
+        merger.resolved_sources = [ResolvedSource(s.folder) for s in plan.sources]
+        merger._setup(plan)
+        return merger
+
+    def _setup(self, plan: MergePlan, *, token: str | bool | None = None, endpoint: str | None = None) -> None:
+        self.plan = plan
         self.coefficients: Coefficients | None = None
         self.final_coefficients: Coefficients | None = None
         self.history: list[dict[str, Any]] = []
@@ -78,6 +91,7 @@ class SuperMerger:
         self.grid_scores: dict[str, float] = {}
         self._functional: FunctionalMerge | None = None
         self._hub = {"token": token, "endpoint": endpoint}
+        self.levels: list[dict[str, Any]] = []
         logger.info(
             "Merging %d sources: %d shared tensors in %d groups, task-specific: %s",
             self.plan.num_sources, len(self.plan.merged), len(self.plan.groups),
@@ -133,8 +147,22 @@ class SuperMerger:
             )
             self.merged_tensors = {n: t.to(self.dtype).cpu() for n, t in merged.items()}
             return self
-        self._learn(data, objective="entropy" if entropy else "supervised")
+        return self.fit_examples(data)
+
+    def fit_examples(self, data: dict[str, list[Example]]) -> SuperMerger:
+        """Learn from examples already in the form of `examples.as_examples` (flat, or level by level)."""
+        if self.config.hierarchical:
+            from .hierarchy import fit_hierarchical
+
+            fit_hierarchical(self, data)
+        else:
+            self._learn(data, objective="entropy" if self.method.name in ENTROPY_METHODS else "supervised")
         return self
+
+    def adopt(self, other: SuperMerger) -> None:
+        """Take the result of another merger over the same base and tasks (the last hierarchical level)."""
+        for name in ("coefficients", "final_coefficients", "history", "selected_step", "merged_tensors", "metrics"):
+            setattr(self, name, getattr(other, name))
 
     def _prepare_examples(self, examples: Mapping[str, Any], require_labels: bool = True) -> dict[str, list[Example]]:
         unknown = sorted(set(examples) - set(self.plan.tasks))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import tempfile
@@ -101,6 +102,8 @@ def save_merge(merger: SuperMerger, save_directory: str | Path, *, overwrite: bo
         config.save_pretrained(tmp)
         if merger.coefficients is not None:
             merger.coefficients.save(tmp / COEFFICIENTS_NAME)
+        if merger.levels:  # hierarchical: each level's groups and coefficients
+            (tmp / "hierarchy.json").write_text(json.dumps(merger.levels, indent=1) + "\n")
         build_model_card(merger, tmp).save(tmp / "README.md")
     logger.info("Saved the merge to %s", save_directory)
     return Path(save_directory)

@@ -172,3 +172,36 @@ def test_streaming_equals_flat(bert_family):
     scale = {"sst": 1.0, "nli": 1.0}
     torch.testing.assert_close(fm_stream.coefficient_grad(c, batches, scale)[0],
                                fm_flat.coefficient_grad(c, batches, scale)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_hierarchical_with_one_group_is_flat(llama_family):
+    examples = family_examples(llama_family)
+    flat = make_merger(llama_family, seed=2).fit(examples)
+    hier = make_merger(llama_family, seed=2, hierarchical={"group_size": 3}).fit(examples)
+    assert torch.equal(flat.coefficients.values, hier.coefficients.values)
+    for name, tensor in flat.merged_tensors.items():
+        assert torch.equal(tensor, hier.merged_tensors[name])
+    assert [lvl["group"] for lvl in hier.levels] == [["code", "math", "chat"]]
+
+
+@pytest.mark.parametrize("grouping", ["similarity", "explicit", "random"])
+def test_hierarchical_levels(llama_family, grouping, tmp_path):
+    groups = [["code", "chat"], ["math"]] if grouping == "explicit" else None
+    options = {"group_size": 2, "grouping": grouping} | ({"groups": groups} if groups else {})
+    merger = make_merger(llama_family, hierarchical=options).fit(family_examples(llama_family))
+    assert len(merger.levels) == 2 and len(merger.levels[0]["group"]) == 2
+    assert len(merger.levels[1]["group"]) == 2  # the level-0 group result and the remaining source
+    if grouping == "explicit":
+        assert merger.levels[0]["group"] == ["code", "chat"] and merger.levels[1]["group"] == ["(code+chat)", "math"]
+    out = merger.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    x = torch.randint(1, 64, (2, 8))
+    assert torch.equal(reloaded(x).logits, merger.merge_and_unload()(x).logits)
+    assert (tmp_path / "merged" / "hierarchy.json").is_file()
+
+
+def test_similarity_grouping_pairs_the_most_similar():
+    from supermerge_hf.hierarchy import partition
+
+    sim = torch.tensor([[1.0, 0.1, 0.9, 0.0], [0.1, 1.0, 0.2, 0.8], [0.9, 0.2, 1.0, 0.1], [0.0, 0.8, 0.1, 1.0]])
+    assert sorted(map(sorted, partition(sim, 2))) == [[0, 2], [1, 3]]
