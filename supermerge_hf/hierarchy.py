@@ -117,6 +117,7 @@ def fit_hierarchical(merger: SuperMerger, data: dict[str, list[Example]]) -> Non
                     merger.adopt(sub)
                     return
                 folder = Path(workdir) / f"level{level}-group{g}"
+                sub._functional = None  # drop this group's task vectors before building its checkpoint
                 sub.merge_and_unload().save_pretrained(folder)
                 next_units.append(Unit("(" + "+".join(u.name for u in members) + ")", ModelSpec.from_folder(folder),
                                        tasks))

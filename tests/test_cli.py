@@ -95,3 +95,41 @@ def test_methods_lists_all_nine(capsys):
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == sorted(["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
                             "adamerging", "adamerging_plus", "supermerge"])
+
+
+def write_recipe(family, folder: Path, **extra) -> Path:
+    import yaml
+
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    sources = []
+    for i, (task, path) in enumerate(family.sources.items()):
+        write_text_examples(folder / "data" / f"{task}.jsonl", 12, family.num_labels[task], seed=i)
+        sources.append({"task": task, "path": str(path), "data": {"path": f"data/{task}.jsonl"}})
+    recipe = {"base": str(family.base), "sources": sources, "steps": 2, "batch_size": 4} | extra
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return folder / "recipe.yaml"
+
+
+def test_estimate_prints_every_mode_and_picks_one(bert_family, tmp_path, capsys):
+    from supermerge_hf import SuperMerger
+    from supermerge_hf.estimate import estimate, pick_mode
+
+    recipe = write_recipe(bert_family, tmp_path)
+    assert main(["estimate", str(recipe), "--max-memory", "100GB"]) == 0
+    out = capsys.readouterr().out
+    assert all(mode in out for mode in ("flat", "hierarchical", "streaming")) and "use flat" in out
+    merger = SuperMerger(SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list()))
+    flat, hier, stream = estimate(merger.plan, group_size=1)
+    assert flat.copies == 5 and hier.copies == 4 and stream.copies < 3.5  # 3 + S, 3 + g, 3 + 2 tensors
+    assert flat.host_mb > hier.host_mb > stream.host_mb
+    assert pick_mode([flat, hier, stream], (hier.host_mb + stream.host_mb) / 2) == "streaming"
+    assert pick_mode([flat, hier, stream], (flat.host_mb + hier.host_mb) / 2) == "hierarchical"
+    assert pick_mode([flat, hier, stream], 1.0) is None
+
+
+def test_merge_refuses_a_run_that_cannot_fit(bert_family, tmp_path, capsys):
+    recipe = write_recipe(bert_family, tmp_path, output_dir=str(tmp_path / "out"))
+    assert main(["merge", str(recipe), "--max-memory", "10MB"]) == 2
+    err = capsys.readouterr().err
+    assert "A flat merge needs about" in err and "more than --max-memory 10 MB" in err and "streaming" in err
+    assert not (tmp_path / "out").exists()

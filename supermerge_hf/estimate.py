@@ -1,0 +1,86 @@
+"""Peak memory of a merge, estimated from safetensors headers before any weight is loaded."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .task_vectors import MergePlan, ModelSpec
+
+PROCESS_MB = 450.0  # python + torch + transformers + accelerate, measured with `benchmarks/memory.py`
+MODES = ("flat", "hierarchical", "streaming")
+
+
+@dataclass
+class Estimate:
+    """Expected peak memory (MB) of one mode; `copies` counts model-sized tensors held at the peak."""
+
+    mode: str
+    copies: float
+    host_mb: float
+    device_mb: float
+
+
+def parse_memory(value: str | int | float) -> float:
+    """'8GB', '512MB', '1.5GiB' or a number of bytes -> MB.
+
+    Raises:
+        `ValueError`: An unreadable size.
+    """
+    if isinstance(value, (int, float)):
+        return float(value) / 2**20
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(value), re.I)
+    if not match:
+        raise ValueError(f"Cannot read memory size {value!r}: write e.g. '8GB' or '512MB'.")
+    unit = (match.group(2) or "B").upper().replace("I", "")
+    return float(match.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}[unit] / 2**20
+
+
+def _source_mb(spec, model_mb: float) -> float:
+    """A full fine-tune holds a dense task vector (one model copy); a LoRA adapter only its factors."""
+    if isinstance(spec, ModelSpec):
+        return model_mb
+    return spec.checkpoint.nbytes() / 2**20
+
+
+def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size: int = 2,
+             on_device: bool = False) -> list[Estimate]:
+    """Peak memory of flat, hierarchical (`group_size`) and streaming learning.
+
+    At the peak of a step the process holds the base, the merged tensors and their gradients (3 copies), plus
+    the task vectors: all S (flat), at most `group_size` (hierarchical), none (streaming: re-read per tensor).
+    """
+    numel = sum(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged)
+    model_mb = numel * torch.finfo(dtype).bits / 8 / 2**20
+    sources = sorted((_source_mb(s, model_mb) for s in plan.sources), reverse=True)
+    largest = max(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged) * 4 / 2**20
+    held = {"flat": sum(sources), "hierarchical": sum(sources[:group_size]), "streaming": 2 * largest}
+    out = []
+    for mode in MODES:
+        tensors_mb = 3 * model_mb + held[mode]
+        host = PROCESS_MB + (0.0 if on_device else tensors_mb)
+        out.append(Estimate(mode, tensors_mb / model_mb, host, tensors_mb if on_device else 0.0))
+    return out
+
+
+def pick_mode(estimates: list[Estimate], max_memory_mb: float | None) -> str | None:
+    """The fastest mode that fits: flat, then hierarchical, then streaming; None if none fits."""
+    for e in estimates:
+        if max_memory_mb is None or max(e.host_mb, e.device_mb) <= max_memory_mb:
+            return e.mode
+    return None
+
+
+def configured_mode(config) -> str:
+    return "hierarchical" if config.hierarchical else "streaming" if config.streaming else "flat"
+
+
+def format_estimates(estimates: list[Estimate], max_memory_mb: float | None = None) -> str:
+    lines = [f"{'mode':<13}{'model copies':>13}{'host MB':>10}{'device MB':>11}"]
+    lines += [f"{e.mode:<13}{e.copies:>13.1f}{e.host_mb:>10.0f}{e.device_mb:>11.0f}" for e in estimates]
+    if max_memory_mb is not None:
+        mode = pick_mode(estimates, max_memory_mb)
+        lines.append(f"With --max-memory {max_memory_mb:.0f} MB: " + (f"use {mode}." if mode else "no mode fits."))
+    return "\n".join(lines)
