@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,13 +10,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .coefficients import CoefficientModule, Coefficients, transform
+from .coefficients import Coefficients, transform
 from .config import SuperMergeConfig
-from .data_free import LAMBDA_GRID, merge_data_free, ties_trimmed
-from .examples import BatchSampler, Example, as_examples, split_holdout
+from .data_free import merge_data_free
+from .examples import Example, as_examples
+from .learning import learn
 from .objectives import FunctionalMerge
 from .hub import ResolvedSource, push_folder, resolve
 from .methods import get_method
@@ -156,7 +155,7 @@ class SuperMerger:
 
             fit_hierarchical(self, data)
         else:
-            self._learn(data, objective="entropy" if self.method.name in ENTROPY_METHODS else "supervised")
+            learn(self, data, objective="entropy" if self.method.name in ENTROPY_METHODS else "supervised")
         return self
 
     def adopt(self, other: SuperMerger) -> None:
@@ -177,118 +176,10 @@ class SuperMerger:
             data = {t: [{k: v for k, v in ex.items() if k != "labels"} for ex in exs] for t, exs in data.items()}
         return data
 
-    def _learn(self, data: dict[str, list[Example]], objective: str) -> None:
-        cfg, plan = self.config, self.plan
-        acc = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.accelerator = acc
-        if cfg.batch_size % acc.num_processes:
-            raise ValueError(
-                f"batch_size={cfg.batch_size} is not divisible by the {acc.num_processes} processes: each "
-                "process must get an equal share of every global batch."
-            )
-        generator = torch.Generator().manual_seed(cfg.seed)
-        tasks = plan.tasks
-        splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in tasks}
-        trim = ties_trimmed if self.method.name == "adamerging_plus" else None
-        fm = self._functional = FunctionalMerge(plan, dtype=self.dtype, device=acc.device, delta_transform=trim,
-                                                streaming=cfg.streaming)
-        scale = self._loss_scale(fm, {t: s[0] for t, s in splits.items()})
-        kind = self._kind
-        init = self._task_arithmetic_init(fm, splits) if cfg.init_from_task_arithmetic else cfg.init_coefficient
-
-        module = CoefficientModule(plan.num_sources, len(plan.groups), init=init, kind=kind)
-        w0 = module.w.detach().clone().to(acc.device)
-        optimizer = torch.optim.Adam(module.parameters(), lr=cfg.learning_rate)
-        module, optimizer = acc.prepare(module, optimizer)
-        raw = acc.unwrap_model(module)
-        samplers = {t: BatchSampler(len(splits[t][0]), cfg.batch_size, generator) for t in tasks}
-        share, rank = cfg.batch_size // acc.num_processes, acc.process_index
-        has_holdout = all(splits[t][1] for t in tasks)
-        metric = "entropy" if objective == "entropy" else "loss"
-
-        def record(step: int, train: dict[str, float] | None) -> float | None:
-            merged = fm.merged_params(raw().detach())
-            holdout = {t: fm.evaluate(merged, t, splits[t][1])[metric] for t in tasks} if has_holdout else None
-            score = sum(scale[t] * v for t, v in holdout.items()) if holdout else None
-            self.history.append({"step": step, "train": train, "holdout": holdout, "score": score})
-            logger.info("step %d: train %s %s, hold-out %s", step, metric, train, holdout)
-            return score
-
-        best_score = record(0, None)
-        _check_finite(self.history[-1]["holdout"] or {}, 0)
-        best_w, best_step = raw.w.detach().clone(), 0
-        bar = tqdm(range(1, cfg.steps + 1), desc=f"Learning {self.method.name} coefficients",
-                   disable=not acc.is_local_main_process)
-        for step in bar:
-            c = module()  # (S, G), through DDP so that the gradient of w is averaged over processes
-            batches = {}
-            for t in tasks:
-                batch = [splits[t][0][i] for i in samplers[t].next()]
-                batches[t] = batch[rank * share : (rank + 1) * share] or batch
-            grad_c, losses = fm.coefficient_grad(c, batches, scale, objective)
-            _check_finite({t: float(v) for t, v in losses.items()}, step)
-            surrogate = (c * grad_c.to(c.dtype)).sum()  # d/dw = c'(w) * dL/dc: the exact chain rule
-            if cfg.l2_to_init:
-                surrogate = surrogate + cfg.l2_to_init * ((raw.w - w0) ** 2).sum()
-            optimizer.zero_grad()
-            acc.backward(surrogate)
-            optimizer.step()
-            if objective == "entropy":  # AdaMerging keeps its coefficients in [0, 1]
-                with torch.no_grad():
-                    raw.w.clamp_(0.0, 1.0)
-            train = {t: float(acc.reduce(v, reduction="mean")) for t, v in losses.items()}
-            bar.set_postfix({metric: f"{sum(train.values()):.4f}"})
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                score = record(step, train)
-                if score is not None and score < best_score:
-                    best_score, best_w, best_step = score, raw.w.detach().clone(), step
-        final_w = raw.w.detach().clone()
-        if not has_holdout:
-            best_w, best_step = final_w, cfg.steps
-        self.selected_step = best_step
-        self.final_coefficients = self._table(final_w)
-        logger.info("Selected step %d of %d (hold-out score %s)", best_step, cfg.steps, best_score)
-        self.apply_coefficients(transform(best_w, kind), raw=best_w)
-        self.metrics = self._before_after(fm, {t: s[1] or s[0] for t, s in splits.items()}, has_holdout)
-
     @property
     def _kind(self) -> str:
         """The coefficient transform: AdaMerging uses the identity (projected to [0, 1]), SuperMerge the config's."""
         return "none" if self.method.name in ENTROPY_METHODS else self.config.transform
-
-    def _task_arithmetic_init(self, fm: FunctionalMerge, splits) -> float:
-        """The λ of the task-arithmetic grid with the lowest summed training loss, as initial coefficient."""
-        shape = (self.plan.num_sources, len(self.plan.groups))
-        losses = {lam: sum(fm.mean_loss(torch.full(shape, lam, device=fm.device), t, splits[t][0])
-                           for t in self.plan.tasks) for lam in LAMBDA_GRID}
-        lam = min(losses, key=losses.get)
-        logger.info("Task-arithmetic initialisation: losses %s, starting from c = %.1f", losses, lam)
-        return min(lam, 0.95) if self._kind == "tanh" else lam
-
-    def _before_after(self, fm: FunctionalMerge, examples: dict[str, list[Example]], holdout: bool) -> dict:
-        """Per task: each fine-tune's metrics and the merge's, on the hold-out examples (or the training ones)."""
-        merged = {n: t.to(fm.device) for n, t in self.merged_tensors.items()}
-        out = {}
-        for task in self.plan.tasks:
-            one_hot = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=fm.device)
-            one_hot[self.plan.task_source[task]] = 1.0
-            out[task] = {"examples": "holdout" if holdout else "train", "count": len(examples[task]),
-                         "finetune": fm.evaluate(fm.merged_params(one_hot), task, examples[task]),
-                         "merged": fm.evaluate(merged, task, examples[task])}
-        return out
-
-    def _loss_scale(self, fm: FunctionalMerge, train: dict[str, list[Example]]) -> dict[str, float]:
-        tasks = self.plan.tasks
-        if self.config.loss_combination == "mean":
-            return {t: 1.0 / len(tasks) for t in tasks}
-        if self.config.loss_combination == "normalized":  # each task's loss over its fine-tune's own loss
-            scale = {}
-            for t in tasks:
-                one_hot = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=fm.device)
-                one_hot[self.plan.task_source[t]] = 1.0
-                scale[t] = 1.0 / max(fm.mean_loss(one_hot, t, train[t]), 1e-6)
-            return scale
-        return {t: 1.0 for t in tasks}
 
     def _table(self, w: torch.Tensor) -> Coefficients:
         kind = self._kind
@@ -342,6 +233,11 @@ class SuperMerger:
 
         return str(save_combined_adapter(self, save_directory, rank=rank, overwrite=overwrite))
 
+    def push_adapter_to_hub(self, repo_id: str, *, rank: int | None = None, **kwargs) -> str:
+        """Save the combined LoRA adapter (as `save_adapter` does) and upload it; see `push_to_hub` for kwargs."""
+        message = f"Upload combined LoRA adapter of {', '.join(self.plan.tasks)}"
+        return self._push(lambda folder: self.save_adapter(folder, rank=rank), repo_id, message, **kwargs)
+
     def push_to_hub(
         self,
         repo_id: str,
@@ -353,21 +249,24 @@ class SuperMerger:
     ) -> str:
         """Save the merge (as `save_pretrained` does) and upload it to a Hub model repo.
 
+        Args:
+            repo_id (`str`): Target repo, created if missing.
+            private (`bool`, *optional*): Visibility of a repo that gets created.
+            token (`str` or `bool`, *optional*): Hub token with write access; never logged or written.
+            revision (`str`, *optional*): Branch to commit to (created if missing).
+            commit_message (`str`, *optional*): Commit message.
+
         Returns:
             `str`: The sha of the commit created.
         """
+        message = f"Upload {self.config.method} merge of {', '.join(self.plan.tasks)}"
+        return self._push(self.save_pretrained, repo_id, message, private=private, token=token, revision=revision,
+                          commit_message=commit_message)
+
+    def _push(self, save, repo_id: str, default_message: str, *, private: bool | None = None,
+              token: str | bool | None = None, revision: str | None = None, commit_message: str | None = None) -> str:
         token = token if token is not None else self._hub["token"]
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(str(Path(tmp) / repo_id.split("/")[-1]))
-            message = commit_message or f"Upload {self.config.method} merge of {', '.join(self.config.tasks)}"
+            folder = save(str(Path(tmp) / repo_id.split("/")[-1]))
             return push_folder(folder, repo_id, private=private, token=token, revision=revision,
-                               commit_message=message, endpoint=self._hub["endpoint"])
-
-
-def _check_finite(losses: dict[str, float], step: int) -> None:
-    bad = {t: v for t, v in losses.items() if not math.isfinite(v)}
-    if bad:
-        raise FloatingPointError(
-            f"Non-finite loss at step {step} for task(s) {bad}. Check the labels (e.g. out of range) and the "
-            "inputs, or use dtype='float32'."
-        )
+                               commit_message=commit_message or default_message, endpoint=self._hub["endpoint"])

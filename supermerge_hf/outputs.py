@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PreTrainedModel
 
 from .coefficients import COEFFICIENTS_NAME
-from .config import SuperMergeConfig
 from .task_vectors import model_class
 
 if TYPE_CHECKING:
