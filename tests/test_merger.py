@@ -205,3 +205,20 @@ def test_similarity_grouping_pairs_the_most_similar():
 
     sim = torch.tensor([[1.0, 0.1, 0.9, 0.0], [0.1, 1.0, 0.2, 0.8], [0.9, 0.2, 1.0, 0.1], [0.0, 0.8, 0.1, 1.0]])
     assert sorted(map(sorted, partition(sim, 2))) == [[0, 2], [1, 3]]
+
+
+def test_examples_as_dataset_list_or_dataloader_give_the_same_merge(bert_family):
+    datasets = pytest.importorskip("datasets", reason="datasets is an optional input type")
+    from torch.utils.data import DataLoader
+
+    from supermerge_hf.examples import collate
+
+    examples = family_examples(bert_family, n=8)
+    as_list = make_merger(bert_family, seed=4).fit(examples).coefficients.values
+    as_dataset = make_merger(bert_family, seed=4).fit(
+        {t: datasets.Dataset.from_list([{"input_ids": list(map(int, e["input_ids"])), "labels": e["labels"]}
+                                        for e in ex]) for t, ex in examples.items()}
+    ).coefficients.values
+    loaders = {t: DataLoader(as_examples(t, ex), batch_size=1, collate_fn=collate) for t, ex in examples.items()}
+    as_loader = make_merger(bert_family, seed=4).fit(loaders).coefficients.values
+    assert torch.equal(as_list, as_dataset) and torch.equal(as_list, as_loader)
