@@ -71,7 +71,7 @@ def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str,
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .examples import read_examples
     from .merger import SuperMerger
@@ -88,21 +88,48 @@ def run_merge(args: argparse.Namespace) -> None:
     merger = SuperMerger(config, token=args.token)
     if args.max_memory:
         check_memory(merger, parse_memory(args.max_memory))
+    if args.adapter_output or args.adapter_rank is not None:
+        check_adapter_output(merger, args.adapter_output, args.adapter_rank)
     examples = {}
     if merger.method.kind != "data_free":
         tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
-        for task, resolved in zip(config.tasks, merger.resolved_sources):
+        for task in config.tasks:
             spec = dict(data[task])
-            label2id = AutoConfig.from_pretrained(resolved.path).label2id
+            label2id = merger.plan.task_specs[task].config.label2id  # a LoRA adapter folder has no config.json
             examples[task] = read_examples(spec.pop("path"), tokenizer, label2id=label2id, **spec)
     merger.fit(examples)
     out = merger.save_pretrained()
     print(f"Merged model written to {out}")
     if merger.coefficients is not None:
         print(merger.coefficients)
+    if args.adapter_output:
+        adapter = merger.save_adapter(args.adapter_output, rank=args.adapter_rank,
+                                      overwrite=config.overwrite_output_dir)
+        print(f"Combined LoRA adapter written to {adapter}")
     if args.push_to_hub:
         url = merger.push_to_hub(args.push_to_hub, private=args.private, token=args.token)
         print(f"Pushed to {url}")
+
+
+def check_adapter_output(merger, folder: str | None, rank: int | None) -> None:
+    """Refuse, before learning, an adapter output that cannot be written."""
+    from .lora import LoraSpec
+    from .outputs import check_output_dir
+
+    if not folder:
+        raise ValueError(f"--adapter-rank {rank} compresses the adapter of --adapter-output DIR: give that folder too.")
+    full = [t for t, s in zip(merger.plan.tasks, merger.plan.sources) if not isinstance(s, LoraSpec)]
+    if full:
+        raise ValueError(
+            f"--adapter-output needs LoRA adapters as sources; {full} are full fine-tunes, whose task vectors no "
+            "adapter holds exactly. Drop --adapter-output: the merged model is written to the output folder."
+        )
+    if merger.method.kind == "data_free":
+        raise ValueError(
+            f"--adapter-output needs learned coefficients; {merger.config.method!r} has none. Use a learned method "
+            "(e.g. supermerge) or drop --adapter-output."
+        )
+    check_output_dir(folder, overwrite=merger.config.overwrite_output_dir)
 
 
 def _estimates(merger, config):
@@ -142,6 +169,12 @@ def run_estimate(args: argparse.Namespace) -> None:
     print(format_estimates(_estimates(merger, config), limit))
 
 
+def run_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo as demo  # imports the demo's data helpers only when asked
+
+    demo(args)
+
+
 def run_methods(args: argparse.Namespace) -> None:
     width = max(map(len, METHODS))
     for name in sorted(METHODS):
@@ -165,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--private", action="store_true", help="Create the Hub repo as private (with --push-to-hub).")
     merge.add_argument("--token", help="Hub token (default: the logged-in token). Never logged or written.")
     merge.add_argument("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB).")
+    merge.add_argument("--adapter-output", metavar="DIR", help="Also write the merge as one PEFT LoRA adapter of the "
+                       "base (all sources LoRA adapters; exact, of rank the sum of the source ranks).")
+    merge.add_argument("--adapter-rank", type=int, metavar="K", help="With --adapter-output: compress the adapter to "
+                       "rank K by SVD; each module's relative error goes to DIR/supermerge_adapter.json.")
     merge.set_defaults(func=run_merge)
 
     estimate = sub.add_parser("estimate", help="Estimate peak memory of flat, hierarchical and streaming runs.",
@@ -186,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples-per-task", type=int, default=32, help="Labelled examples per task (default 32).")
     demo.add_argument("--test-size", type=int, help="Evaluate on at most this many test examples per task.")
     demo.add_argument("--seed", type=int, default=0, help="Seed of the 32-example draw and of learning.")
-    demo.set_defaults(func=lambda a: __import__("supermerge_hf.demo", fromlist=["run_demo"]).run_demo(a))
+    demo.set_defaults(func=run_demo)
 
     methods = sub.add_parser("methods", help="List the merge methods.")
     methods.set_defaults(func=run_methods)
