@@ -18,16 +18,21 @@ Objective = Literal["supervised", "entropy"]
 
 
 def skeleton(spec: ModelSpec, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """The source's architecture with real buffers but parameter-free (meta): run it with `functional_call`."""
-    model = spec.cls(spec.config).to(device=device, dtype=dtype).eval()  # eval: dropout off while learning
-    replaced: dict[int, nn.Parameter] = {}  # keeps tied parameters tied
+    """The task's architecture with real buffers and parameter-free (meta): run it with `functional_call`.
+
+    Built on the meta device, so no parameter memory is ever allocated; only the buffers (position ids, rotary
+    frequencies) are materialised and initialised by the model's own `initialize_weights`.
+    """
+    with torch.device("meta"):
+        model = spec.cls(spec.config)
     for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None:
-                if id(p) not in replaced:
-                    replaced[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), False)
-                module._parameters[name] = replaced[id(p)]
-    return model
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+    model.initialize_weights()  # fills the buffers; on meta parameters it is a no-op
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(dtype=dtype).eval()  # eval: dropout off while learning
 
 
 class FunctionalMerge:
