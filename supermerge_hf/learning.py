@@ -39,7 +39,8 @@ def learn(merger: SuperMerger, data: dict[str, list[Example]], objective: str) -
                                             streaming=cfg.streaming)
     scale = loss_scale(merger, fm, {t: s[0] for t, s in splits.items()})
     kind = merger._kind
-    init = task_arithmetic_init(merger, fm, splits) if cfg.init_from_task_arithmetic else cfg.init_coefficient
+    from_task_arithmetic = cfg.init_from_task_arithmetic and objective == "supervised"  # AdaMerging starts at 0.3
+    init = task_arithmetic_init(merger, fm, splits) if from_task_arithmetic else cfg.init_coefficient
 
     module = CoefficientModule(plan.num_sources, len(plan.groups), init=init, kind=kind)
     w0 = module.w.detach().clone().to(acc.device)

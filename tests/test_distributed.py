@@ -20,7 +20,8 @@ SCRIPT = Path(__file__).parent / "scripts" / "learn_coefficients.py"
 
 def test_two_processes_match_one(bert_family, tmp_path):
     config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), steps=3,
-                              batch_size=4, holdout_fraction=0.0, learning_rate=0.05, seed=1)
+                              batch_size=4, holdout_fraction=0.0, learning_rate=0.05, seed=1,
+                              init_from_task_arithmetic=False)
     config.to_dict()
     (tmp_path / "config.json").write_text(config.to_json_string())
     examples = family_examples(bert_family, n=8)

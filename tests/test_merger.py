@@ -16,7 +16,8 @@ from .conftest import family_examples
 
 
 def make_merger(family, **kwargs) -> SuperMerger:
-    kwargs = {"steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0} | kwargs
+    kwargs = {"steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0,
+              "init_from_task_arithmetic": False} | kwargs
     return SuperMerger(SuperMergeConfig(base=str(family.base), sources=family.source_list(), **kwargs))
 
 
@@ -222,3 +223,14 @@ def test_examples_as_dataset_list_or_dataloader_give_the_same_merge(bert_family)
     loaders = {t: DataLoader(as_examples(t, ex), batch_size=1, collate_fn=collate) for t, ex in examples.items()}
     as_loader = make_merger(bert_family, seed=4).fit(loaders).coefficients.values
     assert torch.equal(as_list, as_dataset) and torch.equal(as_list, as_loader)
+
+
+def test_init_from_task_arithmetic_starts_at_the_best_lambda(bert_family):
+    from supermerge_hf.data_free import LAMBDA_GRID
+
+    examples = family_examples(bert_family)
+    merger = make_merger(bert_family, steps=1, init_from_task_arithmetic=True, learning_rate=1e-9).fit(examples)
+    fm, train = merger.functional, {t: as_examples(t, ex) for t, ex in examples.items()}
+    losses = {lam: sum(fm.mean_loss(torch.full((2, 39), lam), t, train[t]) for t in train) for lam in LAMBDA_GRID}
+    best = min(losses, key=losses.get)
+    torch.testing.assert_close(merger.coefficients.values, torch.full((2, 39), min(best, 0.95)), rtol=0, atol=1e-6)
