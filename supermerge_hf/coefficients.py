@@ -31,12 +31,11 @@ def coefficient_grad(grads: dict[str, torch.Tensor], deltas: dict, group_index: 
     Returns:
         `(S, G)` float32.
     """
-    out = None
+    num_sources = len(next(iter(deltas.values())).parts)
+    device = next(iter(grads.values())).device if grads else "cpu"
+    out = torch.zeros(num_sources, num_groups, dtype=torch.float32, device=device)  # (S, G)
     for name, grad in grads.items():
-        inner = deltas[name].inner(grad)  # (S,)
-        if out is None:
-            out = torch.zeros(inner.shape[0], num_groups, dtype=torch.float32, device=grad.device)  # (S, G)
-        out[:, group_index[name]] += inner
+        out[:, group_index[name]] += deltas[name].inner(grad)  # (S,)
     return out
 
 

@@ -62,7 +62,8 @@ class FunctionalMerge:
 
     def merged_params(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """Merged tensors for coefficients `c` `(S, G)` (already transformed); differentiable in `c`."""
-        return {n: self.base[n] + self.deltas[n].combine(c[:, self.plan.group_index[n]]) for n in self.plan.merged}
+        return {n: self.base[n] if self.deltas[n].is_zero else self.base[n] + self.deltas[n].combine(c[:, self.plan.group_index[n]])
+                for n in self.plan.merged}
 
     def forward(self, task: str, merged: Mapping[str, torch.Tensor], batch: list[Example]):
         """The task's model output on a batch, with the merged body and the task's own head."""
@@ -125,7 +126,8 @@ class FunctionalMerge:
         """
         with torch.no_grad():
             merged = self.merged_params(c.detach())
-        merged = {n: t.requires_grad_() for n, t in merged.items()}
+        # tensors whose task vectors are all zero contribute exactly 0 to dL/dc: no gradient needed for them
+        merged = {n: t if self.deltas[n].is_zero else t.requires_grad_() for n, t in merged.items()}
         losses = {}
         for task, batch in batches.items():
             if objective == "entropy":
@@ -134,8 +136,9 @@ class FunctionalMerge:
             else:
                 losses[task] = self.forward(task, merged, batch).loss
         total = sum(scale[t] * loss for t, loss in losses.items())
-        grads = torch.autograd.grad(total, list(merged.values()))
-        grad_c = coefficient_grad(dict(zip(merged, grads)), self.deltas, self.plan.group_index, len(self.plan.groups))
+        leaves = [n for n in merged if merged[n].requires_grad]
+        grads = torch.autograd.grad(total, [merged[n] for n in leaves])
+        grad_c = coefficient_grad(dict(zip(leaves, grads)), self.deltas, self.plan.group_index, len(self.plan.groups))
         return grad_c, {t: v.detach() for t, v in losses.items()}
 
 

@@ -215,7 +215,8 @@ class LowRankDelta:
     def inner(self, grad: torch.Tensor) -> torch.Tensor:
         """<grad, scale * B A> without forming B A: scale * sum(B * (grad @ A^T))."""
         grad = grad.T if self.transpose else grad  # (out, in)
-        return self.scale * (self.B * (grad @ self.A.T)).sum()
+        A, B = self.A.to(grad.dtype), self.B.to(grad.dtype)  # factors in the model's dtype, grad in float32
+        return self.scale * (B * (grad @ A.T)).sum()
 
     def to(self, **kwargs) -> LowRankDelta:
         return LowRankDelta(self.A.to(**kwargs), self.B.to(**kwargs), self.scale, self.transpose)
@@ -243,26 +244,38 @@ Delta = torch.Tensor | LowRankDelta | StreamedDelta | None  # None: the source d
 class DeltaStack:
     """The S task vectors of one tensor, dense or low-rank per source, and the two operations learning needs."""
 
-    def __init__(self, shape: tuple[int, ...], parts: list[Delta]) -> None:
-        self.shape, self.parts = tuple(shape), parts
-        # all dense: keep one (S, *shape) stack, so combine and inner are single tensor ops
-        self.stacked = torch.stack(parts) if all(isinstance(p, torch.Tensor) for p in parts) else None
+    def __init__(self, shape: tuple[int, ...], parts: list[Delta], *, stacked: torch.Tensor | None = None) -> None:
+        self.shape = tuple(shape)
+        if stacked is None and all(isinstance(p, torch.Tensor) for p in parts):
+            stacked = torch.stack(parts)
+        # all dense: keep one (S, *shape) stack, so combine and inner are single tensor ops, and the parts are
+        # views of it (holding the given tensors as well would keep every task vector twice)
+        self.stacked = stacked
+        self.parts = list(stacked) if stacked is not None else parts
+        # e.g. frozen embeddings: the merge is the base whatever c, and the gradient of c is exactly zero
+        self.is_zero = all(p is None for p in self.parts) or (stacked is not None and not stacked.any())
 
     @classmethod
     def from_dense(cls, stacked: torch.Tensor) -> DeltaStack:
-        return cls(tuple(stacked.shape[1:]), list(stacked))
+        return cls(tuple(stacked.shape[1:]), [], stacked=stacked)
 
     def combine(self, c: torch.Tensor) -> torch.Tensor:
         """sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`; differentiable in `c`."""
         if self.stacked is not None:
             return torch.tensordot(c.to(self.stacked.dtype), self.stacked, dims=1)  # (*shape)
         out = None
+        low_rank = [(ci, p) for ci, p in zip(c, self.parts) if isinstance(p, LowRankDelta)]
+        if low_rank:  # one product [c_1 s_1 B_1, ..., c_K s_K B_K] @ [A_1; ...; A_K] (method.md section 5)
+            B = torch.cat([ci * p.scale * p.B for ci, p in low_rank], dim=1)  # (out, R)
+            out = B @ torch.cat([p.A for _, p in low_rank])  # (out, in)
+            out = out.T if low_rank[0][1].transpose else out  # one layer: all adapters orient it alike
         for ci, part in zip(c, self.parts):
-            if part is None:
+            if part is None or isinstance(part, LowRankDelta):
                 continue
             term = ci * (part if isinstance(part, torch.Tensor) else part.dense())
             out = term if out is None else out + term
-        return out if out is not None else torch.zeros(self.shape, device=c.device) * c.sum()
+        # no source changes it: a 0-dim zero (broadcasts, keeps the base's dtype, stays differentiable in c)
+        return out if out is not None else torch.zeros((), device=c.device) * c.sum()
 
     def inner(self, grad: torch.Tensor) -> torch.Tensor:
         """<grad, tau_i> for every source, `(S,)` float32."""
@@ -277,7 +290,7 @@ class DeltaStack:
         """All task vectors as one `(S, *shape)` tensor (what data-free methods take)."""
         if self.stacked is not None:
             return self.stacked
-        ref = next((p for p in self.parts if isinstance(p, torch.Tensor)), None)
+        ref = next((p.A if isinstance(p, LowRankDelta) else p for p in self.parts if p is not None), None)
         zeros = lambda: torch.zeros(self.shape, dtype=ref.dtype if ref is not None else torch.float32)  # noqa: E731
         return torch.stack([zeros() if p is None else (p if isinstance(p, torch.Tensor) else p.dense())
                             for p in self.parts])

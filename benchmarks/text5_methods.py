@@ -1,0 +1,211 @@
+"""The methods of the text-5 benchmark: one function per method name, run on one `Cell`.
+
+`RUNNERS[name](cell)` merges (through `SuperMergeConfig` / `SuperMerger`, the package's public API) and returns
+an `Outcome`: the test accuracy per task, the merge time, and details (chosen λ, selected step, learned
+coefficients). `run_text5.py` runs the cells; to add a method, add a function here with `@runner(name)` and
+its name to `METHOD_ORDER`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from build_data import HERE
+from finetune_all import FINETUNES
+from multitask import MULTITASK
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from supermerge_hf import SuperMergeConfig, SuperMerger
+from supermerge_hf.demo_tasks import evaluate_accuracy
+
+METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "adamerging", "supermerge",
+                "supermerge_none", "supermerge_block", "individual", "multitask"]  # fmt: skip
+QUICK_METHODS = ["pretrained", "average", "task_arithmetic", "ties", "supermerge", "individual"]
+QUICK = {"tasks": ["bbc", "spam"], "seeds": [0], "test_size": 100, "finetune_steps": 30, "learn_steps": 10}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run computes; a cached cell is reused only when its settings are these."""
+
+    tasks: list[str]
+    seeds: list[int]
+    examples_per_task: int = 32
+    test_size: int | None = None  # None: each task's whole test split
+    finetune_steps: int = 300  # of each individual fine-tune; multitask takes tasks x this
+    learn_steps: int | None = None  # of the learned methods; None: the package default
+    quick: bool = False
+    code: str = ""  # fingerprint of the supermerge_hf sources when the run started ("" to ignore code changes)
+
+    @property
+    def cache(self) -> Path:
+        return HERE / "cache" / "quick" if self.quick else HERE / "cache"
+
+    @property
+    def results(self) -> Path:
+        return HERE / "results" / "quick" if self.quick else HERE / "results"
+
+    def finetune_dir(self, task: str) -> Path:
+        return self.cache / "finetunes" / task if self.quick else FINETUNES / task
+
+    @property
+    def multitask_dir(self) -> Path:
+        return self.cache / "multitask" if self.quick else MULTITASK
+
+
+@dataclass
+class Cell:
+    """Everything one method run may use."""
+
+    settings: Settings
+    seed: int
+    base: Path
+    finetunes: dict[str, Path]
+    labelled: dict[str, list[dict]]  # tokenised, `labels` included: the only labels a method may read
+    test: dict[str, list[dict]]  # tokenised test examples (tensors), for evaluation only
+    test_text: dict[str, list[dict]]  # the same, as {"text", "label"}, for models evaluated as plain HF models
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.settings.tasks
+
+
+@dataclass
+class Outcome:
+    per_task: dict[str, float]  # test accuracy
+    merge_seconds: float
+    details: dict = field(default_factory=dict)  # chosen hyperparameters, selected step, ...
+
+
+RUNNERS: dict[str, Callable[[Cell], Outcome]] = {}
+USES_EXAMPLES: dict[str, bool] = {}
+
+
+def runner(name: str, *, uses_examples: bool = True):
+    """Register the function that runs method `name` on a cell."""
+
+    def register(fn: Callable[[Cell], Outcome]) -> Callable[[Cell], Outcome]:
+        RUNNERS[name], USES_EXAMPLES[name] = fn, uses_examples
+        return fn
+
+    return register
+
+
+# ---- the methods --------------------------------------------------------------------------------------------
+
+
+def make_config(cell: Cell, **overrides) -> SuperMergeConfig:
+    learn_steps = cell.settings.learn_steps
+    steps = {"steps": learn_steps, "eval_every": max(1, learn_steps // 2)} if learn_steps else {}
+    return SuperMergeConfig(
+        base=str(cell.base),
+        sources=[{"task": t, "path": str(p)} for t, p in cell.finetunes.items()],
+        examples_per_task=cell.settings.examples_per_task,
+        seed=cell.seed,
+        **steps,
+        **overrides,
+    )
+
+
+def test_accuracy(merger: SuperMerger, merged: dict[str, torch.Tensor], cell: Cell, tasks=None) -> dict[str, float]:
+    fm = merger.functional
+    merged = {n: t.to(fm.device) for n, t in merged.items()}
+    return {t: fm.evaluate(merged, t, cell.test[t])["accuracy"] for t in tasks or cell.tasks}
+
+
+def merge_and_evaluate(cell: Cell, **overrides) -> Outcome:
+    """Merge with `SuperMerger` (fit on the cell's labelled examples) and evaluate every task's test split."""
+    start = time.perf_counter()
+    merger = SuperMerger(make_config(cell, **overrides))
+    merger.fit(cell.labelled)
+    seconds = time.perf_counter() - start
+    details = {"chosen": merger.chosen, "grid_scores": merger.grid_scores, "selected_step": merger.selected_step,
+               "history": merger.history}  # fmt: skip
+    if merger.coefficients is not None:
+        details["coefficients"] = {"tasks": merger.coefficients.tasks, "groups": merger.coefficients.groups,
+                                   "values": merger.coefficients.values.tolist()}  # fmt: skip
+    return Outcome(test_accuracy(merger, merger.merged_tensors, cell), seconds, details)
+
+
+def fixed_coefficients(cell: Cell, coefficients: Callable[[int, int, int], torch.Tensor], tasks=None) -> dict:
+    """Test accuracy per task of the merge with the given coefficients `(S, G)` (computed per task index)."""
+    merger = SuperMerger(make_config(cell))
+    shape = (len(cell.tasks), len(merger.plan.groups))
+    return {t: test_accuracy(merger, merger.functional.merged_params(coefficients(i, *shape)), cell, [t])[t]
+            for i, t in enumerate(tasks or cell.tasks)}  # fmt: skip
+
+
+@runner("pretrained", uses_examples=False)
+def run_pretrained(cell: Cell) -> Outcome:
+    # The base body with each task's own (fine-tuned) head: every coefficient 0.
+    return Outcome(fixed_coefficients(cell, lambda i, s, g: torch.zeros(s, g)), 0.0)
+
+
+@runner("individual", uses_examples=False)
+def run_individual(cell: Cell) -> Outcome:
+    # Each fine-tune on its own task: coefficients one-hot on that task's row.
+    def one_hot(i: int, s: int, g: int) -> torch.Tensor:
+        c = torch.zeros(s, g)
+        c[i] = 1.0
+        return c
+
+    return Outcome(fixed_coefficients(cell, one_hot), 0.0)
+
+
+@runner("average", uses_examples=False)
+def run_average(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="average")
+
+
+@runner("task_arithmetic")
+def run_task_arithmetic(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="task_arithmetic", method_kwargs={"lam": "auto"})
+
+
+@runner("ties")
+def run_ties(cell: Cell) -> Outcome:
+    # Trimmed over each whole task vector, as the TIES paper (and fusion-bench); λ from the grid.
+    return merge_and_evaluate(cell, method="ties", method_kwargs={"lam": "auto", "density": 0.2, "trim_scope": "task"})
+
+
+@runner("dare_ties")
+def run_dare_ties(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="dare_ties", method_kwargs={"lam": "auto", "density": 0.5})
+
+
+@runner("adamerging")
+def run_adamerging(cell: Cell) -> Outcome:
+    # Per-tensor ("layer-wise") coefficients, entropy of the predictions on the examples (labels unused).
+    return merge_and_evaluate(cell, method="adamerging", granularity="tensor")
+
+
+@runner("supermerge")
+def run_supermerge(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="supermerge", granularity="tensor", transform="tanh")
+
+
+@runner("supermerge_none")
+def run_supermerge_none(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="supermerge", granularity="tensor", transform="none")
+
+
+@runner("supermerge_block")
+def run_supermerge_block(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="supermerge", granularity="block", transform="tanh")
+
+
+@runner("multitask", uses_examples=False)
+def run_multitask(cell: Cell) -> Outcome:
+    # One body with one head per task (benchmarks/multitask.py, trained before the cells): a plain HF model.
+    folder = cell.settings.multitask_dir
+    recipe = json.loads((folder / "multitask.json").read_text())
+    accuracy = {}
+    for task in cell.tasks:
+        model = AutoModelForSequenceClassification.from_pretrained(folder / task, dtype=torch.float32)
+        accuracy[task] = evaluate_accuracy(model, AutoTokenizer.from_pretrained(folder / task), cell.test_text[task])
+    return Outcome(accuracy, recipe["train_seconds"], {"recipe": recipe, "merge_seconds": "training time"})
