@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples-per-task", type=int, default=32, help="Labelled examples per task (default 32).")
     demo.add_argument("--test-size", type=int, help="Evaluate on at most this many test examples per task.")
     demo.add_argument("--seed", type=int, default=0, help="Seed of the 32-example draw and of learning.")
+    demo.add_argument("--lora", action="store_true", help="Use PEFT LoRA fine-tunes (r=8, cached as "
+                      "minilm-lora-<task>) and also write the combined adapter of the base body to OUTPUT/adapter.")
     demo.set_defaults(func=run_demo)
 
     methods = sub.add_parser("methods", help="List the merge methods.")

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .config import SuperMergeConfig
-from .demo_tasks import finetune_classifier, load_task, minilm_path, tokenize_examples
+from .demo_tasks import finetune_classifier, finetune_lora_classifier, load_task, minilm_path, tokenize_examples
 from .examples import as_examples
 from .merger import SuperMerger
 from .objectives import FunctionalMerge
@@ -54,13 +54,19 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Fine-tune (cached), merge, evaluate, print the accuracy table; optionally save the merge."""
     start = time.perf_counter()
     cache = Path(args.cache_dir or Path.home() / ".cache" / "supermerge_hf" / "demo").expanduser()
+    lora = args.lora
     output = Path(args.output) / "merged" if args.output else None
-    if output is not None and output.is_dir() and any(output.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{str(output)!r} already holds files: pass --overwrite or another --output.")
+    adapter = Path(args.output) / "adapter" if args.output and lora else None
+    for folder in (output, adapter):
+        if folder is not None and folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+            raise FileExistsError(f"{str(folder)!r} already holds files: pass --overwrite or another --output.")
     base = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = {t: load_task(t) for t in args.tasks}
-    finetunes = {t: finetune_classifier(base, data[t], cache / f"minilm-{t}") for t in args.tasks}
+    if lora:  # PEFT LoRA adapters (r=8, the classifier in modules_to_save), merged in LoRA space
+        finetunes = {t: finetune_lora_classifier(base, data[t], cache / f"minilm-lora-{t}") for t in args.tasks}
+    else:
+        finetunes = {t: finetune_classifier(base, data[t], cache / f"minilm-{t}") for t in args.tasks}
     logger.info("Fine-tunes ready after %.0f s: %s", time.perf_counter() - start, finetunes)
 
     rng = random.Random(args.seed)
@@ -89,7 +95,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     learn_seconds = time.perf_counter() - learn_start
     rows["supermerge"] = accuracies(fm, merger.coefficients.values, test, "supermerge")
 
-    print(f"\nTest accuracy ({', '.join(f'{t}: {len(test[t])}' for t in args.tasks)} examples; "
+    print(f"\nTest accuracy{' of LoRA fine-tunes' if lora else ''} "
+          f"({', '.join(f'{t}: {len(test[t])}' for t in args.tasks)} examples; "
           f"{args.examples_per_task} labelled examples per task for merging)\n")
     print(format_table(rows, args.tasks))
     print(f"\nSuperMerge learned {shape[0]} x {shape[1]} coefficients in {learn_seconds:.0f} s "
@@ -98,4 +105,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         merger.save_pretrained(output, overwrite=args.overwrite)
         print(f"\nMerged body: {output} (AutoModel.from_pretrained). Each task's complete classifier: "
               f"supermerge_hf.load_task_model({str(output)!r}, {args.tasks[0]!r}).")
+    if adapter is not None:
+        merger.save_adapter(adapter, overwrite=args.overwrite)
+        print(f"Combined LoRA adapter of the base body: {adapter} "
+              f"(PeftModel.from_pretrained(AutoModel.from_pretrained(base), {str(adapter)!r})).")
     return rows

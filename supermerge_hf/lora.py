@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import Checkpoint
 from .task_vectors import IncompatibleSourceError, LowRankDelta, ModelSpec, _canonical
@@ -32,6 +34,14 @@ TASK_CLASSES = {  # PEFT task_type -> the Auto class whose model the adapter was
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
 HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight", "qa_outputs.weight")
+FACTOR_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}  # A -> B
+NOT_LOW_RANK = {  # LoraConfig fields that, when set, make the task vector something other than s * B @ A
+    "use_dora": "DoRA", "lora_bias": "lora_bias (a trained bias in lora_B)", "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow routing", "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "layer_replication": "layer_replication", "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_token_indices",
+}
 
 
 def is_adapter(folder: str | Path) -> bool:
@@ -73,10 +83,12 @@ class LoraSpec:
                 "base with PEFT (`PeftModel.from_pretrained(model, dir).merge_and_unload().save_pretrained(out)`) "
                 "and give that folder as the source."
             )
-        if cfg.get("use_dora") or cfg.get("bias", "none") != "none":
-            kind = "DoRA" if cfg.get("use_dora") else f"bias={cfg.get('bias')!r}"
+        kinds = [label for key, label in NOT_LOW_RANK.items() if cfg.get(key)]
+        kinds += [f"bias={cfg['bias']!r}"] if cfg.get("bias", "none") != "none" else []
+        if kinds:
             raise IncompatibleSourceError(
-                f"{where} uses {kind}: its task vector is not s * B @ A, so it cannot be merged in LoRA space. "
+                f"{where} uses {', '.join(kinds)}: its task vector is not s * B @ A, so it cannot be merged in LoRA "
+                "space. "
                 "Densify it with PEFT (`PeftModel.from_pretrained(model, dir).merge_and_unload()`, then "
                 "`save_pretrained`) and give that full checkpoint as the source."
             )
@@ -95,19 +107,33 @@ class LoraSpec:
         prefix = meta.base_model_prefix
         self.param_names = {_canonical(n, prefix): n for n, _ in meta.named_parameters()}
         self.shapes = {_canonical(n, prefix): tuple(p.shape) for n, p in meta.named_parameters()}
-        self.factors: dict[str, tuple[str, str, float]] = {}  # weight -> (A key, B key, scale)
+        self.factors: dict[str, tuple[str, str, float, bool]] = {}  # weight -> (A key, B key, scale, transposed)
         self.saved: dict[str, str] = {}  # modules_to_save tensors: canonical name -> key
         for name, key in keys.items():
-            if name.endswith(".lora_A.weight"):
-                module = name.removesuffix(".lora_A.weight")
+            suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
+            if suffix is not None:
+                module = name.removesuffix(suffix)
                 weight = _canonical(module, prefix) + ".weight"
                 r = self.checkpoint.shape(key)[0]
                 alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
                 scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-                self.factors[weight] = (key, keys[module + ".lora_B.weight"], scale)
+                transposed = self._transposed(meta, module)
+                self.factors[weight] = (key, keys[module + FACTOR_SUFFIXES[suffix]], scale, transposed)
                 self._check_shape(weight, r)
-            elif ".lora_" not in name:
+            elif ".lora_" in name:  # B factors are read with their A; anything else is not s * B @ A
+                if not name.endswith(tuple(FACTOR_SUFFIXES.values())):
+                    raise IncompatibleSourceError(
+                        f"{where} holds {key!r}, which is not a LoRA factor: its task vector is not s * B @ A. "
+                        "Densify it with PEFT (`merge_and_unload()`, then `save_pretrained`) and give that folder."
+                    )
+            else:
                 self.saved[_canonical(name, prefix)] = key
+        unknown = [self.saved[n] for n in self.saved if n not in self.shapes]
+        if unknown:
+            raise IncompatibleSourceError(
+                f"{where} holds tensors its {self.cls.__name__} does not have: {unknown[:5]}. The adapter was "
+                "trained on another architecture, or uses a PEFT feature that is not read here."
+            )
         missing = [n for n in self.shapes if n not in base.shapes and n not in self.saved]
         if missing:
             raise IncompatibleSourceError(
@@ -115,10 +141,31 @@ class LoraSpec:
                 "Save the head with the adapter (`modules_to_save`)."
             )
 
+    def _transposed(self, meta: nn.Module, module: str) -> bool:
+        """Whether PEFT stores this layer's delta transposed: Conv1D (`fan_in_fan_out`) and Embedding layers.
+
+        Decided by the layer's type, as PEFT does: the saved `fan_in_fan_out` flag is the last layer's only.
+        """
+        try:
+            layer = meta.get_submodule(module)
+        except AttributeError:
+            raise IncompatibleSourceError(
+                f"Adapter {str(self.folder)!r} has LoRA factors for {module!r}, a module its {self.cls.__name__} "
+                "does not have. The adapter was trained on another architecture."
+            ) from None
+        if isinstance(layer, (Conv1D, nn.Embedding)):
+            return True
+        if isinstance(layer, nn.Linear):
+            return False
+        raise IncompatibleSourceError(
+            f"Adapter {str(self.folder)!r} has LoRA on {module!r}, a {type(layer).__name__}; only Linear, Conv1D and "
+            "Embedding layers are read. Densify it with PEFT (`merge_and_unload()`) and give that folder."
+        )
+
     def _check_shape(self, weight: str, r: int) -> None:
-        a_key, b_key, _ = self.factors[weight]
+        a_key, b_key, _, transposed = self.factors[weight]
         out_dim, in_dim = self.checkpoint.shape(b_key)[0], self.checkpoint.shape(a_key)[1]
-        shape = (in_dim, out_dim) if self.adapter_config.get("fan_in_fan_out") else (out_dim, in_dim)
+        shape = (in_dim, out_dim) if transposed else (out_dim, in_dim)
         if weight not in self.shapes or self.shapes[weight] != shape:
             raise IncompatibleSourceError(
                 f"Adapter {str(self.folder)!r}: LoRA factors of {weight!r} (rank {r}) give shape {shape}, but the "
@@ -147,9 +194,8 @@ class LoraSpec:
     def delta(self, canonical: str, base: torch.Tensor) -> torch.Tensor | LowRankDelta | None:
         """Low-rank for LoRA-targeted weights, dense for saved modules of the base, None elsewhere."""
         if canonical in self.factors:
-            a_key, b_key, scale = self.factors[canonical]
-            return LowRankDelta(self.checkpoint.get_tensor(a_key), self.checkpoint.get_tensor(b_key), scale,
-                                bool(self.adapter_config.get("fan_in_fan_out")))
+            a_key, b_key, scale, transposed = self.factors[canonical]
+            return LowRankDelta(self.checkpoint.get_tensor(a_key), self.checkpoint.get_tensor(b_key), scale, transposed)
         if canonical in self.saved:
             return self.get_tensor(canonical).to(dtype=base.dtype, device=base.device) - base
         return None
@@ -166,10 +212,17 @@ def combined_factors(merger, rank: int | None = None) -> tuple[dict[str, tuple[t
         `(factors, report)`, `report[weight] = {"rank": R, "relative_error": e}`.
 
     Raises:
-        `ValueError`: Nothing learned yet, or a merged tensor has a dense task vector (not all sources LoRA).
+        `ValueError`: No coefficients (nothing learned yet, or a data-free method other than a weighted sum), a
+            merged tensor has a dense task vector (not all sources LoRA), or `rank` is not positive.
     """
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank={rank!r}: the compressed adapter's rank must be a positive integer (or None).")
     if merger.coefficients is None:
-        raise ValueError("A combined adapter needs learned coefficients: call `fit(examples)` first.")
+        raise ValueError(
+            f"A combined adapter is sum_i c_i s_i B_i A_i with learned coefficients c; this merge "
+            f"({merger.config.method!r}) has none. Call `fit(examples)` with a learned method first, or save the "
+            "dense merge with `save_pretrained`."
+        )
     plan, fm = merger.plan, merger.functional
     c = merger.coefficients.values.to(fm.device)  # (S, G)
     factors, report = {}, {}
@@ -225,8 +278,12 @@ def save_combined_adapter(merger, save_directory: str | Path, *, rank: int | Non
     with torch.no_grad():
         for module, (A, B) in modules.items():
             layer = model.base_model.model.get_submodule(module)
-            layer.lora_A["default"].weight.copy_(A)
-            layer.lora_B["default"].weight.copy_(B)
+            if "default" in layer.lora_embedding_A:  # Embedding layers keep bare parameters
+                layer.lora_embedding_A["default"].copy_(A)
+                layer.lora_embedding_B["default"].copy_(B)
+            else:
+                layer.lora_A["default"].weight.copy_(A)
+                layer.lora_B["default"].weight.copy_(B)
     with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         (tmp / "supermerge_adapter.json").write_text(json.dumps(
