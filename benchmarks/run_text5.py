@@ -45,7 +45,8 @@ from text5_methods import METHOD_ORDER, QUICK, QUICK_METHODS, RUNNERS, USES_EXAM
 from transformers import AutoTokenizer
 
 import supermerge_hf
-from supermerge_hf.demo_tasks import TaskData, finetune_classifier, minilm_path, tokenize_examples
+from supermerge_hf.demo_tasks import TaskData, minilm_path, tokenize_examples
+from supermerge_hf.finetune import finetune_classifier
 from supermerge_hf.examples import as_examples
 
 logger = logging.getLogger("run_text5")

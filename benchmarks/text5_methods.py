@@ -21,7 +21,7 @@ from multitask import MULTITASK
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
-from supermerge_hf.demo_tasks import evaluate_accuracy
+from supermerge_hf.finetune import evaluate_accuracy
 
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "adamerging", "supermerge",
                 "supermerge_none", "supermerge_block", "individual", "multitask"]  # fmt: skip

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from .config import SuperMergeConfig
-from .demo_tasks import finetune_classifier, finetune_lora_classifier, load_task, minilm_path, tokenize_examples
+from .demo_tasks import load_task, minilm_path, tokenize_examples
+from .finetune import finetune_classifier, finetune_lora_classifier
 from .examples import as_examples
 from .merger import SuperMerger
 from .objectives import FunctionalMerge

@@ -9,16 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
-from supermerge_hf import demo_tasks
-from supermerge_hf.demo_tasks import (
-    POOL_SIZE,
-    TASKS,
-    TaskData,
-    evaluate_accuracy,
-    finetune_classifier,
-    load_task,
-    tokenize_examples,
-)
+from supermerge_hf import demo_tasks, finetune
+from supermerge_hf.demo_tasks import POOL_SIZE, TASKS, TaskData, load_task, tokenize_examples
+from supermerge_hf.finetune import evaluate_accuracy, finetune_classifier
 
 
 def _installed(module: str) -> bool:
@@ -264,7 +257,7 @@ def test_finetune_freezes_embeddings_and_caches(tiny_base, toy_task, tmp_path, m
                            base["encoder.layer.0.attention.self.query.weight"])  # fmt: skip
 
     mtime = (output_dir / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(demo_tasks.AutoModelForSequenceClassification, "from_pretrained", None)  # would fail
+    monkeypatch.setattr(finetune.AutoModelForSequenceClassification, "from_pretrained", None)  # would fail
     assert finetune_classifier(tiny_base, toy_task, output_dir, steps=2, batch_size=4) == output_dir
     assert (output_dir / "model.safetensors").stat().st_mtime_ns == mtime
 

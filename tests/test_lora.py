@@ -21,7 +21,8 @@ from transformers import (
 
 from supermerge_hf import SuperMergeConfig, SuperMerger, load_task_model
 from supermerge_hf.cli import main
-from supermerge_hf.demo_tasks import TaskData, finetune_lora_classifier
+from supermerge_hf.demo_tasks import TaskData
+from supermerge_hf.finetune import finetune_lora_classifier
 from supermerge_hf.examples import as_examples
 from supermerge_hf.lora import LoraSpec, combined_factors
 from supermerge_hf.methods import task_arithmetic, ties
