@@ -91,7 +91,7 @@ def run_merge(args: argparse.Namespace) -> None:
     if args.adapter_output or args.adapter_rank is not None:
         check_adapter_output(merger, args.adapter_output, args.adapter_rank)
     examples = {}
-    if merger.method.kind != "data_free":
+    if merger.needs_examples:
         tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
         for task in config.tasks:
             spec = dict(data[task])

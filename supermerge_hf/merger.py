@@ -105,6 +105,11 @@ class SuperMerger:
         return self._functional
 
     @property
+    def needs_examples(self) -> bool:
+        """Learned methods, and data-free ones with an `auto` hyperparameter, read examples."""
+        return self.method.kind == "learned" or "auto" in self.config.method_kwargs.values()
+
+    @property
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.config.dtype)
 
@@ -138,8 +143,7 @@ class SuperMerger:
         if self.config.output_dir:
             check_output_dir(self.config.output_dir, overwrite=self.config.overwrite_output_dir)
         entropy = self.method.name in ENTROPY_METHODS
-        needs_examples = self.method.kind == "learned" or "auto" in self.config.method_kwargs.values()
-        data = self._prepare_examples(examples or {}, require_labels=not entropy) if needs_examples else None
+        data = self._prepare_examples(examples or {}, require_labels=not entropy) if self.needs_examples else None
         if self.method.kind == "data_free":
             merged, self.chosen, self.grid_scores = merge_data_free(
                 self.functional, self.method, self.config.method_kwargs, seed=self.config.seed, examples=data

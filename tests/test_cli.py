@@ -133,3 +133,14 @@ def test_merge_refuses_a_run_that_cannot_fit(bert_family, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "A flat merge needs about" in err and "more than --max-memory 10 MB" in err and "streaming" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["ties", "adamerging"])
+def test_other_methods_from_the_cli(method, bert_family, tmp_path):
+    extra = {"method": method, "output_dir": str(tmp_path / "out")}
+    if method == "ties":
+        extra["method_kwargs"] = {"density": 0.5, "lam": "auto"}
+    recipe = write_recipe(bert_family, tmp_path, **extra)
+    assert main(["merge", str(recipe)]) == 0
+    assert SuperMergeConfig.from_pretrained(tmp_path / "out").method == method
+    assert AutoModel.from_pretrained(tmp_path / "out")(torch.tensor([[2, 5, 6, 3]])).last_hidden_state.shape == (1, 4, 32)

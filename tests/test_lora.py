@@ -27,6 +27,7 @@ from supermerge_hf.examples import as_examples
 from supermerge_hf.lora import LoraSpec, combined_factors
 from supermerge_hf.methods import task_arithmetic, ties
 from supermerge_hf.task_vectors import IncompatibleSourceError, ModelSpec
+from tests.hub_server import hub_server_fixture  # noqa: F401  (fixture `hub_server`)
 
 from .conftest import BERT_CONFIG, classification_examples, family_examples, write_text_examples
 
@@ -358,3 +359,19 @@ def test_finetune_lora_classifier_gives_a_cached_adapter_source(bert_family, tmp
     mtime = (out / "adapter_model.safetensors").stat().st_mtime_ns
     assert finetune_lora_classifier(bert_family.base, task, out, steps=2, batch_size=4, r=2, lora_alpha=4) == out
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_push_combined_adapter_to_hub(hub_server, bert_family, bert_adapters, tmp_path):
+    """The combined adapter goes to the Hub test double and loads back with PeftModel from the pulled folder."""
+    from supermerge_hf.hub import resolve
+
+    merger = SuperMerger(config(bert_family.base, bert_adapters), token="hf_adapter_token", endpoint=hub_server.url)
+    merger.fit(bert_examples())
+    oid = merger.push_adapter_to_hub("user/combined-adapter", token="hf_adapter_token")
+    pulled = resolve("user/combined-adapter", revision=oid, token=False, endpoint=hub_server.url).path
+    merged_dir = Path(merger.save_pretrained(str(tmp_path / "merged")))
+    x = torch.randint(1, 64, (2, 6))
+    with torch.no_grad():
+        via_adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(bert_family.base), pulled).eval()(x)
+        dense = AutoModel.from_pretrained(merged_dir).eval()(x)
+    assert relative_error(via_adapter.last_hidden_state, dense.last_hidden_state) < 1e-5
