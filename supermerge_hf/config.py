@@ -63,8 +63,8 @@ class SuperMergeConfig:
         transform (`str`, defaults to `"tanh"`): Coefficient transform c(w): `tanh` or `none` (identity).
         init_coefficient (`float`, defaults to 0.3): c(w) at the start of learning, for every entry, when
             `init_from_task_arithmetic` is off (and always for AdaMerging).
-        init_from_task_arithmetic (`bool`, defaults to `True`): Start from the task-arithmetic λ (grid 0.1 ... 1.0)
-            with the lowest training loss, so the hold-out selection never ends below task arithmetic.
+        init_from_task_arithmetic (`bool`, defaults to `False`): Start from the task-arithmetic λ (grid 0.1 ... 1.0)
+            with the lowest training loss (the hold-out selection then keeps that start as a candidate).
         learning_rate (`float`): Adam learning rate on w.
         steps (`int`): Number of optimisation steps; each visits one batch of every task.
         examples_per_task (`int`, defaults to 32): Labelled examples used per task (the first ones given).
@@ -98,7 +98,7 @@ class SuperMergeConfig:
     granularity: Granularity = "tensor"
     transform: Transform = "tanh"
     init_coefficient: float = 0.3
-    init_from_task_arithmetic: bool = True
+    init_from_task_arithmetic: bool = False
     learning_rate: float = 0.05
     steps: int = 100
     examples_per_task: int = 32
