@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 HEATMAP_NAME = "coefficients.png"
 MAX_TABLE_GROUPS = 40  # above this the full table is only in coefficients.json
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # "encoder.layer.3.attention..." -> "encoder.layer.3"
-_ATOMIC = re.compile(r"^\.(.+)\.tmp-[^.]+$")  # outputs.atomic_output_dir writes into ".NAME.tmp-XXXX" first
+_ATOMIC = re.compile(r"^\.(.+)\.tmp-[^.]+$")  # outputs.atomic_output_dir writes into ".NAME.tmp-<random>" first
 
 
 def _source_cell(path: str, repo_id: str | None) -> str:
