@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Bytes: run each child with MALLOC_MMAP_THRESHOLD_ set (glibc allocator diagnostic).")
     parser.add_argument("--fresh", action="store_true", help="Start the results file anew (default: replace "
                         "only the rows of the modes and K run now).")
+    parser.add_argument("--resume", action="store_true", help="Skip the runs already in the results file.")
     parser.add_argument("--cleanup", action="store_true", help="Delete the checkpoints at the end.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -332,9 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     base = args.workdir / "base"
     sources = [args.workdir / f"finetune{i}" for i in range(max(args.ks))]
     rows, skipped = [], []
+    done = set()
+    if args.resume and args.output.is_file():  # the runs already in the results (e.g. after an interruption)
+        section = json.loads(args.output.read_text())
+        section = section.get("allocator_diagnostic", {}) if args.mmap_threshold else section
+        done = {(r["mode"], r["num_sources"]) for r in section.get("scaling", []) + section.get("skipped", [])}
     try:
         for k in args.ks:
             for mode in args.modes:
+                if (mode, k) in done:
+                    continue
                 print(f"Run: {mode}, K={k}", flush=True)
                 spec = {"mode": mode, "num_sources": k, "base": str(base), "sources": [str(s) for s in sources],
                         "trace": args.trace, "threads": args.threads, "rss_limit_mb": args.rss_limit,

@@ -1,4 +1,4 @@
-"""The learned coefficients: the transform c(w), the merged tensor, its exact cheap gradient, and the table."""
+"""The learned coefficients: the transform c(w), the module Accelerate trains, and the table."""
 
 from __future__ import annotations
 
@@ -19,24 +19,6 @@ def transform(w: torch.Tensor, kind: str) -> torch.Tensor:
 
 def inverse_transform(c: float, kind: str) -> float:
     return float(torch.atanh(torch.tensor(c))) if kind == "tanh" else float(c)
-
-
-def coefficient_grad(grads: dict[str, torch.Tensor], deltas: dict, group_index: dict[str, int],
-                     num_groups: int) -> torch.Tensor:
-    """dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij>  (method.md section 3); chain with c'(w) for dL/dw.
-
-    Args:
-        grads: `name -> (*shape)` gradient of the loss wrt the merged tensor. deltas: `name -> DeltaStack`.
-
-    Returns:
-        `(S, G)` float32.
-    """
-    num_sources = len(next(iter(deltas.values())).parts)
-    device = next(iter(grads.values())).device if grads else "cpu"
-    out = torch.zeros(num_sources, num_groups, dtype=torch.float32, device=device)  # (S, G)
-    for name, grad in grads.items():
-        out[:, group_index[name]] += deltas[name].inner(grad)  # (S,)
-    return out
 
 
 class CoefficientModule(nn.Module):

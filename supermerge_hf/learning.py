@@ -94,8 +94,10 @@ def learn(merger: SuperMerger, data: dict[str, list[Example]], objective: str) -
     merger.selected_step = best_step
     merger.final_coefficients = merger._table(final_w)
     logger.info("Selected step %d of %d (hold-out score %s)", best_step, cfg.steps, best_score)
+    examples = {t: s[1] or s[0] for t, s in splits.items()}
+    finetunes = finetune_metrics(merger, fm, examples)  # before the final merge: one merged copy at a time
     merger.apply_coefficients(transform(best_w, kind), raw=best_w)
-    merger.metrics = before_after(merger, fm, {t: s[1] or s[0] for t, s in splits.items()}, has_holdout)
+    merger.metrics = before_after(merger, fm, examples, finetunes, has_holdout)
 
 
 def task_arithmetic_init(merger: SuperMerger, fm: FunctionalMerge, splits) -> float:
@@ -108,17 +110,23 @@ def task_arithmetic_init(merger: SuperMerger, fm: FunctionalMerge, splits) -> fl
     return min(lam, 0.95) if merger._kind == "tanh" else lam
 
 
-def before_after(merger: SuperMerger, fm: FunctionalMerge, examples: dict[str, list[Example]], holdout: bool) -> dict:
-    """Per task: each fine-tune's metrics and the merge's, on the hold-out examples (or the training ones)."""
-    merged = {n: t.to(fm.device) for n, t in merger.merged_tensors.items()}
+def finetune_metrics(merger: SuperMerger, fm: FunctionalMerge, examples: dict[str, list[Example]]) -> dict:
+    """Each task's own fine-tune (one-hot coefficients) on its examples."""
     out = {}
     for task in merger.plan.tasks:
         one_hot = torch.zeros(merger.plan.num_sources, len(merger.plan.groups), device=fm.device)
         one_hot[merger.plan.task_source[task]] = 1.0
-        out[task] = {"examples": "holdout" if holdout else "train", "count": len(examples[task]),
-                     "finetune": fm.evaluate(fm.merged_params(one_hot), task, examples[task]),
-                     "merged": fm.evaluate(merged, task, examples[task])}
+        out[task] = fm.evaluate(fm.merged_params(one_hot), task, examples[task])
     return out
+
+
+def before_after(merger: SuperMerger, fm: FunctionalMerge, examples: dict[str, list[Example]], finetunes: dict,
+                 holdout: bool) -> dict:
+    """Per task: its fine-tune's metrics and the merge's, on the hold-out examples (or the training ones)."""
+    merged = {n: t.to(fm.device) for n, t in merger.merged_tensors.items()}
+    return {task: {"examples": "holdout" if holdout else "train", "count": len(examples[task]),
+                   "finetune": finetunes[task], "merged": fm.evaluate(merged, task, examples[task])}
+            for task in merger.plan.tasks}  # fmt: skip
 
 
 def loss_scale(merger: SuperMerger, fm: FunctionalMerge, train: dict[str, list[Example]]) -> dict[str, float]:

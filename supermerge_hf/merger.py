@@ -204,7 +204,7 @@ class SuperMerger:
         kind = self._kind
         raw = raw if raw is not None else (torch.atanh(values) if kind == "tanh" else values)
         self.coefficients = Coefficients(self.plan.source_names, self.plan.groups, values.cpu(), raw.cpu(), kind)
-        self.merged_tensors = {n: t.cpu() for n, t in fm.merged_params(values).items()}
+        self.merged_tensors = {n: t.cpu() for n, t in fm.dense_merge(values).items()}
 
     # ------------------------------------------------------------------ outputs
     def merge_and_unload(self) -> PreTrainedModel:

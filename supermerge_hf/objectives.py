@@ -6,15 +6,53 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .coefficients import coefficient_grad
+from transformers.pytorch_utils import Conv1D
+
 from .examples import Example, collate
-from .task_vectors import DeltaStack, MergePlan, ModelSpec, load_task_specific, load_task_vectors
+from .task_vectors import (
+    DeltaStack,
+    LowRankDelta,
+    MergePlan,
+    ModelSpec,
+    StreamedDelta,
+    load_task_specific,
+    load_task_vectors,
+)
 
 EVAL_BATCH = 32
 Objective = Literal["supervised", "entropy"]
+
+
+class Merged(dict):
+    """Merged tensors `name -> tensor` for `FunctionalMerge.forward`.
+
+    With `lowrank_c` set (the coefficients `(S, G)`), the LoRA-targeted layers hold only their base weight plus
+    any dense part, and each layer adds sum_i c_i s_i B_i (A_i x) to its output during the forward (method.md
+    section 5): no dense delta of those layers is formed. A plain mapping (e.g. a saved merge) is used as is.
+    """
+
+    lowrank_c: torch.Tensor | None = None
+
+
+class LowRankLayer:
+    """The LoRA factors of one weight, all sources side by side: y += ((x A^T) * (c s per rank)) B^T."""
+
+    def __init__(self, parts: list[tuple[int, LowRankDelta]], group: int) -> None:
+        self.group = group
+        self.A = torch.cat([p.A for _, p in parts])  # (R, in), R = sum of the ranks
+        self.B = torch.cat([p.B for _, p in parts], dim=1)  # (out, R)
+        self.source = torch.tensor([i for i, p in parts for _ in range(p.A.shape[0])], device=self.A.device)  # (R,)
+        self.scale = torch.tensor([p.scale for _, p in parts for _ in range(p.A.shape[0])], device=self.A.device)
+
+    def __call__(self, module: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The summed low-rank update of the layer's output for input `x`; differentiable in `c` `(S, G)`."""
+        weight = (c[self.source, self.group] * self.scale).to(self.A.dtype)  # (R,)
+        hidden = F.embedding(x, self.A.T) if isinstance(module, nn.Embedding) else x @ self.A.T  # (..., R)
+        return (hidden * weight) @ self.B.T  # (..., out)
 
 
 def skeleton(spec: ModelSpec, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
@@ -52,25 +90,88 @@ class FunctionalMerge:
         delta_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         streaming: bool = False,
     ) -> None:
-        self.plan, self.device = plan, device
+        self.plan, self.device, self.streaming = plan, device, streaming
         self.base, self.deltas = load_task_vectors(plan, dtype=dtype, device=device, streaming=streaming)
         if delta_transform is not None:  # e.g. TIES trimming for AdaMerging++
             self.deltas = {n: DeltaStack.from_dense(delta_transform(d.dense())) for n, d in self.deltas.items()}
         self.models = {t: skeleton(s, device, dtype) for t, s in plan.task_specs.items()}
         self.heads = {t: load_task_specific(plan, t, dtype=dtype, device=device) for t in plan.tasks}
         self.pad_id = plan.base.config.pad_token_id or 0
+        self._lowrank_c: torch.Tensor | None = None  # set during a forward of a `Merged` with LoRA layers
+        self.lowrank = self._hook_lowrank_layers()
+        # what merged_params forms densely: every task vector, except the LoRA ones the hooks apply
+        self.dense_deltas = {n: DeltaStack(d.shape, [None if n in self.lowrank and isinstance(p, LowRankDelta) else p
+                                                     for p in d.parts]) if n in self.lowrank else d
+                             for n, d in self.deltas.items()}  # fmt: skip
 
-    def merged_params(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Merged tensors for coefficients `c` `(S, G)` (already transformed); differentiable in `c`."""
-        return {n: self.base[n] if self.deltas[n].is_zero else self.base[n] + self.deltas[n].combine(c[:, self.plan.group_index[n]])
-                for n in self.plan.merged}
+    def _hook_lowrank_layers(self) -> dict[str, LowRankLayer]:
+        """A forward hook on each LoRA-targeted Linear / Conv1D / Embedding of every task's skeleton.
+
+        A weight tied to another module (e.g. GPT-2's embedding and LM head) stays dense: the hook would miss
+        the other use.
+        """
+        layers = {}
+        for name in self.plan.merged:
+            parts = [(i, p) for i, p in enumerate(self.deltas[name].parts) if isinstance(p, LowRankDelta)]
+            modules = [self._owner(task, name) for task in self.plan.tasks] if parts else [None]
+            if all(m is not None for m in modules):
+                layers[name] = LowRankLayer(parts, self.plan.group_index[name])
+                for module in modules:
+                    module.register_forward_hook(self._lowrank_hook(layers[name]))
+        return layers
+
+    def _owner(self, task: str, name: str) -> nn.Module | None:
+        """The one Linear / Conv1D / Embedding whose `weight` is tensor `name` in the task's skeleton, if any."""
+        param = self.plan.task_specs[task].param_names.get(name)
+        if param is None or not param.endswith(".weight"):
+            return None
+        model = self.models[task]
+        module = model.get_submodule(param.rsplit(".", 1)[0]) if "." in param else model
+        users = [m for m in model.modules() if getattr(m, "weight", None) is module.weight]
+        return module if isinstance(module, (nn.Linear, Conv1D, nn.Embedding)) and len(users) == 1 else None
+
+    def _lowrank_hook(self, layer: LowRankLayer):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            c = self._lowrank_c
+            return None if c is None else output + layer(module, args[0], c)
+
+        return hook
+
+    def merged_params(self, c: torch.Tensor) -> Merged:
+        """Merged tensors for coefficients `c` `(S, G)` (already transformed); differentiable in `c`.
+
+        LoRA-targeted layers keep the base weight here and get their low-rank update in the forward.
+        """
+        merged = self._merge(self.dense_deltas, c)
+        merged.lowrank_c = c if self.lowrank else None
+        return merged
+
+    def dense_merge(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every merged tensor formed densely (LoRA layers included): what is saved as the merged model."""
+        return dict(self._merge(self.deltas, c))
+
+    def _merge(self, deltas: dict[str, DeltaStack], c: torch.Tensor) -> Merged:
+        merged = Merged()
+        for name, stack in deltas.items():
+            coeffs = c[:, self.plan.group_index[name]]  # (S,)
+            if stack.is_zero:
+                merged[name] = self.base[name]
+            elif self.streaming:  # one tensor at a time: the base and each fine-tune read, combined, freed
+                merged[name] = streamed_merge(stack, self.base[name], coeffs)
+            else:
+                merged[name] = self.base[name] + stack.combine(coeffs)
+        return merged
 
     def forward(self, task: str, merged: Mapping[str, torch.Tensor], batch: list[Example]):
         """The task's model output on a batch, with the merged body and the task's own head."""
         names = self.plan.task_specs[task].param_names
         params = {names[n]: merged[n] for n in self.plan.merged if n in names} | self.heads[task]
         inputs = {k: v.to(self.device) for k, v in collate(batch, self.pad_id).items()}
-        return torch.func.functional_call(self.models[task], params, (), inputs)
+        self._lowrank_c = getattr(merged, "lowrank_c", None)
+        try:
+            return torch.func.functional_call(self.models[task], params, (), inputs)
+        finally:
+            self._lowrank_c = None
 
     @torch.no_grad()
     def evaluate(self, merged: Mapping[str, torch.Tensor], task: str, examples: list[Example]) -> dict[str, float]:
@@ -117,8 +218,9 @@ class FunctionalMerge:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """dL/dc `(S, G)` of L = sum_t scale[t] * loss_t, by one backward through the merged model only.
 
-        The graph never runs through the S task vectors: autograd gives dL/dtheta_m, then
-        dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij> (method.md section 3). `objective` is the model's
+        The graph never runs through the S task vectors: backward gives dL/dtheta_m tensor by tensor, and each is
+        folded into dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij> (method.md section 3) as it arrives;
+        LoRA-targeted layers get their part by autograd through c in their low-rank forward. `objective` is the model's
         own loss (`supervised`, needs `labels`) or the mean prediction entropy (`entropy`, AdaMerging).
 
         Returns:
@@ -126,8 +228,11 @@ class FunctionalMerge:
         """
         with torch.no_grad():
             merged = self.merged_params(c.detach())
-        # tensors whose task vectors are all zero contribute exactly 0 to dL/dc: no gradient needed for them
-        merged = {n: t if self.deltas[n].is_zero else t.requires_grad_() for n, t in merged.items()}
+        # tensors whose (dense) task vectors are all zero contribute exactly 0 to dL/dc through the chain rule
+        leaves = [n for n in merged if not self.dense_deltas[n].is_zero]
+        for name in leaves:
+            merged[name].requires_grad_()
+        c_lowrank = merged.lowrank_c = c.detach().clone().requires_grad_() if self.lowrank else None
         losses = {}
         for task, batch in batches.items():
             if objective == "entropy":
@@ -136,10 +241,46 @@ class FunctionalMerge:
             else:
                 losses[task] = self.forward(task, merged, batch).loss
         total = sum(scale[t] * loss for t, loss in losses.items())
-        leaves = [n for n in merged if merged[n].requires_grad]
-        grads = torch.autograd.grad(total, [merged[n] for n in leaves])
-        grad_c = coefficient_grad(dict(zip(leaves, grads)), self.deltas, self.plan.group_index, len(self.plan.groups))
+        grad_c = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=total.device)  # (S, G) float32
+        # each merged tensor's gradient is folded into dL/dc as soon as backward has it, then freed: the
+        # gradients of the whole model are never held at once
+        hooks = [merged[n].register_post_accumulate_grad_hook(self._fold_grad(n, grad_c)) for n in leaves]
+        inputs = [merged[n] for n in leaves] + ([c_lowrank] if c_lowrank is not None else [])
+        try:
+            torch.autograd.backward(total, inputs=inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if c_lowrank is not None and c_lowrank.grad is not None:  # the LoRA layers' part, by autograd through c
+            grad_c += c_lowrank.grad.float()
         return grad_c, {t: v.detach() for t, v in losses.items()}
+
+    def _fold_grad(self, name: str, grad_c: torch.Tensor):
+        """Hook: grad_c[i, g] += <dL/dtheta_m[name], tau_i[name]> (method.md section 3), then drop the gradient."""
+        group, stack = self.plan.group_index[name], self.dense_deltas[name]
+
+        def hook(tensor: torch.Tensor) -> None:
+            base = self.base[name] if self.streaming else None  # streamed task vectors need the base tensor
+            grad_c[:, group] += stack.inner(tensor.grad, base).to(grad_c.device)  # (S,)
+            tensor.grad = None
+
+        return hook
+
+
+def streamed_merge(stack: DeltaStack, base: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """base + sum_i c_i tau_i for one tensor, reading each streamed fine-tune in turn; differentiable in `coeffs`
+    only when they require grad (otherwise accumulated in place, holding three tensors of this shape at most)."""
+    total = None
+    for ci, part in zip(coeffs, stack.parts):
+        if part is None:
+            continue
+        delta = part.dense(base) if isinstance(part, StreamedDelta) else part.dense() if isinstance(
+            part, LowRankDelta) else part
+        if coeffs.requires_grad or total is None:
+            total = ci * delta if total is None else total + ci * delta
+        else:
+            total.add_(delta, alpha=float(ci))
+    return base + total if coeffs.requires_grad else total.add_(base)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

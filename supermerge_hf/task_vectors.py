@@ -7,6 +7,7 @@ Tensor names are "canonical": a model's parameter name without its `base_model_p
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,17 +226,36 @@ class LowRankDelta:
 class StreamedDelta:
     """One full fine-tune's task vector of one tensor, read from disk each time it is used (streaming mode)."""
 
-    def __init__(self, source: ModelSpec, name: str, base: torch.Tensor) -> None:
+    def __init__(self, source: ModelSpec, name: str, base: Mapping[str, torch.Tensor]) -> None:
         self.source, self.name, self.base = source, name, base
 
-    def dense(self) -> torch.Tensor:
-        return self.source.delta(self.name, self.base)
+    def dense(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """finetune - base, from a fresh read; pass the base tensor when it is already at hand."""
+        return self.source.delta(self.name, self.base[self.name] if base is None else base)
 
-    def inner(self, grad: torch.Tensor) -> torch.Tensor:
-        return (self.dense().float() * grad.float()).sum()
+    def inner(self, grad: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.dot(self.dense(base).flatten().float(), grad.flatten().float())
 
     def to(self, **kwargs) -> StreamedDelta:
-        return self  # already on the base's device and dtype
+        return self  # read on the base's device and dtype
+
+
+class LazyTensors(Mapping):
+    """The base's tensors, read from disk at every access (streaming mode): none stays in memory."""
+
+    def __init__(self, spec: ModelSpec, names: list[str], *, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.spec, self.names, self.dtype, self.device = spec, names, dtype, device
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.spec.keys:
+            raise KeyError(name)
+        return self.spec.read_tensor(name).to(device=self.device, dtype=self.dtype)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 Delta = torch.Tensor | LowRankDelta | StreamedDelta | None  # None: the source does not change this tensor
@@ -277,12 +297,13 @@ class DeltaStack:
         # no source changes it: a 0-dim zero (broadcasts, keeps the base's dtype, stays differentiable in c)
         return out if out is not None else torch.zeros((), device=c.device) * c.sum()
 
-    def inner(self, grad: torch.Tensor) -> torch.Tensor:
-        """<grad, tau_i> for every source, `(S,)` float32."""
+    def inner(self, grad: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """<grad, tau_i> for every source, `(S,)` float32 (`base`: the base tensor, for streamed parts)."""
         if self.stacked is not None:
             return self.stacked.flatten(1).float() @ grad.flatten().float()  # (S,)
         values = [torch.zeros((), device=grad.device) if p is None else
-                  ((p.float() * grad.float()).sum() if isinstance(p, torch.Tensor) else p.inner(grad.float()))
+                  ((p.float() * grad.float()).sum() if isinstance(p, torch.Tensor) else
+                   p.inner(grad.float(), base) if isinstance(p, StreamedDelta) else p.inner(grad.float()))
                   for p in self.parts]
         return torch.stack(values).float()
 
@@ -301,17 +322,20 @@ def load_task_vectors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, DeltaStack]]:
     """Base tensors and the task vectors of every merged tensor, read one tensor at a time.
 
-    With `streaming`, full fine-tunes' task vectors are not kept: they are re-read from disk, tensor by tensor,
-    whenever learning needs them, so memory does not grow with the number of sources.
+    With `streaming`, neither the base nor full fine-tunes' task vectors are kept: they are re-read from disk,
+    tensor by tensor, whenever learning needs them (`base` is then a `LazyTensors`), so memory holds about one
+    model (the merge) whatever the number of sources.
 
     Returns:
         `(base, deltas)`: `base[name]` has the tensor's shape; `deltas[name]` holds its S task vectors.
     """
-    base, deltas = {}, {}
+    lazy = LazyTensors(plan.base, plan.merged, dtype=dtype, device=device)
+    base, deltas = lazy if streaming else {}, {}
     for name in plan.merged:
-        theta_p = plan.base.read_tensor(name).to(device=device, dtype=dtype)  # (*shape)
-        base[name] = theta_p
-        parts = [StreamedDelta(s, name, theta_p) if streaming and isinstance(s, ModelSpec) else s.delta(name, theta_p)
+        theta_p = lazy[name]  # (*shape)
+        if not streaming:
+            base[name] = theta_p
+        parts = [StreamedDelta(s, name, lazy) if streaming and isinstance(s, ModelSpec) else s.delta(name, theta_p)
                  for s in plan.sources]
         parts = [p.to(device=device, dtype=dtype) if p is not None else None for p in parts]
         deltas[name] = DeltaStack(theta_p.shape, parts)

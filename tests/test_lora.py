@@ -227,6 +227,7 @@ def test_lora_gradient_equals_dense_gradient(bert_family, bert_adapters, bert_de
     grad_dense, losses_dense = dense.functional.coefficient_grad(c, batches, scale)
     torch.testing.assert_close(grad_lora, grad_dense, rtol=1e-4, atol=1e-6)
     assert grad_dense.abs().max() > 1e-3 and (grad_dense == 0).any()  # untargeted tensors: no gradient
+    assert len(lora.functional.lowrank) > 0  # the targeted layers ran in LoRA form
     for task in batches:
         torch.testing.assert_close(losses_lora[task], losses_dense[task], rtol=1e-5, atol=0)
     lora.apply_coefficients(c)
@@ -234,6 +235,41 @@ def test_lora_gradient_equals_dense_gradient(bert_family, bert_adapters, bert_de
     assert lora.merged_tensors.keys() == dense.merged_tensors.keys()
     for name, tensor in lora.merged_tensors.items():
         torch.testing.assert_close(tensor, dense.merged_tensors[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["embedding", "fan_in_fan_out", "llama"])
+def test_lora_layers_learn_without_a_dense_delta(variant, request, tmp_path):
+    """Embedding, Conv1D and Linear LoRA layers run W x + sum_i c_i s_i B_i (A_i x): the merged tensors handed to
+    the model are the base's own, and the gradient equals that of the same adapters densified by PEFT."""
+    family_name, lora_kwargs = VARIANTS[variant]
+    family = request.getfixturevalue(family_name)
+    adapters, dense = {}, {}
+    for i, task in enumerate(["sst", "nli"]):
+        num_labels = LABELS[task] if lora_kwargs["task_type"] == "SEQ_CLS" else None
+        peft_model = make_adapter(family.base, tmp_path / task, seed=10 + i, num_labels=num_labels, **lora_kwargs)
+        peft_model.merge_and_unload().save_pretrained(tmp_path / f"{task}-dense")
+        adapters[task], dense[task] = tmp_path / task, tmp_path / f"{task}-dense"
+    lora, full = SuperMerger(config(family.base, adapters)), SuperMerger(config(family.base, dense))
+    fm = lora.functional
+    targeted = {n for n in lora.plan.merged if any(p is not None and not isinstance(p, torch.Tensor)
+                                                   for p in fm.deltas[n].parts)}  # fmt: skip
+    assert targeted and set(fm.lowrank) == targeted
+    S, G = lora.plan.num_sources, len(lora.plan.groups)
+    c = torch.rand(S, G, generator=torch.Generator().manual_seed(2)) * 1.6 - 0.8  # (S, G)
+    merged = fm.merged_params(c)
+    assert all(merged[n] is fm.base[n] for n in targeted)  # no dense delta of a LoRA layer is formed
+    if lora_kwargs["task_type"] == "SEQ_CLS":
+        batches = {t: as_examples(t, ex) for t, ex in bert_examples(6).items()}
+    else:
+        examples = family_examples(family, 6)
+        batches = {t: as_examples(t, examples[s]) for t, s in zip(adapters, family.sources)}
+    scale = {"sst": 1.0, "nli": 0.5}
+    grad_lora, losses_lora = fm.coefficient_grad(c, batches, scale)
+    grad_dense, losses_dense = full.functional.coefficient_grad(c, batches, scale)
+    torch.testing.assert_close(grad_lora, grad_dense, rtol=1e-4, atol=1e-6)
+    assert grad_lora.abs().max() > 1e-3
+    for task in batches:
+        torch.testing.assert_close(losses_lora[task], losses_dense[task], rtol=1e-5, atol=0)
 
 
 def test_bfloat16_learning_with_adapters(bert_family, bert_adapters):
