@@ -32,6 +32,67 @@ def table_markdown(methods: dict, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sweep_markdown(reference: dict, tasks: list[str]) -> str | None:
+    """Seed-0 cells of ties and supermerge at 8, 32, 128 labelled examples per task."""
+    lines = ["| method | examples per task | " + " | ".join(tasks) + " | mean | normalized |",
+             "|" + "---|" * (len(tasks) + 4)]
+    for method in ("ties", "supermerge"):
+        for k in (8, 32, 128):
+            path = RESULTS / "cells" / f"{method}-k{k}-seed0.json"
+            if not path.is_file():
+                continue
+            acc = json.loads(path.read_text())["per_task"]
+            mean = sum(acc[t] for t in tasks) / len(tasks)
+            norm = sum(acc[t] / reference[t]["mean"] for t in tasks) / len(tasks)
+            lines.append(f"| {method} | {k} | " + " | ".join(f"{acc[t]:.3f}" for t in tasks) +
+                         f" | {mean:.3f} | {norm:.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def speed_markdown(speed: dict) -> str:
+    step, ties = speed["step_time"], speed["ties_vs_mergekit"]
+    return "\n".join([
+        "| measurement | supermerge_hf | reference | ratio |", "|---|---|---|---|",
+        f"| one step, {step['batch']} | coefficient step {step['coefficient_step_s']:.3f} s "
+        f"({step['trained_numbers']['coefficients']} numbers trained) | fine-tuning step {step['finetune_step_s']:.3f} s "
+        f"({step['trained_numbers']['finetune']:,} parameters) | {step['ratio_coefficient_over_finetune']:.2f} |",
+        f"| TIES on the 5 fine-tunes (density {ties['density']}, λ {ties['lambda']}): wall s | "
+        f"{ties['supermerge_hf']['wall_s']:.1f} | mergekit-pytorch {ties['mergekit_pytorch']['wall_s']:.1f} | "
+        f"{ties['wall_ratio_ours_over_mergekit']:.2f} |",
+        f"| same: peak RSS MB | {ties['supermerge_hf']['peak_rss_mb']:.0f} | {ties['mergekit_pytorch']['peak_rss_mb']:.0f} "
+        f"| {ties['rss_ratio_ours_over_mergekit']:.2f} |",
+        "", f"Max |difference| between the two TIES merges: {ties['max_abs_difference']:.2e}.",
+    ])  # fmt: skip
+
+
+def memory_markdown(memory: dict) -> str:
+    lines = ["| mode | K sources | model MB | peak RSS MB | estimate MB | estimate error | RSS / model | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in memory["scaling"]:
+        error = row["estimated_mb"] / row["peak_rss_mb"] - 1
+        lines.append(f"| {row['mode']} | {row['num_sources']} | {row['model_mb']:.0f} | {row['peak_rss_mb']:.0f} | "
+                     f"{row['estimated_mb']:.0f} | {error:+.1%} | {row['peak_rss_mb'] / row['model_mb']:.2f} | "
+                     f"{row['seconds']:.0f} |")
+    lines += ["", "Targets: " + "; ".join(f"{name}: {t['value']} (target {t['target']}, "
+                                          f"{'met' if t['met'] else 'not met'})"
+                                          for name, t in memory.get("targets", {}).items())]
+    return "\n".join(lines)
+
+
+def tuning_markdown(tuning: dict) -> str:
+    lines = ["| variant | seed | validation accuracy (mean of 5 tasks) | selected step | seconds |", "|---|---|---|---|---|"]
+    for key, row in tuning.items():
+        _, variant, seed = key.split("|")
+        lines.append(f"| {variant} | {seed.removeprefix('seed')} | {row['mean']:.3f} | {row['selected_step']} | "
+                     f"{row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def bar_chart(methods: dict, tasks: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks)), 4))
     width = 0.8 / len(methods)
@@ -77,6 +138,22 @@ def main() -> None:
     if heatmap:
         text += ["Learned SuperMerge coefficients (seed 0), sources x blocks (mean over each block's tensors):",
                  "", "![SuperMerge coefficients](text5_coefficients.png)", ""]
+    sections = [
+        ("Examples per task (seed 0)", sweep_markdown(methods["individual"]["per_task"], tasks)
+         if "individual" in methods else None),
+        ("Flat vs hierarchical vs streaming SuperMerge (seed 0)",
+         table_markdown(d["methods"], tasks) if (d := load("text5_memory_modes.json")) else None),
+        ("LoRA variant (LoRA fine-tunes r=8 as sources)",
+         table_markdown(d["methods"], tasks) if (d := load("lora/text5.json")) else None),
+        ("Speed", speed_markdown(d) if (d := load("speed.json")) else None),
+        ("Peak memory of learning (random BERT-large, `benchmarks/memory.py`)",
+         memory_markdown(d) if (d := load("memory.json")) else None),
+        ("Tuning SuperMerge's defaults (validation examples of the pool, `benchmarks/tune_supermerge.py`)",
+         tuning_markdown(d) if (d := load("tuning.json")) else None),
+    ]
+    for title, body in sections:
+        if body:
+            text += [f"## {title}", "", body, ""]
     text += ["## Protocol", "", "```json", protocol, "```", ""]
     extra = HERE / "RESULTS_notes.md"
     if extra.is_file():

@@ -41,12 +41,12 @@ from pathlib import Path
 
 from build_data import HERE, TEXT5, load_tasks
 from multitask import finetune_multitask
-from text5_methods import METHOD_ORDER, QUICK, QUICK_METHODS, RUNNERS, USES_EXAMPLES, Cell, Settings
+from text5_methods import MEMORY_MODES, METHOD_ORDER, QUICK, QUICK_METHODS, RUNNERS, USES_EXAMPLES, Cell, Settings
 from transformers import AutoTokenizer
 
 import supermerge_hf
 from supermerge_hf.demo_tasks import TaskData, minilm_path, tokenize_examples
-from supermerge_hf.finetune import finetune_classifier
+from supermerge_hf.finetune import finetune_classifier, finetune_lora_classifier
 from supermerge_hf.examples import as_examples
 
 logger = logging.getLogger("run_text5")
@@ -119,6 +119,7 @@ def cell_command(method: str, seed: int, settings: Settings) -> list[str]:
         command += ["--test-size", str(settings.test_size)]
     if settings.learn_steps is not None:
         command += ["--learn-steps", str(settings.learn_steps)]
+    command += ["--lora"] if settings.lora else []
     command += ["--code", settings.code]  # the parent's fingerprint, so every cell of a run carries the same
     return command + (["--quick"] if settings.quick else [])
 
@@ -126,9 +127,10 @@ def cell_command(method: str, seed: int, settings: Settings) -> list[str]:
 def prepare_models(settings: Settings, tasks: dict[str, TaskData], methods: list[str]) -> None:
     """The individual fine-tunes (cached; benchmarks/finetune_all.py) and, if asked, the multitask one."""
     base = minilm_path()
+    finetune = finetune_lora_classifier if settings.lora else finetune_classifier
     for name in settings.tasks:
         start = time.perf_counter()
-        finetune_classifier(base, tasks[name], settings.finetune_dir(name), steps=settings.finetune_steps)
+        finetune(base, tasks[name], settings.finetune_dir(name), steps=settings.finetune_steps)
         logger.info("fine-tune %s ready (%.0f s)", name, time.perf_counter() - start)
     if "multitask" in methods:
         finetune_multitask(base, {t: tasks[t] for t in settings.tasks}, settings.multitask_dir,
@@ -223,18 +225,23 @@ def format_table(table: dict, tasks: list[str]) -> str:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}, methods {QUICK_METHODS}")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, help="default: all (quick: the working ones)")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER + MEMORY_MODES,
+                        help=f"default: {' '.join(METHOD_ORDER)} (quick: the working ones); also {MEMORY_MODES}")
+    parser.add_argument("--output", default="text5.json", help="results file name under results/ (default "
+                        "text5.json; e.g. text5_k8.json for the examples sweep)")
     parser.add_argument("--tasks", nargs="+", choices=TEXT5)
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--examples-per-task", type=int, default=32)
     parser.add_argument("--test-size", type=int, help="evaluate on the first N test examples of each task")
     parser.add_argument("--finetune-steps", type=int, help="steps of each individual fine-tune (default 300)")
     parser.add_argument("--learn-steps", type=int, help="steps of the learned methods (default: the package's)")
+    parser.add_argument("--lora", action="store_true", help="the LoRA variant: LoRA fine-tunes (r=8) as sources; "
+                        "results under results/lora/")
     parser.add_argument("--in-process", action="store_true", help="run cells here, not in subprocesses")
     parser.add_argument("--ignore-code-changes", action="store_true",
                         help="reuse cells computed with other supermerge_hf sources (default: recompute them)")
     parser.add_argument("--code", help=argparse.SUPPRESS)  # a subprocess's fingerprint, given by the parent
-    parser.add_argument("--cell", choices=METHOD_ORDER, help=argparse.SUPPRESS)  # a subprocess's one cell
+    parser.add_argument("--cell", choices=METHOD_ORDER + MEMORY_MODES, help=argparse.SUPPRESS)  # a subprocess's one cell
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"tasks": TEXT5, "seeds": [0, 1, 2]}
@@ -246,6 +253,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         finetune_steps=args.finetune_steps or defaults.get("finetune_steps", 300),
         learn_steps=args.learn_steps or defaults.get("learn_steps"),
         quick=args.quick,
+        lora=args.lora,
         code="" if args.ignore_code_changes else args.code if args.code is not None else code_fingerprint(),
     )
     return args, settings
@@ -260,8 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(json.dumps(record, indent=1) + "\n")
         return
 
+    order = METHOD_ORDER + MEMORY_MODES
     methods = args.methods or (QUICK_METHODS if args.quick else METHOD_ORDER)
-    methods = [m for m in METHOD_ORDER if m in methods]
+    methods = [m for m in order if m in methods]
     start = time.perf_counter()
     logger.info("text-5 run: %s; methods %s", settings, methods)
     tasks = load_tasks(settings.tasks)  # warns loudly when the splits drifted from data_manifest.json
@@ -269,9 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("models ready after %.0f s", time.perf_counter() - start)
     run_cells(settings, methods, in_process=args.in_process, tasks=tasks)
     # The table holds every method whose cells are all there with these settings, run now or before.
-    complete = {m: [cached_cell(m, s, settings) for s in method_seeds(m, settings)] for m in METHOD_ORDER}
+    shown = METHOD_ORDER + [m for m in MEMORY_MODES if m in methods]
+    complete = {m: [cached_cell(m, s, settings) for s in method_seeds(m, settings)] for m in shown}
     complete = {m: cells for m, cells in complete.items() if all(cells)}
-    missing = [m for m in METHOD_ORDER if m not in complete]
+    missing = [m for m in shown if m not in complete]
     if missing:
         logger.warning("Not in the table (cells missing for these settings): %s", missing)
     records = [record for cells in complete.values() for record in cells]
@@ -286,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_rss_mb": "getrusage(RUSAGE_SELF).ru_maxrss of the cell's own process, max over seeds",
         "wall_seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
-    out = settings.results / "text5.json"
+    out = settings.results / args.output
     out.write_text(json.dumps({"methods": table, "protocol": protocol}, indent=2) + "\n")
     print(f"\nTest accuracy, mean ± std over seeds {settings.seeds} ({settings.examples_per_task} labelled examples "
           f"per task; test examples {protocol['test_examples']})\n")  # fmt: skip

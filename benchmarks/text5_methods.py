@@ -22,9 +22,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
 from supermerge_hf.finetune import evaluate_accuracy
+from supermerge_hf.objectives import Merged
 
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "adamerging", "supermerge",
                 "supermerge_none", "supermerge_block", "individual", "multitask"]  # fmt: skip
+# memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
+MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
 QUICK_METHODS = ["pretrained", "average", "task_arithmetic", "ties", "supermerge", "individual"]
 QUICK = {"tasks": ["bbc", "spam"], "seeds": [0], "test_size": 100, "finetune_steps": 30, "learn_steps": 10}
 
@@ -40,6 +43,7 @@ class Settings:
     finetune_steps: int = 300  # of each individual fine-tune; multitask takes tasks x this
     learn_steps: int | None = None  # of the learned methods; None: the package default
     quick: bool = False
+    lora: bool = False  # the LoRA variant: PEFT LoRA fine-tunes (r=8) as the sources
     code: str = ""  # fingerprint of the supermerge_hf sources when the run started ("" to ignore code changes)
 
     @property
@@ -48,9 +52,12 @@ class Settings:
 
     @property
     def results(self) -> Path:
-        return HERE / "results" / "quick" if self.quick else HERE / "results"
+        root = HERE / "results" / "quick" if self.quick else HERE / "results"
+        return root / "lora" if self.lora else root
 
     def finetune_dir(self, task: str) -> Path:
+        if self.lora:
+            return self.cache / "lora_finetunes" / task
         return self.cache / "finetunes" / task if self.quick else FINETUNES / task
 
     @property
@@ -114,7 +121,8 @@ def make_config(cell: Cell, **overrides) -> SuperMergeConfig:
 
 def test_accuracy(merger: SuperMerger, merged: dict[str, torch.Tensor], cell: Cell, tasks=None) -> dict[str, float]:
     fm = merger.functional
-    merged = {n: t.to(fm.device) for n, t in merged.items()}
+    if not isinstance(merged, Merged):  # a Merged (LoRA layers applied in the forward) is on fm's device already
+        merged = {n: t.to(fm.device) for n, t in merged.items()}
     return {t: fm.evaluate(merged, t, cell.test[t])["accuracy"] for t in tasks or cell.tasks}
 
 
@@ -197,6 +205,23 @@ def run_supermerge_none(cell: Cell) -> Outcome:
 @runner("supermerge_block")
 def run_supermerge_block(cell: Cell) -> Outcome:
     return merge_and_evaluate(cell, method="supermerge", granularity="block", transform="tanh")
+
+
+@runner("supermerge_hier2")
+def run_supermerge_hier2(cell: Cell) -> Outcome:
+    # groups of 2 by cosine similarity of the task vectors, then the group results merged (method.md section 4)
+    return merge_and_evaluate(cell, method="supermerge", hierarchical={"group_size": 2})
+
+
+@runner("supermerge_hier3")
+def run_supermerge_hier3(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="supermerge", hierarchical={"group_size": 3})
+
+
+@runner("supermerge_streaming")
+def run_supermerge_streaming(cell: Cell) -> Outcome:
+    # task vectors and base re-read from disk tensor by tensor: the same merge as `supermerge`, less memory
+    return merge_and_evaluate(cell, method="supermerge", streaming=True)
 
 
 @runner("multitask", uses_examples=False)
