@@ -41,9 +41,11 @@ recipe file.
 def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str, Any]]]:
     """Split a recipe into the config and, per task, the description of its examples file.
 
+    A source's `data` entry is needed only by methods that read examples (checked in `run_merge`).
+
     Raises:
         `FileNotFoundError`: The recipe or an examples file does not exist.
-        `ValueError`: A source has no `data` entry or the entry has no `path`.
+        `ValueError`: A source's `data` entry has no `path`.
     """
     path = Path(path)
     if not path.is_file():
@@ -52,6 +54,8 @@ def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str,
     data = {}
     for source in raw.get("sources", []):
         spec = source.pop("data", None)
+        if spec is None:
+            continue
         if not isinstance(spec, dict) or "path" not in spec:
             raise ValueError(
                 f"Source {source.get('task')!r} in {path} needs `data: {{path: FILE.jsonl, text_field: ..., "
@@ -92,6 +96,12 @@ def run_merge(args: argparse.Namespace) -> None:
         check_adapter_output(merger, args.adapter_output, args.adapter_rank)
     examples = {}
     if merger.needs_examples:
+        missing = [t for t in config.tasks if t not in data]
+        if missing:
+            raise ValueError(
+                f"Method {config.method!r} (with these method_kwargs) reads labelled examples: source(s) {missing} "
+                f"in {args.recipe} need `data: {{path: FILE.jsonl, text_field: ..., label_field: ...}}`."
+            )
         tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
         for task in config.tasks:
             spec = dict(data[task])

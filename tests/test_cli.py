@@ -71,10 +71,26 @@ def test_example_recipe_runs(bert_family, tmp_path):
     assert main(["merge", str(recipe_dir / "recipe.yaml"), "--steps", "1", "--overwrite"]) == 0
 
 
-def test_recipe_without_data_is_refused(tmp_path, capsys):
-    (tmp_path / "r.yaml").write_text("base: b\nsources:\n  - {task: t, path: p}\n")
-    assert main(["merge", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "o")]) == 2
-    assert "needs `data:" in capsys.readouterr().err
+def test_recipe_without_data_is_refused_for_a_learned_method(bert_family, tmp_path, capsys):
+    import yaml
+
+    recipe = yaml.safe_load(write_recipe(bert_family, tmp_path).read_text())
+    del recipe["sources"][1]["data"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "o")]) == 2
+    assert "source(s) ['nli']" in (err := capsys.readouterr().err) and "need `data:" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_free_recipe_needs_no_data(bert_family, tmp_path):
+    import yaml
+
+    sources = [{"task": t, "path": str(p)} for t, p in bert_family.sources.items()]
+    recipe = {"base": str(bert_family.base), "sources": sources, "method": "ties",
+              "method_kwargs": {"lam": 0.8, "density": 0.5}, "output_dir": str(tmp_path / "o")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "recipe.yaml")]) == 0
+    assert AutoModel.from_pretrained(tmp_path / "o")(torch.tensor([[2, 5, 6, 3]])).last_hidden_state.shape == (1, 4, 32)
 
 
 @pytest.mark.parametrize("command", ["merge", "demo"])
