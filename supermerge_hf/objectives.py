@@ -218,8 +218,8 @@ class FunctionalMerge:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """dL/dc `(S, G)` of L = sum_t scale[t] * loss_t, by one backward through the merged model only.
 
-        The graph never runs through the S task vectors: backward gives dL/dtheta_m tensor by tensor, and each is
-        folded into dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij> (method.md section 3) as it arrives;
+        The graph never runs through the S task vectors: one backward per task gives dL/dtheta_m tensor by tensor,
+        and each is folded into dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij> (method.md section 3) as it arrives;
         LoRA-targeted layers get their part by autograd through c in their low-rank forward. `objective` is the model's
         own loss (`supervised`, needs `labels`) or the mean prediction entropy (`entropy`, AdaMerging).
 
@@ -233,27 +233,29 @@ class FunctionalMerge:
         for name in leaves:
             merged[name].requires_grad_()
         c_lowrank = merged.lowrank_c = c.detach().clone().requires_grad_() if self.lowrank else None
-        losses = {}
-        for task, batch in batches.items():
-            if objective == "entropy":
-                batch = [{k: v for k, v in ex.items() if k != "labels"} for ex in batch]  # never read a label
-                losses[task] = entropy(self.forward(task, merged, batch).logits)
-            else:
-                losses[task] = self.forward(task, merged, batch).loss
-        total = sum(scale[t] * loss for t, loss in losses.items())
-        grad_c = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=total.device)  # (S, G) float32
-        # each merged tensor's gradient is folded into dL/dc as soon as backward has it, then freed: the
-        # gradients of the whole model are never held at once
+        device = next(iter(merged.values())).device
+        grad_c = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=device)  # (S, G) float32
+        # one backward per task, and each merged tensor's gradient folded into dL/dc as soon as backward has it,
+        # then freed: neither the gradients of the whole model nor two tasks' activations are held at once
         hooks = [merged[n].register_post_accumulate_grad_hook(self._fold_grad(n, grad_c)) for n in leaves]
         inputs = [merged[n] for n in leaves] + ([c_lowrank] if c_lowrank is not None else [])
+        losses = {}
         try:
-            torch.autograd.backward(total, inputs=inputs)
+            for task, batch in batches.items():
+                if objective == "entropy":
+                    batch = [{k: v for k, v in ex.items() if k != "labels"} for ex in batch]  # never read a label
+                    loss = entropy(self.forward(task, merged, batch).logits)
+                else:
+                    loss = self.forward(task, merged, batch).loss
+                if inputs:  # else every task vector is zero: dL/dc = 0
+                    torch.autograd.backward(scale[task] * loss, inputs=inputs)
+                losses[task] = loss.detach()
         finally:
             for hook in hooks:
                 hook.remove()
         if c_lowrank is not None and c_lowrank.grad is not None:  # the LoRA layers' part, by autograd through c
             grad_c += c_lowrank.grad.float()
-        return grad_c, {t: v.detach() for t, v in losses.items()}
+        return grad_c, losses
 
     def _fold_grad(self, name: str, grad_c: torch.Tensor):
         """Hook: grad_c[i, g] += <dL/dtheta_m[name], tau_i[name]> (method.md section 3), then drop the gradient."""
