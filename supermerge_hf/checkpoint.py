@@ -109,19 +109,28 @@ class Checkpoint:
                 self._headers[filename] = (json.loads(f.read(size)), 8 + size)
         return self._headers[filename]
 
-    def read_tensor(self, name: str) -> torch.Tensor:
-        """Tensor `name` read into fresh memory with plain file reads (no mapping stays resident): streaming."""
+    def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` read into fresh memory with plain file reads (no mapping stays resident): streaming.
+
+        With `out` (a contiguous tensor of the same shape), the values are written there and `out` is returned:
+        read straight into it when it is a CPU tensor of the file's dtype, else converted by `copy_`.
+        """
         if self._pickle_state is not None:
-            return self._pickle_state[name].clone()
+            tensor = self._pickle_state[name]
+            return tensor.clone() if out is None else out.copy_(tensor)
         filename = self.weight_map[name]
         header, start = self._header(filename)
         info = header[name]
         begin, end = info["data_offsets"]
-        out = torch.empty(end - begin, dtype=torch.uint8)
+        dtype = getattr(torch, _DTYPES[info["dtype"]])
+        direct = out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        target = out if direct else torch.empty(info["shape"], dtype=dtype)
         with open(self.folder / filename, "rb") as f:
             f.seek(start + begin)
-            f.readinto(memoryview(out.numpy()))
-        return out.view(getattr(torch, _DTYPES[info["dtype"]])).reshape(info["shape"])
+            f.readinto(memoryview(target.view(torch.uint8).reshape(-1).numpy()))
+        if out is None or direct:
+            return target
+        return out.copy_(target)
 
     def nbytes(self) -> int:
         """Total bytes of the weights, from the headers only."""

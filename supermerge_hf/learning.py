@@ -53,8 +53,10 @@ def learn(merger: SuperMerger, data: dict[str, list[Example]], objective: str) -
     metric = "entropy" if objective == "entropy" else "loss"
 
     def record(step: int, train: dict[str, float] | None) -> float | None:
-        merged = fm.merged_params(raw().detach())
-        holdout = {t: fm.evaluate(merged, t, splits[t][1])[metric] for t in tasks} if has_holdout else None
+        holdout = None
+        if has_holdout:
+            merged = fm.merged_params(raw().detach())
+            holdout = {t: fm.evaluate(merged, t, splits[t][1])[metric] for t in tasks}
         score = sum(scale[t] * v for t, v in holdout.items()) if holdout else None
         merger.history.append({"step": step, "train": train, "holdout": holdout, "score": score})
         logger.info("step %d: train %s %s, hold-out %s", step, metric, train, holdout)

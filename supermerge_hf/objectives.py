@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .examples import Example, collate
+from .streaming import StreamBuffers
 from .task_vectors import (
     DeltaStack,
     LowRankDelta,
@@ -91,6 +92,7 @@ class FunctionalMerge:
         streaming: bool = False,
     ) -> None:
         self.plan, self.device, self.streaming = plan, device, streaming
+        self.stream = StreamBuffers(plan, dtype=dtype, device=device) if streaming else None
         self.base, self.deltas = load_task_vectors(plan, dtype=dtype, device=device, streaming=streaming)
         if delta_transform is not None:  # e.g. TIES trimming for AdaMerging++
             self.deltas = {n: DeltaStack.from_dense(delta_transform(d.dense())) for n, d in self.deltas.items()}
@@ -140,14 +142,20 @@ class FunctionalMerge:
     def merged_params(self, c: torch.Tensor) -> Merged:
         """Merged tensors for coefficients `c` `(S, G)` (already transformed); differentiable in `c`.
 
-        LoRA-targeted layers keep the base weight here and get their low-rank update in the forward.
+        LoRA-targeted layers keep the base weight here and get their low-rank update in the forward. Streaming
+        with `c` not requiring grad writes into reused tensors, overwritten by the next call.
         """
-        merged = self._merge(self.dense_deltas, c)
+        if self.stream is not None and not c.requires_grad:
+            merged = Merged(self.stream.merge(self.dense_deltas, c))
+        else:
+            merged = self._merge(self.dense_deltas, c)
         merged.lowrank_c = c if self.lowrank else None
         return merged
 
     def dense_merge(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every merged tensor formed densely (LoRA layers included): what is saved as the merged model."""
+        if self.stream is not None:
+            self.stream.release()  # one merged model at a time
         return dict(self._merge(self.deltas, c))
 
     def _merge(self, deltas: dict[str, DeltaStack], c: torch.Tensor) -> Merged:
@@ -262,8 +270,8 @@ class FunctionalMerge:
         group, stack = self.plan.group_index[name], self.dense_deltas[name]
 
         def hook(tensor: torch.Tensor) -> None:
-            base = self.base[name] if self.streaming else None  # streamed task vectors need the base tensor
-            grad_c[:, group] += stack.inner(tensor.grad, base).to(grad_c.device)  # (S,)
+            inner = self.stream.inner(name, stack, tensor.grad) if self.stream else stack.inner(tensor.grad)  # (S,)
+            grad_c[:, group] += inner.to(grad_c.device)
             tensor.grad = None
 
         return hook

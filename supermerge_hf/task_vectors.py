@@ -84,9 +84,9 @@ class ModelSpec:
     def get_tensor(self, canonical: str) -> torch.Tensor:
         return self.checkpoint.get_tensor(self.keys[canonical])
 
-    def read_tensor(self, canonical: str) -> torch.Tensor:
-        """Like `get_tensor`, but into fresh memory (no file mapping stays resident)."""
-        return self.checkpoint.read_tensor(self.keys[canonical])
+    def read_tensor(self, canonical: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Like `get_tensor`, but into fresh memory or `out` (no file mapping stays resident)."""
+        return self.checkpoint.read_tensor(self.keys[canonical], out=out)
 
     def delta(self, canonical: str, base: torch.Tensor) -> torch.Tensor:
         """This source's task vector of one tensor (dense for a full fine-tune)."""

@@ -187,6 +187,37 @@ def test_hierarchical_with_one_group_is_flat(llama_family):
     assert [lvl["group"] for lvl in hier.levels] == [["code", "math", "chat"]]
 
 
+def test_streaming_holds_one_merged_model(bert_family):
+    """Streaming keeps no base and no task vector, and writes every step's merge into the same tensors."""
+    from supermerge_hf.task_vectors import LazyTensors, StreamedDelta
+
+    merger = make_merger(bert_family, streaming=True)
+    fm = merger.functional
+    assert isinstance(fm.base, LazyTensors)
+    assert all(isinstance(p, StreamedDelta) for d in fm.deltas.values() for p in d.parts)
+    S, G = merger.plan.num_sources, len(merger.plan.groups)
+    first = fm.merged_params(torch.full((S, G), 0.3))
+    pointers = {n: t.data_ptr() for n, t in first.items()}
+    values = {n: t.clone() for n, t in first.items()}
+    second = fm.merged_params(torch.full((S, G), -0.2))
+    assert {n: t.data_ptr() for n, t in second.items()} == pointers  # reused, nothing model-sized allocated
+    flat = FunctionalMerge(merger.plan, dtype=torch.float32)
+    for name, tensor in flat.merged_params(torch.full((S, G), 0.3)).items():
+        torch.testing.assert_close(values[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_read_tensor_into_a_given_tensor(bert_family):
+    from supermerge_hf.task_vectors import ModelSpec
+
+    spec = ModelSpec.from_folder(bert_family.base)
+    name = next(iter(spec.shapes))
+    expected = spec.get_tensor(name)
+    out = torch.empty_like(expected)
+    assert spec.read_tensor(name, out=out) is out and torch.equal(out, expected)  # straight into it
+    half = torch.empty(expected.shape, dtype=torch.bfloat16)
+    assert spec.read_tensor(name, out=half) is half and torch.equal(half, expected.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("grouping", ["similarity", "explicit", "random"])
 def test_hierarchical_levels(llama_family, grouping, tmp_path):
     groups = [["code", "chat"], ["math"]] if grouping == "explicit" else None
