@@ -59,15 +59,15 @@ def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size:
     At the peak of a step the process holds the base and the merged tensors (2 copies; each gradient is folded
     into dL/dc and freed as backward produces it), plus the task vectors: all S (flat), at most `group_size`
     (hierarchical). Streaming holds only the merged tensors: the base and the fine-tunes are re-read tensor by
-    tensor (a few tensors of the largest shape at a time). Host memory adds the process itself and what the
+    tensor into two scratch tensors of the largest shape. Host memory adds the process itself and what the
     allocator keeps of freed tensors (`ALLOCATOR_SLACK`).
     """
     numel = sum(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged)
     model_mb = numel * torch.finfo(dtype).bits / 8 / 2**20
     sources = sorted((_source_mb(s, model_mb) for s in plan.sources), reverse=True)
-    largest = max(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged) * 4 / 2**20
+    largest = max(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged) * model_mb / numel
     held = {"flat": model_mb + sum(sources), "hierarchical": model_mb + sum(sources[:group_size]),
-            "streaming": 3 * largest}  # the base, then the task vectors
+            "streaming": 2 * largest}  # the base, then the task vectors; streaming: two read scratch tensors
     out = []
     for mode in MODES:
         tensors_mb = model_mb + held[mode]
