@@ -85,11 +85,14 @@ def memory_markdown(memory: dict) -> str:
 
 
 def tuning_markdown(tuning: dict) -> str:
-    lines = ["| variant | seed | validation accuracy (mean of 5 tasks) | selected step | seconds |", "|---|---|---|---|---|"]
+    lines = ["| variant (one knob changed) | seed | validation accuracy (mean of 5 tasks) | vs baseline | selected step "
+             "| seconds |", "|---|---|---|---|---|---|"]
+    baseline = {key.split("|")[2]: row["mean"] for key, row in tuning.items() if key.split("|")[1] == "baseline"}
     for key, row in tuning.items():
         _, variant, seed = key.split("|")
-        lines.append(f"| {variant} | {seed.removeprefix('seed')} | {row['mean']:.3f} | {row['selected_step']} | "
-                     f"{row['seconds']:.0f} |")
+        delta = f"{row['mean'] - baseline[seed]:+.3f}" if seed in baseline and variant != "baseline" else ""
+        lines.append(f"| {variant} | {seed.removeprefix('seed')} | {row['mean']:.3f} | {delta} | "
+                     f"{row['selected_step']} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
 
