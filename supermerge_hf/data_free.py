@@ -11,7 +11,7 @@ import torch
 from .examples import Example
 from .methods import MergeMethod, elect_sign, magnitude_thresholds, trim
 from .objectives import FunctionalMerge
-from .task_vectors import DeltaStack
+from .deltas import DeltaStack
 
 logger = logging.getLogger(__name__)
 

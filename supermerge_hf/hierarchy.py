@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .task_vectors import LowRankDelta, ModelSpec, build_plan
+from .deltas import LowRankDelta
+from .task_vectors import ModelSpec, build_plan
 
 if TYPE_CHECKING:
     from .examples import Example

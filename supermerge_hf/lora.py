@@ -21,7 +21,8 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import Checkpoint
-from .task_vectors import IncompatibleSourceError, LowRankDelta, ModelSpec, _canonical
+from .deltas import LowRankDelta
+from .task_vectors import IncompatibleSourceError, ModelSpec, _canonical
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

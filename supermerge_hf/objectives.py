@@ -14,15 +14,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .examples import Example, collate
 from .streaming import StreamBuffers
-from .task_vectors import (
-    DeltaStack,
-    LowRankDelta,
-    MergePlan,
-    ModelSpec,
-    StreamedDelta,
-    load_task_specific,
-    load_task_vectors,
-)
+from .deltas import DeltaStack, LowRankDelta, StreamedDelta, load_task_vectors
+from .task_vectors import MergePlan, ModelSpec, load_task_specific
 
 EVAL_BATCH = 32
 Objective = Literal["supervised", "entropy"]

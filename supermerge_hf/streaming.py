@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .task_vectors import DeltaStack, LowRankDelta, MergePlan, ModelSpec, StreamedDelta
+from .deltas import DeltaStack, LowRankDelta, StreamedDelta
+from .task_vectors import MergePlan, ModelSpec
 
 
 class StreamBuffers:

@@ -189,7 +189,7 @@ def test_hierarchical_with_one_group_is_flat(llama_family):
 
 def test_streaming_holds_one_merged_model(bert_family):
     """Streaming keeps no base and no task vector, and writes every step's merge into the same tensors."""
-    from supermerge_hf.task_vectors import LazyTensors, StreamedDelta
+    from supermerge_hf.deltas import LazyTensors, StreamedDelta
 
     merger = make_merger(bert_family, streaming=True)
     fm = merger.functional
