@@ -249,14 +249,28 @@ def run_child(spec: dict, wait_s: float) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def plan_estimate(base: Path, sources: list[Path], mode: str, k: int) -> float:
-    """The estimate for one run, from headers only (used to wait for enough free memory)."""
+def plan_estimate(base: Path, sources: list[Path], mode: str, k: int, *, copies: bool = False) -> float:
+    """The estimate for one run (host MB, or model copies), from headers only."""
     from supermerge_hf import SuperMergeConfig, SuperMerger
     from supermerge_hf.estimate import estimate
 
     config = SuperMergeConfig(base=str(base), sources=[{"task": f"task{i}", "path": str(p)}
                                                        for i, p in enumerate(sources[:k])])
-    return next(e.host_mb for e in estimate(SuperMerger(config).plan, group_size=GROUP_SIZE) if e.mode == mode)
+    found = next(e for e in estimate(SuperMerger(config).plan, group_size=GROUP_SIZE) if e.mode == mode)
+    return found.copies if copies else found.host_mb
+
+
+def reestimate(args: argparse.Namespace, base: Path, sources: list[Path]) -> None:
+    """Recompute the estimate columns of the results (headers only, no run) after `estimate.py` changed."""
+    result = json.loads(args.output.read_text())
+    for row in result["scaling"]:
+        row["estimated_mb"] = round(plan_estimate(base, sources, row["mode"], row["num_sources"]), 1)
+        row["estimated_copies"] = round(plan_estimate(base, sources, row["mode"], row["num_sources"], copies=True), 2)
+    result["targets"] = targets(result["scaling"], result.get("skipped", []))
+    result["estimates_recomputed"] = "by `python benchmarks/memory.py --reestimate` (headers only) after the runs"
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result["scaling"]))
+    print(json.dumps(result["targets"], indent=1))
 
 
 def targets(rows: list[dict], skipped: list[dict]) -> dict:
@@ -317,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                         "only the rows of the modes and K run now).")
     parser.add_argument("--resume", action="store_true", help="Skip the runs already in the results file.")
     parser.add_argument("--cleanup", action="store_true", help="Delete the checkpoints at the end.")
+    parser.add_argument("--reestimate", action="store_true", help="Only recompute the estimates of the results "
+                        "file from the checkpoints' headers (after a change of supermerge_hf/estimate.py).")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tiny and args.workdir == DEFAULT_WORKDIR:
@@ -332,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"memory.{'TINY' if args.tiny else 'MODEL'})"], check=True)
     base = args.workdir / "base"
     sources = [args.workdir / f"finetune{i}" for i in range(max(args.ks))]
+    if args.reestimate:
+        reestimate(args, base, sources)
+        return 0
     rows, skipped = [], []
     done = set()
     if args.resume and args.output.is_file():  # the runs already in the results (e.g. after an interruption)

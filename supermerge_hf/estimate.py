@@ -58,7 +58,7 @@ def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size:
 
     At the peak of a step the process holds the base and the merged tensors (2 copies; each gradient is folded
     into dL/dc and freed as backward produces it), plus the task vectors: all S (flat), at most `group_size`
-    (hierarchical). Streaming holds only the merged tensors: the base and the fine-tunes are re-read tensor by
+    (hierarchical, plus one copy while a level's merge is saved). Streaming holds only the merged tensors: the base and the fine-tunes are re-read tensor by
     tensor into two scratch tensors of the largest shape. Host memory adds the process itself and what the
     allocator keeps of freed tensors (`ALLOCATOR_SLACK`).
     """
@@ -66,7 +66,10 @@ def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size:
     model_mb = numel * torch.finfo(dtype).bits / 8 / 2**20
     sources = sorted((_source_mb(s, model_mb) for s in plan.sources), reverse=True)
     largest = max(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged) * model_mb / numel
-    held = {"flat": model_mb + sum(sources), "hierarchical": model_mb + sum(sources[:group_size]),
+    # a hierarchical run with more sources than group_size also saves each group's merge between levels (the
+    # merged tensors and the model they are loaded into: one copy more than learning holds)
+    levels_mb = model_mb if len(sources) > group_size else 0.0
+    held = {"flat": model_mb + sum(sources), "hierarchical": model_mb + sum(sources[:group_size]) + levels_mb,
             "streaming": 2 * largest}  # the base, then the task vectors; streaming: two read scratch tensors
     out = []
     for mode in MODES:

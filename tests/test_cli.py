@@ -126,7 +126,7 @@ def write_recipe(family, folder: Path, **extra) -> Path:
     return folder / "recipe.yaml"
 
 
-def test_estimate_prints_every_mode_and_picks_one(bert_family, tmp_path, capsys):
+def test_estimate_prints_every_mode_and_picks_one(bert_family, llama_family, tmp_path, capsys):
     from supermerge_hf import SuperMerger
     from supermerge_hf.estimate import estimate, pick_mode
 
@@ -134,9 +134,10 @@ def test_estimate_prints_every_mode_and_picks_one(bert_family, tmp_path, capsys)
     assert main(["estimate", str(recipe), "--max-memory", "100GB"]) == 0
     out = capsys.readouterr().out
     assert all(mode in out for mode in ("flat", "hierarchical", "streaming")) and "use flat" in out
-    merger = SuperMerger(SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list()))
+    merger = SuperMerger(SuperMergeConfig(base=str(llama_family.base), sources=llama_family.source_list()))
     flat, hier, stream = estimate(merger.plan, group_size=1)
-    assert flat.copies == 4 and hier.copies == 3 and stream.copies < 2  # 2 + S, 2 + g, 1 + 2 tensors
+    assert flat.copies == 5 and hier.copies == 4 and stream.copies < 2  # 2 + S, 3 + g, 1 + 2 tensors
+    assert estimate(merger.plan, group_size=3)[1].copies == 5  # one group: the flat merge
     assert flat.host_mb > hier.host_mb > stream.host_mb
     assert pick_mode([flat, hier, stream], (hier.host_mb + stream.host_mb) / 2) == "streaming"
     assert pick_mode([flat, hier, stream], (flat.host_mb + hier.host_mb) / 2) == "hierarchical"
