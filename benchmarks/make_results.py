@@ -145,7 +145,9 @@ def main() -> None:
         ("Examples per task (seed 0)", sweep_markdown(methods["individual"]["per_task"], tasks)
          if "individual" in methods else None),
         ("Flat vs hierarchical vs streaming SuperMerge (seed 0)",
-         table_markdown(d["methods"], tasks) if (d := load("text5_memory_modes.json")) else None),
+         table_markdown({m: r for m, r in d["methods"].items() if m.startswith("supermerge") and m not in
+                         ("supermerge_none", "supermerge_block") or m == "individual"}, tasks)
+         if (d := load("text5_memory_modes.json")) else None),
         ("LoRA variant (LoRA fine-tunes r=8 as sources)",
          table_markdown(d["methods"], tasks) if (d := load("lora/text5.json")) else None),
         ("Speed", speed_markdown(d) if (d := load("speed.json")) else None),
