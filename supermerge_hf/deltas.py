@@ -145,8 +145,20 @@ def load_task_vectors(
         theta_p = lazy[name]  # (*shape)
         if not streaming:
             base[name] = theta_p
+        if not streaming and all(type(s) is ModelSpec for s in plan.sources):  # full fine-tunes: one stack
+            deltas[name] = DeltaStack.from_dense(_dense_stack(plan.sources, name, theta_p))
+            continue
         parts = [StreamedDelta(s, name, lazy) if streaming and isinstance(s, ModelSpec) else s.delta(name, theta_p)
                  for s in plan.sources]
         parts = [p.to(device=device, dtype=dtype) if p is not None else None for p in parts]
         deltas[name] = DeltaStack(theta_p.shape, parts)
     return base, deltas
+
+
+def _dense_stack(sources: list[ModelSpec], name: str, base: torch.Tensor) -> torch.Tensor:
+    """The task vectors of one tensor `(S, *shape)`, each fine-tune read straight into its row and the base
+    subtracted in place: no per-source temporary, so loading leaves nothing for the allocator to fragment."""
+    stacked = torch.empty((len(sources), *base.shape), dtype=base.dtype, device=base.device)
+    for row, source in zip(stacked, sources):
+        source.read_tensor(name, out=row).sub_(base)
+    return stacked

@@ -9,14 +9,12 @@ import torch
 
 from .task_vectors import MergePlan, ModelSpec
 
-# Measured with `benchmarks/memory.py` (random BERT-large, 1278 MB a copy, K = 2, 4, 8 sources, CPU):
-# the process holds ~380 MB after importing python + torch + transformers + accelerate, and ~630-770 MB besides
-# the model-sized tensors at the peak of learning (skeletons' buffers, heads, activations, autograd, Accelerate),
-# measured with MALLOC_MMAP_THRESHOLD_ set so that only live memory counts.
-PROCESS_MB = 650.0
-# With glibc's default settings, model-sized tensors freed every step (merged weights, gradients, re-read task
-# vectors) stay partly in the heap: the peak RSS is 1.15-1.33x (fit: 1.21x) the tensors actually live.
-ALLOCATOR_SLACK = 1.2
+# Measured with `benchmarks/memory.py` (random BERT-large, 1278 MB a copy, K = 2 sources, CPU): besides the
+# model-sized tensors, the process holds ~380 MB after importing python + torch + transformers + accelerate and
+# ~600 MB at the peak of learning (skeletons' buffers, heads, activations, autograd, Accelerate). Learning
+# allocates nothing model-sized after its first step and hands freed memory back between hierarchical groups,
+# so the allocator adds nothing proportional to the model.
+PROCESS_MB = 600.0
 MODES = ("flat", "hierarchical", "streaming")
 
 
@@ -58,23 +56,20 @@ def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size:
 
     At the peak of a step the process holds the base and the merged tensors (2 copies; each gradient is folded
     into dL/dc and freed as backward produces it), plus the task vectors: all S (flat), at most `group_size`
-    (hierarchical, plus one copy while a level's merge is saved). Streaming holds only the merged tensors: the base and the fine-tunes are re-read tensor by
-    tensor into two scratch tensors of the largest shape. Host memory adds the process itself and what the
-    allocator keeps of freed tensors (`ALLOCATOR_SLACK`).
+    (hierarchical: a level's merge is saved after its task vectors are freed). Streaming holds only the merged
+    tensors: the base and the fine-tunes are re-read tensor by tensor into two scratch tensors of the largest
+    shape. Host memory adds the process itself (`PROCESS_MB`).
     """
     numel = sum(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged)
     model_mb = numel * torch.finfo(dtype).bits / 8 / 2**20
     sources = sorted((_source_mb(s, model_mb) for s in plan.sources), reverse=True)
     largest = max(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged) * model_mb / numel
-    # a hierarchical run with more sources than group_size also saves each group's merge between levels (the
-    # merged tensors and the model they are loaded into: one copy more than learning holds)
-    levels_mb = model_mb if len(sources) > group_size else 0.0
-    held = {"flat": model_mb + sum(sources), "hierarchical": model_mb + sum(sources[:group_size]) + levels_mb,
+    held = {"flat": model_mb + sum(sources), "hierarchical": model_mb + sum(sources[:group_size]),
             "streaming": 2 * largest}  # the base, then the task vectors; streaming: two read scratch tensors
     out = []
     for mode in MODES:
         tensors_mb = model_mb + held[mode]
-        host = PROCESS_MB + (0.0 if on_device else ALLOCATOR_SLACK * tensors_mb)
+        host = PROCESS_MB + (0.0 if on_device else tensors_mb)
         out.append(Estimate(mode, tensors_mb / model_mb, host, tensors_mb if on_device else 0.0))
     return out
 

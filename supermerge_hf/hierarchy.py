@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .deltas import LowRankDelta
+from .memory import release_memory
 from .task_vectors import ModelSpec, build_plan
 
 if TYPE_CHECKING:
@@ -119,8 +120,10 @@ def fit_hierarchical(merger: SuperMerger, data: dict[str, list[Example]]) -> Non
                     return
                 folder = Path(workdir) / f"level{level}-group{g}"
                 sub._functional = None  # drop this group's task vectors before building its checkpoint
+                release_memory()
                 sub.merge_and_unload().save_pretrained(folder)
                 next_units.append(Unit("(" + "+".join(u.name for u in members) + ")", ModelSpec.from_folder(folder),
                                        tasks))
                 del sub
+                release_memory()  # else glibc keeps this group's freed tensors and the next group adds its own
             units = next_units

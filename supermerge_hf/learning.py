@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .coefficients import CoefficientModule, transform
 from .data_free import LAMBDA_GRID, ties_trimmed
 from .examples import BatchSampler, Example, split_holdout
+from .memory import release_memory
 from .objectives import FunctionalMerge
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ def learn(merger: SuperMerger, data: dict[str, list[Example]], objective: str) -
     tasks = plan.tasks
     splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in tasks}
     trim = ties_trimmed if merger.method.name == "adamerging_plus" else None
+    merger._functional = None  # one that an earlier call built is freed before this one loads
+    release_memory()
     fm = merger._functional = FunctionalMerge(plan, dtype=merger.dtype, device=acc.device, delta_transform=trim,
                                             streaming=cfg.streaming)
     scale = loss_scale(merger, fm, {t: s[0] for t, s in splits.items()})

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .examples import Example, collate
-from .streaming import StreamBuffers
 from .deltas import DeltaStack, LowRankDelta, StreamedDelta, load_task_vectors
+from .memory import MergeBuffers
 from .task_vectors import MergePlan, ModelSpec, load_task_specific
 
 EVAL_BATCH = 32
@@ -85,8 +85,8 @@ class FunctionalMerge:
         streaming: bool = False,
     ) -> None:
         self.plan, self.device, self.streaming = plan, device, streaming
-        self.stream = StreamBuffers(plan, dtype=dtype, device=device) if streaming else None
         self.base, self.deltas = load_task_vectors(plan, dtype=dtype, device=device, streaming=streaming)
+        self.buffers = MergeBuffers(plan, dtype=dtype, device=device, base=None if streaming else self.base)
         if delta_transform is not None:  # e.g. TIES trimming for AdaMerging++
             self.deltas = {n: DeltaStack.from_dense(delta_transform(d.dense())) for n, d in self.deltas.items()}
         self.models = {t: skeleton(s, device, dtype) for t, s in plan.task_specs.items()}
@@ -135,21 +135,25 @@ class FunctionalMerge:
     def merged_params(self, c: torch.Tensor) -> Merged:
         """Merged tensors for coefficients `c` `(S, G)` (already transformed); differentiable in `c`.
 
-        LoRA-targeted layers keep the base weight here and get their low-rank update in the forward. Streaming
-        with `c` not requiring grad writes into reused tensors, overwritten by the next call.
+        LoRA-targeted layers keep the base weight here and get their low-rank update in the forward. With `c`
+        not requiring grad the merge is written into reused tensors (`memory.MergeBuffers`), overwritten by the
+        next call: use the result before merging again.
         """
-        if self.stream is not None and not c.requires_grad:
-            merged = Merged(self.stream.merge(self.dense_deltas, c))
+        if not c.requires_grad:
+            merged = Merged(self.buffers.merge(self.dense_deltas, c))
         else:
             merged = self._merge(self.dense_deltas, c)
         merged.lowrank_c = c if self.lowrank else None
         return merged
 
     def dense_merge(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every merged tensor formed densely (LoRA layers included): what is saved as the merged model."""
-        if self.stream is not None:
-            self.stream.release()  # one merged model at a time
-        return dict(self._merge(self.deltas, c))
+        """Every merged tensor formed densely (LoRA layers included): what is saved as the merged model.
+
+        Written into learning's merged tensors, which the caller then owns: one merged model at a time.
+        """
+        merged = self.buffers.merge(self.deltas, c.detach())
+        self.buffers.hand_over()
+        return merged
 
     def _merge(self, deltas: dict[str, DeltaStack], c: torch.Tensor) -> Merged:
         merged = Merged()
@@ -254,6 +258,8 @@ class FunctionalMerge:
         finally:
             for hook in hooks:
                 hook.remove()
+            for name in leaves:
+                merged[name].requires_grad_(False)
         if c_lowrank is not None and c_lowrank.grad is not None:  # the LoRA layers' part, by autograd through c
             grad_c += c_lowrank.grad.float()
         return grad_c, losses
@@ -263,7 +269,7 @@ class FunctionalMerge:
         group, stack = self.plan.group_index[name], self.dense_deltas[name]
 
         def hook(tensor: torch.Tensor) -> None:
-            inner = self.stream.inner(name, stack, tensor.grad) if self.stream else stack.inner(tensor.grad)  # (S,)
+            inner = self.buffers.inner(name, stack, tensor.grad)  # (S,)
             grad_c[:, group] += inner.to(grad_c.device)
             tensor.grad = None
 

@@ -206,6 +206,25 @@ def test_streaming_holds_one_merged_model(bert_family):
         torch.testing.assert_close(values[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_flat_reuses_merged_tensors_and_hands_over_the_final_merge(bert_family):
+    """Each step's merge goes into the same tensors (no model-sized allocation per step); the final merge is the
+    caller's: a later merge does not overwrite it."""
+    merger = make_merger(bert_family).fit(family_examples(bert_family))
+    fm, S, G = merger.functional, merger.plan.num_sources, len(merger.plan.groups)
+    kept = {n: t.clone() for n, t in merger.merged_tensors.items()}
+    first = fm.merged_params(torch.full((S, G), 0.3))
+    pointers = {n: t.data_ptr() for n, t in first.items()}
+    assert not pointers.keys() & {t.data_ptr() for t in merger.merged_tensors.values()} - {
+        fm.base[n].data_ptr() for n in fm.base}
+    second = fm.merged_params(torch.full((S, G), -0.2))
+    assert {n: t.data_ptr() for n, t in second.items()} == pointers
+    for name, tensor in second.items():
+        expected = fm.base[name] - 0.2 * fm.deltas[name].dense().sum(0)
+        torch.testing.assert_close(tensor, expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(merger.merged_tensors[name], kept[name]), name
+        assert not merger.merged_tensors[name].requires_grad
+
+
 def test_read_tensor_into_a_given_tensor(bert_family):
     from supermerge_hf.task_vectors import ModelSpec
 
