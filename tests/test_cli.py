@@ -161,3 +161,14 @@ def test_other_methods_from_the_cli(method, bert_family, tmp_path):
     assert main(["merge", str(recipe)]) == 0
     assert SuperMergeConfig.from_pretrained(tmp_path / "out").method == method
     assert AutoModel.from_pretrained(tmp_path / "out")(torch.tensor([[2, 5, 6, 3]])).last_hidden_state.shape == (1, 4, 32)
+
+
+@pytest.mark.parametrize("mode", [{"streaming": True}, {"hierarchical": {"group_size": 2, "grouping": "similarity"}}])
+def test_memory_modes_from_the_cli(mode, bert_family, tmp_path):
+    recipe = write_recipe(bert_family, tmp_path, output_dir=str(tmp_path / "out"), **mode)
+    assert main(["merge", str(recipe), "--max-memory", "100GB"]) == 0
+    saved = SuperMergeConfig.from_pretrained(tmp_path / "out")
+    assert (saved.streaming, saved.hierarchical) == (mode.get("streaming", False), mode.get("hierarchical"))
+    assert (tmp_path / "out" / "hierarchy.json").is_file() == ("hierarchical" in mode)
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    assert model(torch.tensor([[2, 5, 6, 3]])).last_hidden_state.shape == (1, 4, 32)
