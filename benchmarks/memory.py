@@ -176,7 +176,7 @@ def child(spec: dict) -> dict:
     import transformers  # noqa: F401
 
     from supermerge_hf import SuperMergeConfig, SuperMerger
-    from supermerge_hf.estimate import PROCESS_MB, estimate
+    from supermerge_hf.estimate import IMPORT_MB, TRANSIENT_COPIES, estimate
 
     import_rss = rss_mb()
     if spec.get("rss_limit_mb"):
@@ -208,7 +208,7 @@ def child(spec: dict) -> dict:
         "estimated_copies": round(estimates[mode].copies, 2),
         "startup_rss_mb": round(start_rss, 1),
         "import_rss_mb": round(import_rss, 1),  # python + torch + transformers + accelerate + supermerge_hf
-        "process_mb_in_estimate": PROCESS_MB,
+        "process_mb_in_estimate": round(IMPORT_MB + TRANSIENT_COPIES * numel * 4 / 2**20, 1),
         "parameters": numel,
     }
     if tracer is not None:
@@ -262,10 +262,13 @@ def plan_estimate(base: Path, sources: list[Path], mode: str, k: int, *, copies:
 
 def reestimate(args: argparse.Namespace, base: Path, sources: list[Path]) -> None:
     """Recompute the estimate columns of the results (headers only, no run) after `estimate.py` changed."""
+    from supermerge_hf.estimate import IMPORT_MB, TRANSIENT_COPIES
+
     result = json.loads(args.output.read_text())
     for row in result["scaling"]:
         row["estimated_mb"] = round(plan_estimate(base, sources, row["mode"], row["num_sources"]), 1)
         row["estimated_copies"] = round(plan_estimate(base, sources, row["mode"], row["num_sources"], copies=True), 2)
+        row["process_mb_in_estimate"] = round(IMPORT_MB + TRANSIENT_COPIES * row["model_mb"], 1)
     result["targets"] = targets(result["scaling"], result.get("skipped", []))
     result["estimates_recomputed"] = "by `python benchmarks/memory.py --reestimate` (headers only) after the runs"
     args.output.write_text(json.dumps(result, indent=1) + "\n")

@@ -9,12 +9,13 @@ import torch
 
 from .task_vectors import MergePlan, ModelSpec
 
-# Measured with `benchmarks/memory.py` (random BERT-large, 1278 MB a copy, K = 2 sources, CPU): besides the
-# model-sized tensors, the process holds ~380 MB after importing python + torch + transformers + accelerate and
-# ~600 MB at the peak of learning (skeletons' buffers, heads, activations, autograd, Accelerate). Learning
-# allocates nothing model-sized after its first step and hands freed memory back between hierarchical groups,
-# so the allocator adds nothing proportional to the model.
-PROCESS_MB = 600.0
+# Measured with `benchmarks/memory.py` and `benchmarks/lora_memory.py` (CPU): the process holds ~380 MB after
+# importing python + torch + transformers + accelerate, and at the peak of learning ~0.17 of a model copy besides
+# the model-sized tensors (a tensor's gradient, activations, heads, skeleton buffers: 217 MB for a 1278 MB
+# BERT-large, K = 2). Learning allocates nothing model-sized after its first step and hands freed memory back
+# between hierarchical groups, so the allocator adds nothing more.
+IMPORT_MB = 380.0
+TRANSIENT_COPIES = 0.17
 MODES = ("flat", "hierarchical", "streaming")
 
 
@@ -58,7 +59,7 @@ def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size:
     into dL/dc and freed as backward produces it), plus the task vectors: all S (flat), at most `group_size`
     (hierarchical: a level's merge is saved after its task vectors are freed). Streaming holds only the merged
     tensors: the base and the fine-tunes are re-read tensor by tensor into two scratch tensors of the largest
-    shape. Host memory adds the process itself (`PROCESS_MB`).
+    shape. Host memory adds the process itself (`IMPORT_MB`) and its transients (`TRANSIENT_COPIES`).
     """
     numel = sum(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged)
     model_mb = numel * torch.finfo(dtype).bits / 8 / 2**20
@@ -69,8 +70,9 @@ def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size:
     out = []
     for mode in MODES:
         tensors_mb = model_mb + held[mode]
-        host = PROCESS_MB + (0.0 if on_device else tensors_mb)
-        out.append(Estimate(mode, tensors_mb / model_mb, host, tensors_mb if on_device else 0.0))
+        peak_mb = tensors_mb + TRANSIENT_COPIES * model_mb  # on the device when learning runs there
+        out.append(Estimate(mode, tensors_mb / model_mb, IMPORT_MB + (0.0 if on_device else peak_mb),
+                            peak_mb if on_device else 0.0))
     return out
 
 
