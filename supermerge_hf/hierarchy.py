@@ -37,16 +37,20 @@ class Unit:
     tasks: list[str]
 
 
+SIMILARITY_CHUNK = 2**20  # elements per float64 product: (K, chunk) at a time, not (K, n)
+
+
 def cosine_similarity(base: ModelSpec, specs: list, names: list[str]) -> torch.Tensor:
-    """Cosine similarity `(K, K)` of the flattened task vectors, accumulated one tensor at a time."""
+    """Cosine similarity `(K, K)` of the flattened task vectors, accumulated one tensor (and chunk) at a time."""
     gram = torch.zeros(len(specs), len(specs), dtype=torch.float64)
     for name in names:
         theta = base.read_tensor(name).float()
         parts = [s.delta(name, theta) for s in specs]
         rows = [torch.zeros(theta.numel()) if p is None else
                 (p.dense() if isinstance(p, LowRankDelta) else p).flatten().float() for p in parts]
-        stacked = torch.stack(rows).double()  # (K, n)
-        gram += stacked @ stacked.T
+        for start in range(0, theta.numel(), SIMILARITY_CHUNK):
+            chunk = torch.stack([r[start : start + SIMILARITY_CHUNK] for r in rows]).double()  # (K, chunk)
+            gram += chunk @ chunk.T
     norms = gram.diag().sqrt().clamp(min=1e-30)
     return gram / torch.outer(norms, norms)
 

@@ -253,6 +253,19 @@ def test_hierarchical_levels(llama_family, grouping, tmp_path):
     assert (tmp_path / "merged" / "hierarchy.json").is_file()
 
 
+def test_cosine_similarity_equals_that_of_the_whole_task_vectors(llama_family, monkeypatch):
+    from supermerge_hf import hierarchy
+
+    monkeypatch.setattr(hierarchy, "SIMILARITY_CHUNK", 100)  # several chunks per tensor
+    merger = make_merger(llama_family)
+    plan = merger.plan
+    base = canonical_state(llama_family.base, "model")
+    flat = torch.stack([torch.cat([(canonical_state(p, "model")[n] - base[n]).flatten() for n in plan.merged])
+                        for p in llama_family.sources.values()]).double()  # (K, all merged elements)
+    expected = torch.nn.functional.cosine_similarity(flat[:, None], flat[None], dim=-1)
+    torch.testing.assert_close(hierarchy.cosine_similarity(plan.base, plan.sources, plan.merged), expected)
+
+
 def test_similarity_grouping_pairs_the_most_similar():
     from supermerge_hf.hierarchy import partition
 
