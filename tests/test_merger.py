@@ -44,6 +44,22 @@ def test_merged_equals_formula(bert_family, granularity):
     assert sorted(merger.plan.task_specific["sst"]) == ["classifier.bias", "classifier.weight"]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bfloat16_merge_of_full_finetunes(bert_family, streaming):
+    """In bfloat16 the merge is the formula on the bfloat16 weights, up to bfloat16 rounding of the sum."""
+    merger = make_merger(bert_family, dtype="bfloat16", streaming=streaming).fit(family_examples(bert_family))
+    base = {n: t.to(torch.bfloat16).float() for n, t in canonical_state(bert_family.base, "bert").items()}
+    sources = [{n: t.to(torch.bfloat16).float() for n, t in canonical_state(p, "bert").items()}
+               for p in bert_family.sources.values()]
+    c = merger.coefficients.values
+    for name, merged in merger.merged_tensors.items():
+        assert merged.dtype == torch.bfloat16, name
+        g = merger.plan.group_index[name]
+        change = sum(c[i, g] * (src[name] - base[name]) for i, src in enumerate(sources))
+        error = (merged.float() - base[name] - change).abs()
+        assert float(error.max()) <= 2**-7 * float((base[name] + change).abs().max()) + 1e-6, name
+
+
 def test_block_groups_follow_the_model(bert_family):
     merger = make_merger(bert_family, granularity="block")
     assert merger.plan.groups == ["embeddings", "encoder.layer.0", "encoder.layer.1", "pooler"]
