@@ -43,9 +43,6 @@ class StreamedDelta:
         """finetune - base, from a fresh read; pass the base tensor when it is already at hand."""
         return self.source.delta(self.name, self.base[self.name] if base is None else base)
 
-    def inner(self, grad: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.dot(self.dense(base).flatten().float(), grad.flatten().float())
-
     def to(self, **kwargs) -> StreamedDelta:
         return self  # read on the base's device and dtype
 
@@ -107,15 +104,11 @@ class DeltaStack:
         # no source changes it: a 0-dim zero (broadcasts, keeps the base's dtype, stays differentiable in c)
         return out if out is not None else torch.zeros((), device=c.device) * c.sum()
 
-    def inner(self, grad: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        """<grad, tau_i> for every source, `(S,)` float32 (`base`: the base tensor, for streamed parts)."""
+    def inner(self, grad: torch.Tensor) -> torch.Tensor:
+        """<grad, tau_i> for every source, `(S,)` float32 (streamed parts: `memory.MergeBuffers.inner`)."""
         if self.stacked is not None:
             return self.stacked.flatten(1).float() @ grad.flatten().float()  # (S,)
-        values = [torch.zeros((), device=grad.device) if p is None else
-                  ((p.float() * grad.float()).sum() if isinstance(p, torch.Tensor) else
-                   p.inner(grad.float(), base) if isinstance(p, StreamedDelta) else p.inner(grad.float()))
-                  for p in self.parts]
-        return torch.stack(values).float()
+        return torch.stack([part_inner(p, grad) for p in self.parts])
 
     def dense(self) -> torch.Tensor:
         """All task vectors as one `(S, *shape)` tensor (what data-free methods take)."""
@@ -125,6 +118,15 @@ class DeltaStack:
         zeros = lambda: torch.zeros(self.shape, dtype=ref.dtype if ref is not None else torch.float32)  # noqa: E731
         return torch.stack([zeros() if p is None else (p if isinstance(p, torch.Tensor) else p.dense())
                             for p in self.parts])
+
+
+def part_inner(part: torch.Tensor | LowRankDelta | None, grad: torch.Tensor) -> torch.Tensor:
+    """<grad, tau> of one source's dense or low-rank task vector (0 for None), float32."""
+    if part is None:
+        return torch.zeros((), device=grad.device)
+    if isinstance(part, LowRankDelta):
+        return part.inner(grad.float()).float()
+    return torch.dot(part.flatten().float(), grad.flatten().float())
 
 
 def load_task_vectors(

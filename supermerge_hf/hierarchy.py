@@ -124,10 +124,9 @@ def fit_hierarchical(merger: SuperMerger, data: dict[str, list[Example]]) -> Non
                     return
                 folder = Path(workdir) / f"level{level}-group{g}"
                 sub._functional = None  # drop this group's task vectors before building its checkpoint
-                release_memory()
+                release_memory()  # else glibc keeps them, and the checkpoint and the next group come on top
                 sub.merge_and_unload().save_pretrained(folder)
                 next_units.append(Unit("(" + "+".join(u.name for u in members) + ")", ModelSpec.from_folder(folder),
                                        tasks))
-                del sub
-                release_memory()  # else glibc keeps this group's freed tensors and the next group adds its own
+                del sub  # its memory goes back to the OS when the next group's `learn` starts
             units = next_units

@@ -36,7 +36,7 @@ def learn(merger: SuperMerger, data: dict[str, list[Example]], objective: str) -
     tasks = plan.tasks
     splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in tasks}
     trim = ties_trimmed if merger.method.name == "adamerging_plus" else None
-    merger._functional = None  # one that an earlier call built is freed before this one loads
+    merger._functional = None  # an earlier one (or a finished hierarchical group) goes back to the OS first
     release_memory()
     fm = merger._functional = FunctionalMerge(plan, dtype=merger.dtype, device=acc.device, delta_transform=trim,
                                             streaming=cfg.streaming)

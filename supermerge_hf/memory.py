@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .deltas import DeltaStack, LowRankDelta, StreamedDelta
+from .deltas import DeltaStack, LowRankDelta, StreamedDelta, part_inner
 from .task_vectors import MergePlan, ModelSpec
 
 
@@ -83,22 +83,12 @@ class MergeBuffers:
         return out
 
     def inner(self, name: str, stack: DeltaStack, grad: torch.Tensor) -> torch.Tensor:
-        """<grad, tau_i> for every source `(S,)` float32, streamed parts read into the scratch."""
+        """<grad, tau_i> for every source `(S,)` float32, streamed parts read into the scratch one at a time."""
         if not any(isinstance(p, StreamedDelta) for p in stack.parts):
             return stack.inner(grad)
         base = self.read(self.plan.base, name, 0)
-        values = []
-        for part in stack.parts:
-            if part is None:
-                values.append(torch.zeros((), device=grad.device))
-            elif isinstance(part, StreamedDelta):
-                delta = self.read(part.source, name, 1).sub_(base)
-                values.append(torch.dot(delta.flatten().float(), grad.flatten().float()))
-            elif isinstance(part, LowRankDelta):
-                values.append(part.inner(grad.float()))
-            else:
-                values.append(torch.dot(part.flatten().float(), grad.flatten().float()))
-        return torch.stack(values).float()
+        return torch.stack([part_inner(self.read(p.source, name, 1).sub_(base) if isinstance(p, StreamedDelta)
+                                       else p, grad) for p in stack.parts])
 
     def hand_over(self) -> None:
         """Forget the merged tensors: the caller keeps the last merge, the next `merge` allocates anew."""
