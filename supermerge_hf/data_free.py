@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from .examples import Example
-from .methods import MergeMethod, elect_sign, magnitude_thresholds, trim
+from .methods import MergeMethod
 from .objectives import FunctionalMerge
+from .sparsify import elect_sign, magnitude_thresholds, trim
 from .deltas import DeltaStack
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from transformers import AutoModel
 from supermerge_hf import METHODS, SuperMergeConfig, SuperMerger, load_task_model
 from supermerge_hf.data_free import LAMBDA_GRID
 from supermerge_hf.examples import as_examples
-from supermerge_hf.methods import magnitude_thresholds, ties
+from supermerge_hf.methods import ties
+from supermerge_hf.sparsify import magnitude_thresholds
 
 from .conftest import family_examples
 

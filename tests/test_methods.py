@@ -9,11 +9,11 @@ from supermerge_hf.methods import (
     dare_ties,
     get_method,
     magnitude_prune,
-    magnitude_thresholds,
     register_method,
     task_arithmetic,
     ties,
 )
+from supermerge_hf.sparsify import magnitude_thresholds
 
 # Three sources, four entries. Trimmed to density 0.5 per tensor (k = 2 per source):
 #   [[ 6,  0,  0, -3],
