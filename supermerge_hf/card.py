@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-if TYPE_CHECKING:
-    from .coefficients import Coefficients
-    from .merger import SuperMerger
+from .plan import block_name
+from .results import Coefficients, MergeResult
 
 logger = logging.getLogger(__name__)
 
 HEATMAP_NAME = "coefficients.png"
 MAX_TABLE_GROUPS = 40  # above this the full table is only in coefficients.json
-_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # "encoder.layer.3.attention..." -> "encoder.layer.3"
-_ATOMIC = re.compile(r"^\.(.+)\.tmp-[^.]+$")  # outputs.atomic_output_dir writes into ".NAME.tmp-<random>" first
 
 
 def _source_cell(path: str, repo_id: str | None) -> str:
     return f"[`{repo_id}`](https://huggingface.co/{repo_id})" if repo_id else f"`{path}` (local folder)"
 
 
-def _recipe(merger: SuperMerger) -> str:
+def _recipe(result: MergeResult) -> str:
     """The config as YAML, without the outputs the merger adds (`merge_info`); it never holds a token."""
-    data = {k: v for k, v in merger.config.to_dict().items() if k != "merge_info"}
+    data = {k: v for k, v in result.config.to_dict().items() if k != "merge_info"}
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -43,7 +39,7 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
              "learning; `train`: no hold-out was configured).", "",
              f"| task | examples | {head} |", "|---|---|" + "---|---|" * len(keys)]
     for task, m in metrics.items():
-        cells = [f"{m[side][k]:.4f}" if k in m[side] else "-" for k in keys for side in ("finetune", "merged")]
+        cells = [f"{m[side][k]:.4f}" if k in (m[side] or {}) else "-" for k in keys for side in ("finetune", "merged")]
         lines.append(f"| {task} | {m['examples']} ({m['count']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n"
 
@@ -56,8 +52,7 @@ def heatmap_table(coefficients: Coefficients) -> tuple[list[str], torch.Tensor]:
     """
     blocks: dict[str, list[int]] = {}
     for g, name in enumerate(coefficients.groups):
-        match = _BLOCK.match(name)
-        blocks.setdefault(match[1] if match else name.split(".", 1)[0], []).append(g)
+        blocks.setdefault(block_name(name), []).append(g)
     values = torch.stack([coefficients.values[:, idx].mean(dim=1) for idx in blocks.values()], dim=1)  # (S, B)
     return list(blocks), values
 
@@ -73,12 +68,12 @@ def write_heatmap(coefficients: Coefficients, path: str | Path) -> Path | None:
     labels, values = heatmap_table(coefficients)
     values = values.float().numpy()
     limit = 1.0 if coefficients.transform == "tanh" else max(float(abs(values).max()), 1e-8)
-    fig = Figure(figsize=(max(4.0, 0.5 * len(labels) + 2.5), 1.2 + 0.45 * len(coefficients.tasks)))
+    fig = Figure(figsize=(max(4.0, 0.5 * len(labels) + 2.5), 1.2 + 0.45 * len(coefficients.sources)))
     FigureCanvasAgg(fig)  # Agg, never a GUI backend
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(coefficients.tasks)), coefficients.tasks)
+    ax.set_yticks(range(len(coefficients.sources)), coefficients.sources)
     if values.size <= 200:  # small enough to print each value in its cell
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):
@@ -93,15 +88,15 @@ def write_heatmap(coefficients: Coefficients, path: str | Path) -> Path | None:
 
 def _coefficients_section(coefficients: Coefficients, heatmap: bool) -> str:
     lines = ["## Learned coefficients", "", f"Transform `{coefficients.transform}`; "
-             f"{len(coefficients.tasks)} sources x {len(coefficients.groups)} groups.", ""]
+             f"{len(coefficients.sources)} sources x {len(coefficients.groups)} groups.", ""]
     if heatmap:
         lines += [f"![Learned coefficients, sources x blocks]({HEATMAP_NAME})", ""]
     lines += ["| task | mean | min | max |", "|---|---|---|---|"]
-    for task, row in zip(coefficients.tasks, coefficients.values):
-        lines.append(f"| {task} | {row.mean():.4f} | {row.min():.4f} | {row.max():.4f} |")
+    for source, row in zip(coefficients.sources, coefficients.values):
+        lines.append(f"| {source} | {row.mean():.4f} | {row.min():.4f} | {row.max():.4f} |")
     lines.append("")
     if len(coefficients.groups) <= MAX_TABLE_GROUPS:
-        lines += ["| group | " + " | ".join(coefficients.tasks) + " |", "|---|" + "---|" * len(coefficients.tasks)]
+        lines += ["| group | " + " | ".join(coefficients.sources) + " |", "|---|" + "---|" * len(coefficients.sources)]
         for g, group in enumerate(coefficients.groups):
             lines.append(f"| `{group}` | " + " | ".join(f"{v:.4f}" for v in coefficients.values[:, g].tolist()) + " |")
         lines.append("")
@@ -109,42 +104,35 @@ def _coefficients_section(coefficients: Coefficients, heatmap: bool) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def build_model_card(merger: SuperMerger, save_directory: str | Path) -> ModelCard:
+def build_model_card(result: MergeResult, save_directory: str | Path, *, name: str) -> ModelCard:
     """The model card of a merge, and its coefficient heatmap written into `save_directory`.
 
     Metadata: `base_model` lists the sources that are Hub repos, by repo id (local folders are named in the body
-    only: Hub metadata takes model ids, and a local path would publish the machine's layout),
-    `base_model_relation: merge`, `library_name: transformers`, `tags: [merge, supermerge, <method>]`.
-    Body: base and sources with their resolved commits, per-task metrics before and after merging, the coefficient
-    table and heatmap (`coefficients.png`, written when matplotlib is installed and the method learned
-    coefficients), and the recipe.
+    only), `base_model_relation: merge`, `library_name: transformers`, `tags: [merge, supermerge, <method>]`.
+    Body: base and sources with their resolved commits, what `auto` chose, per-task metrics before and after
+    merging, the coefficient table and heatmap (`coefficients.png`, with matplotlib), and the recipe.
 
     Args:
-        merger (`SuperMerger`): A fitted merger.
+        result (`MergeResult`): A finished merge.
         save_directory (`str` or `Path`): The folder the card is saved into (existing).
-
-    Returns:
-        [`~huggingface_hub.ModelCard`]: save it with `card.save(Path(save_directory) / "README.md")`.
+        name (`str`): The name to load the merge by (the final folder name, or the repo id when pushed).
     """
-    cfg, info, folder = merger.config, merger.merge_info(), Path(save_directory)
-    name = _ATOMIC.sub(r"\1", folder.name)
-    data = ModelCardData(
-        base_model=[r.repo_id for r in merger.resolved_sources if r.repo_id] or None,
-        base_model_relation="merge",
-        library_name="transformers",
-        tags=["merge", "supermerge", cfg.method],
-    )
-    base = merger.resolved_base
-    rows = [f"| base | {_source_cell(cfg.base, base.repo_id)} | {cfg.base_revision or '-'} | "
+    cfg, info, folder = result.config, result.merge_info(), Path(save_directory)
+    data = ModelCardData(base_model=[r.repo_id for r in result.sources if r.repo_id] or None,
+                         base_model_relation="merge", library_name="transformers",
+                         tags=["merge", "supermerge", cfg.method])
+    rows = [f"| base | {_source_cell(cfg.base, result.base.repo_id)} | {cfg.base_revision or '-'} | "
             f"{info['base_commit'] or '-'} |"]
-    for s, r in zip(cfg.sources, merger.resolved_sources):
+    for s, r in zip(cfg.sources, result.sources):
         rows.append(f"| {s.task} | {_source_cell(s.path, r.repo_id)} | {s.revision or '-'} | "
                     f"{info['source_commits'][s.task] or '-'} |")
     coefficients = ""
-    if merger.coefficients is not None:
-        heatmap = write_heatmap(merger.coefficients, folder / HEATMAP_NAME) is not None
-        coefficients = _coefficients_section(merger.coefficients, heatmap)
-    heads = [t for t, names in merger.plan.task_specific.items() if names]
+    if result.coefficients is not None:
+        heatmap = write_heatmap(result.coefficients, folder / HEATMAP_NAME) is not None
+        coefficients = _coefficients_section(result.coefficients, heatmap)
+    chosen = "" if not result.chosen else (
+        "Picked on the labelled examples: " + ", ".join(f"`{k}` = {v}" for k, v in result.chosen.items()) + ".\n\n")
+    heads = [t for t, names in result.plan.task_specific.items() if names]
     heads_section = "" if not heads else (
         "\nTasks with their own head (" + ", ".join(f"`{t}`" for t in heads) + ") load as complete models with:\n\n"
         f'```python\nfrom supermerge_hf import load_task_model\n\nmodel = load_task_model("{name}", '
@@ -152,12 +140,12 @@ def build_model_card(merger: SuperMerger, save_directory: str | Path) -> ModelCa
     )
     content = (
         f"---\n{data.to_yaml()}\n---\n\n# Merge of {', '.join(cfg.tasks)}\n\n"
-        f"This model merges {len(cfg.sources)} fine-tunes of {_source_cell(cfg.base, base.repo_id)} with "
+        f"This model merges {len(cfg.sources)} fine-tunes of {_source_cell(cfg.base, result.base.repo_id)} with "
         f"[supermerge_hf](https://arxiv.org/abs/2412.10416) (method: `{cfg.method}`, granularity: "
-        f"`{cfg.granularity}`).\n\n## Sources\n\nThe commit is the exact revision merged (Hub repos).\n\n"
-        "| task | source | revision | commit |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        + _metrics_section(merger.metrics) + coefficients
-        + f"## Recipe\n\n```yaml\n{_recipe(merger)}```\n\n## Loading\n\n```python\nfrom transformers import "
+        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + chosen + "## Sources\n\nThe commit is the "
+        "exact revision merged (Hub repos).\n\n| task | source | revision | commit |\n|---|---|---|---|\n"
+        + "\n".join(rows) + "\n\n" + _metrics_section(result.metrics) + coefficients
+        + f"## Recipe\n\n```yaml\n{_recipe(result)}```\n\n## Loading\n\n```python\nfrom transformers import "
         f'AutoModel\n\nmodel = AutoModel.from_pretrained("{name}")\n```\n{heads_section}'
     )
     return ModelCard(content)

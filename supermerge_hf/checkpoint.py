@@ -1,21 +1,30 @@
-"""Lazy reading of a checkpoint folder: one tensor at a time, sharded or not, safetensors unless told otherwise."""
+"""Checkpoint files: lazy reading of a model folder, one tensor at a time, and safe writing of output folders."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class PickleCheckpointError(ValueError):
@@ -26,18 +35,18 @@ def _weight_map(folder: Path, weights: str, index: str) -> dict[str, str] | None
     if (folder / index).is_file():
         return dict(json.loads((folder / index).read_text())["weight_map"])
     if (folder / weights).is_file():
-        return {}  # filled lazily from the single file's header
+        return {}  # filled from the single file's header
     return None
 
 
 class Checkpoint:
-    """Read-only view of the weights in a model folder.
+    """Read-only view of the weights in a model folder, from the safetensors headers.
 
-    Tensors are read on demand, one at a time; at most one safetensors shard is open. Returned tensors are
-    memory-mapped and alias the file: clone them before any in-place edit.
+    Tensors are read on demand with plain file reads into fresh memory (or into a given tensor): nothing is
+    memory-mapped, so nothing stays resident after a tensor is dropped.
 
     Args:
-        folder (`str` or `Path`): A model folder with `model.safetensors` or `model.safetensors.index.json`.
+        folder (`str` or `Path`): A folder with `model.safetensors` or `model.safetensors.index.json`.
         allow_pickle (`bool`, defaults to `False`): Also accept `pytorch_model.bin` (loaded with
             `weights_only=True`). Only for files you trust.
         weights (`str`, defaults to `"model.safetensors"`): File name of the weights (`adapter_model.safetensors`
@@ -50,9 +59,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path, *, allow_pickle: bool = False, weights: str = SAFE_WEIGHTS) -> None:
         self.folder = Path(folder)
-        self._pickle_state: dict[str, torch.Tensor] | None = None
-        self._open_file: str | None = None
-        self._handle = None
+        self._pickle: dict[str, torch.Tensor] | None = None
         self._headers: dict[str, tuple[dict, int]] = {}
         weight_map = _weight_map(self.folder, weights, weights.replace(".safetensors", ".safetensors.index.json"))
         if weight_map is None:
@@ -61,46 +68,15 @@ class Checkpoint:
                 raise FileNotFoundError(f"No weights in {self.folder}: expected {weights} (or its sharded index).")
             if not allow_pickle:
                 raise PickleCheckpointError(
-                    f"{self.folder} has only pickle .bin weights, which can run code when loaded. Convert it "
-                    "to safetensors, or pass allow_pickle=True if you trust the file."
-                )
-            self._pickle_state = self._load_pickle(pickle_map)
-            weight_map = {name: "" for name in self._pickle_state}
+                    f"{self.folder} has only pickle .bin weights, which can run code when loaded. Convert it to "
+                    "safetensors, or pass allow_pickle=True if you trust the file.")
+            self._pickle = {}
+            for name in sorted(set(pickle_map.values())) or [PICKLE_WEIGHTS]:
+                self._pickle.update(torch.load(self.folder / name, map_location="cpu", weights_only=True, mmap=True))
+            weight_map = {name: "" for name in self._pickle}
         elif not weight_map:
-            with safe_open(self.folder / weights, framework="pt") as f:
-                weight_map = {name: weights for name in f.keys()}
+            weight_map = {name: weights for name in self._header(weights)[0] if name != "__metadata__"}
         self.weight_map = weight_map
-
-    def _load_pickle(self, pickle_map: dict[str, str]) -> dict[str, torch.Tensor]:
-        files = sorted(set(pickle_map.values())) or [PICKLE_WEIGHTS]
-        state: dict[str, torch.Tensor] = {}
-        for name in files:
-            state.update(torch.load(self.folder / name, map_location="cpu", weights_only=True, mmap=True))
-        return state
-
-    def _file(self, filename: str):
-        if self._open_file != filename:
-            self._handle = safe_open(self.folder / filename, framework="pt")
-            self._open_file = filename
-        return self._handle
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Shape of tensor `name`, read from the header only."""
-        if self._pickle_state is not None:
-            return tuple(self._pickle_state[name].shape)
-        return tuple(self._file(self.weight_map[name]).get_slice(name).get_shape())
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        """Tensor `name`, memory-mapped (aliases the file: clone before editing in place)."""
-        if self._pickle_state is not None:
-            return self._pickle_state[name]
-        return self._file(self.weight_map[name]).get_tensor(name)
 
     def _header(self, filename: str) -> tuple[dict, int]:
         if filename not in self._headers:
@@ -109,39 +85,80 @@ class Checkpoint:
                 self._headers[filename] = (json.loads(f.read(size)), 8 + size)
         return self._headers[filename]
 
-    def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor `name` read into fresh memory with plain file reads (no mapping stays resident): streaming.
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
 
-        With `out` (a contiguous tensor of the same shape), the values are written there and `out` is returned:
-        read straight into it when it is a CPU tensor of the file's dtype, else converted by `copy_`.
-        """
-        if self._pickle_state is not None:
-            tensor = self._pickle_state[name]
-            return tensor.clone() if out is None else out.copy_(tensor)
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor `name`, from the header only."""
+        if self._pickle is not None:
+            return tuple(self._pickle[name].shape)
+        return tuple(self._header(self.weight_map[name])[0][name]["shape"])
+
+    def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` in fresh memory; with `out` (contiguous, same shape) written there and `out` returned."""
+        if self._pickle is not None:
+            return self._pickle[name].clone() if out is None else out.copy_(self._pickle[name])
         filename = self.weight_map[name]
         header, start = self._header(filename)
         info = header[name]
-        begin, end = info["data_offsets"]
-        dtype = getattr(torch, _DTYPES[info["dtype"]])
+        begin, _ = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
         direct = out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
         target = out if direct else torch.empty(info["shape"], dtype=dtype)
         with open(self.folder / filename, "rb") as f:
             f.seek(start + begin)
-            f.readinto(memoryview(target.view(torch.uint8).reshape(-1).numpy()))
-        if out is None or direct:
-            return target
-        return out.copy_(target)
+            f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))  # reshape: 0-dim tensors too
+        return target if out is None or direct else out.copy_(target)
 
     def nbytes(self) -> int:
         """Total bytes of the weights, from the headers only."""
-        if self._pickle_state is not None:
-            return sum(t.numel() * t.element_size() for t in self._pickle_state.values())
-        total = 0
-        for filename in set(self.weight_map.values()):
-            header, _ = self._header(filename)
-            total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-        return total
+        if self._pickle is not None:
+            return sum(t.numel() * t.element_size() for t in self._pickle.values())
+        return sum(v["data_offsets"][1] - v["data_offsets"][0] for f in set(self.weight_map.values())
+                   for k, v in self._header(f)[0].items() if k != "__metadata__")
 
 
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+def check_output_dir(path: str | Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that already holds files, unless overwriting is asked.
+
+    Raises:
+        `FileExistsError`: `path` is a file, or a non-empty folder and `overwrite` is False.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"Output {str(path)!r} is a file, not a folder: choose a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"Output folder {str(path)!r} already holds files. Choose another folder, or pass "
+                              "overwrite=True (CLI: --overwrite) to replace it.")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success move it into place, so a failure never loses data."""
+    path = Path(path)
+    check_output_dir(path, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{tmp.name}"
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files (and chat template) of `src` into `dst`; returns the names copied."""
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, dst / name)
+    return copied

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -77,16 +78,13 @@ def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str,
 def run_merge(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from .examples import read_examples
+    from .data import read_examples
     from .merger import SuperMerger
 
     config, data = read_recipe(args.recipe)
-    overrides = {"output_dir": args.output, "steps": args.steps, "seed": args.seed}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
-    if args.overwrite:
-        config.overwrite_output_dir = True
+    overrides = {"output_dir": args.output, "steps": args.steps, "seed": args.seed,
+                 "overwrite_output_dir": True if args.overwrite else None}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})  # re-validated
     if not config.output_dir:
         raise SystemExit("error: no output folder: set `output_dir` in the recipe or pass --output DIR.")
     merger = SuperMerger(config, token=args.token)
@@ -123,40 +121,20 @@ def run_merge(args: argparse.Namespace) -> None:
 
 def check_adapter_output(merger, folder: str | None, rank: int | None) -> None:
     """Refuse, before learning, an adapter output that cannot be written."""
-    from .lora import LoraSpec
-    from .outputs import check_output_dir
+    from .checkpoint import check_output_dir
+    from .export import check_adapter_export
 
     if not folder:
         raise ValueError(f"--adapter-rank {rank} compresses the adapter of --adapter-output DIR: give that folder too.")
-    full = [t for t, s in zip(merger.plan.tasks, merger.plan.sources) if not isinstance(s, LoraSpec)]
-    if full:
-        raise ValueError(
-            f"--adapter-output needs LoRA adapters as sources; {full} are full fine-tunes, whose task vectors no "
-            "adapter holds exactly. Drop --adapter-output: the merged model is written to the output folder."
-        )
-    if merger.method.kind == "data_free":
-        raise ValueError(
-            f"--adapter-output needs learned coefficients; {merger.config.method!r} has none. Use a learned method "
-            "(e.g. supermerge) or drop --adapter-output."
-        )
+    check_adapter_export(merger.plan, merger.config, merger.method)
     check_output_dir(folder, overwrite=merger.config.overwrite_output_dir)
-
-
-def _estimates(merger, config):
-    import torch
-
-    from .estimate import estimate
-
-    group_size = (config.hierarchical or {}).get("group_size", 2)
-    return estimate(merger.plan, dtype=getattr(torch, config.dtype), group_size=group_size,
-                    on_device=torch.cuda.is_available())
 
 
 def check_memory(merger, max_memory_mb: float) -> None:
     """Refuse, before loading any weight, a run whose estimated peak exceeds the limit."""
     from .estimate import configured_mode, format_estimates
 
-    estimates = _estimates(merger, merger.config)
+    estimates = merger.estimate_memory()
     mode = configured_mode(merger.config)
     peak = next(e for e in estimates if e.mode == mode)
     if max(peak.host_mb, peak.device_mb) > max_memory_mb:
@@ -176,11 +154,11 @@ def run_estimate(args: argparse.Namespace) -> None:
     limit = parse_memory(args.max_memory) if args.max_memory else None
     print(f"Estimated peak memory ({merger.plan.num_sources} sources, {len(merger.plan.merged)} merged tensors, "
           f"dtype {config.dtype}), from safetensors headers:")
-    print(format_estimates(_estimates(merger, config), limit))
+    print(format_estimates(merger.estimate_memory(), limit))
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo as demo  # imports the demo's data helpers only when asked
+    from .demo.run import run_demo as demo  # imports the demo's data helpers only when asked
 
     demo(args)
 
@@ -190,6 +168,9 @@ def run_methods(args: argparse.Namespace) -> None:
     for name in sorted(METHODS):
         method = METHODS[name]
         print(f"{name:<{width}}  {method.kind:<9}  {method.description}  {method.url}")
+        for key, spec in method.hyperparameters.items():
+            allowed = list(spec.choices) if spec.choices else spec.kind.__name__ + (" or auto" if spec.auto else "")
+            print(f"{'':<{width}}    {key}: {allowed}, default {spec.default!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

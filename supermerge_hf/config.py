@@ -11,6 +11,9 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from .hub import resolve
+from .methods import get_method
+
 CONFIG_NAME = "supermerge_config.json"
 
 Granularity = Literal["tensor", "block", "task"]
@@ -21,9 +24,27 @@ Grouping = Literal["similarity", "explicit", "random"]
 
 
 def _check_choice(name: str, value: Any, allowed: Any) -> None:
-    choices = get_args(allowed)
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}. Expected one of {sorted(choices)}.")
+    if value not in get_args(allowed):
+        raise ValueError(f"Unknown {name} {value!r}. Expected one of {sorted(get_args(allowed))}.")
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    """Booleans must be booleans (never the string "false"), integers integers, numbers numbers ("1e-3" too)."""
+    for f in dataclasses.fields(obj):
+        value, where = getattr(obj, f.name), f"`{prefix}{f.name}`"
+        if f.type == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}.")
+        if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{where} must be an integer, got {value!r}.")
+        if f.type == "float":
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(f"{where} must be a number, got {value!r}.") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{where} must be a finite number, got {value!r}.")
+            setattr(obj, f.name, float(value))
 
 
 @dataclass
@@ -31,7 +52,7 @@ class SourceConfig:
     """One fine-tuned model (or LoRA adapter) of the base, and the task it was trained for.
 
     Args:
-        task (`str`): Name of the task; labelled examples are given per task name.
+        task (`str`): Name of the task; examples are given per task name.
         path (`str`): A local folder or a Hub repo id.
         revision (`str`, *optional*): Branch, tag or commit of a Hub repo id.
     """
@@ -49,6 +70,28 @@ class SourceConfig:
 
 
 @dataclass
+class HierarchicalConfig:
+    """Merge level by level (method.md section 4); each level holds at most `group_size` task vectors.
+
+    Args:
+        group_size (`int`): Largest group merged at once (>= 2).
+        grouping (`str`, defaults to `"similarity"`): `similarity` (cosine of task vectors), `explicit` (`groups`
+            at the first level) or `random`.
+        groups (`list[list[str]]`, *optional*): The first level's groups of task names (`explicit` only).
+    """
+
+    group_size: int
+    grouping: Grouping = "similarity"
+    groups: list[list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self, "hierarchical.")
+        if self.group_size < 2:
+            raise ValueError(f"`hierarchical.group_size` must be an integer >= 2, got {self.group_size!r}.")
+        _check_choice("hierarchical.grouping", self.grouping, Grouping)
+
+
+@dataclass
 class SuperMergeConfig:
     """Configuration of a merge.
 
@@ -57,37 +100,33 @@ class SuperMergeConfig:
         sources (`list[SourceConfig]`): The fine-tuned models, one per task (dicts are accepted).
         base_revision (`str`, *optional*): Revision of `base` when it is a Hub repo id.
         method (`str`, defaults to `"supermerge"`): A name from `supermerge_hf.METHODS`.
-        method_kwargs (`dict`): Hyperparameters of a data-free method (e.g. `{"density": 0.2}`).
+        method_kwargs (`dict`): The method's hyperparameters (`supermerge methods` lists them), checked here and
+            completed with their defaults; `"auto"` picks `lam` / `density` on the examples.
         granularity (`str`, defaults to `"tensor"`): What shares one coefficient: each parameter `tensor`, each
-            transformer `block`, or the whole `task` vector.
-        transform (`str`, defaults to `"tanh"`): Coefficient transform c(w): `tanh` or `none` (identity).
-        init_coefficient (`float`, defaults to 0.3): c(w) at the start of learning, for every entry, when
-            `init_from_task_arithmetic` is off (and always for AdaMerging).
-        init_from_task_arithmetic (`bool`, defaults to `False`): Start from the task-arithmetic λ (grid 0.1 ... 1.0)
-            with the lowest training loss (the hold-out selection then keeps that start as a candidate).
+            transformer `block` (a tensor's name up to its first numeric part), or the whole `task` vector.
+        transform (`str`, *optional*): Coefficient transform c(w): `tanh` or `none`; defaults to the method's
+            (`tanh` for SuperMerge, `none` clamped to [0, 1] for AdaMerging).
+        init_coefficient (`float`, defaults to 0.3): c(w) at the start of learning, for every entry.
+        init_from_task_arithmetic (`bool`): Start from the task-arithmetic λ (grid 0.1 ... 1.0) with the lowest
+            training loss instead (supervised methods).
         learning_rate (`float`): Adam learning rate on w.
         steps (`int`): Number of optimisation steps; each visits one batch of every task.
-        examples_per_task (`int`, defaults to 32): Labelled examples used per task (the first ones given).
+        examples_per_task (`int`, defaults to 32): Examples used per task (the first ones given).
         batch_size (`int`): Examples per task per step (global, over all processes).
         holdout_fraction (`float`): Part of each task's examples kept aside to select the best step (0 disables).
         eval_every (`int`): Steps between two hold-out evaluations.
         loss_combination (`str`, defaults to `"sum"`): How task losses add up: `sum`, `mean`, or `normalized`
-            (each task's loss divided by its fine-tune's loss on the same examples).
+            (each task's loss divided by its fine-tune's loss on the same examples; supervised methods only).
         l2_to_init (`float`): Weight of an optional L2 pull of w towards its initial value.
-        hierarchical (`dict`, *optional*): Merge level by level: `{"group_size": g, "grouping": "similarity" |
-            "explicit" | "random", "groups": [[task, ...], ...]}` (groups only for `explicit`); each level holds
-            at most g task vectors and the base.
-        streaming (`bool`): Keep full fine-tunes' task vectors on disk and re-read them tensor by tensor at each
-            step (memory ~ base + merged model + gradients, whatever the number of sources; slower).
+        hierarchical (`HierarchicalConfig`, *optional*): Merge level by level (a dict is accepted).
+        streaming (`bool`): Re-read full fine-tunes tensor by tensor at each step (memory ~ one merged model).
         seed (`int`): Seed of the example split, the batch order and every random choice.
-        dtype (`str`): dtype in which the merged model runs (`float32`, `bfloat16`, `float16`).
+        dtype (`str`): dtype in which the merged model runs and is saved (`float32`, `bfloat16`, `float16`).
         allow_pickle (`bool`): Allow reading pickle `.bin` checkpoints (only for files you trust).
-        trust_remote_code (`bool`): Allow model code from the Hub. Off unless you opt in.
         output_dir (`str`, *optional*): Where `save_pretrained` writes when no folder is given.
         overwrite_output_dir (`bool`): Replace an existing, non-empty output folder.
         max_shard_size (`str`): Largest safetensors shard written.
-        merge_info (`dict`): Written by the merger, not read: resolved commits of base and sources, the
-            task-specific tensors of each task, the selected step.
+        merge_info (`dict`): Written by the merger, not read: commits, task-specific tensors, what was chosen.
     """
 
     base: str
@@ -96,7 +135,7 @@ class SuperMergeConfig:
     method: str = "supermerge"
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     granularity: Granularity = "tensor"
-    transform: Transform = "tanh"
+    transform: Transform | None = None
     init_coefficient: float = 0.3
     init_from_task_arithmetic: bool = False
     learning_rate: float = 0.05
@@ -107,70 +146,68 @@ class SuperMergeConfig:
     eval_every: int = 10
     loss_combination: LossCombination = "sum"
     l2_to_init: float = 0.0
-    hierarchical: dict[str, Any] | None = None
+    hierarchical: HierarchicalConfig | None = None
     streaming: bool = False
     seed: int = 42
     dtype: DType = "float32"
     allow_pickle: bool = False
-    trust_remote_code: bool = False
     output_dir: str | None = None
     overwrite_output_dir: bool = False
     max_shard_size: str = "5GB"
     merge_info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sources, list) or not all(isinstance(s, (dict, SourceConfig)) for s in self.sources):
+            raise ValueError(f"`sources` must be a list of {{task, path}} entries, got {self.sources!r}.")
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
+        if isinstance(self.hierarchical, dict):
+            self.hierarchical = HierarchicalConfig(**self.hierarchical)
         if not self.base:
             raise ValueError("`base` is empty: give the pretrained model's local folder or Hub repo id.")
         if not self.sources:
             raise ValueError("No sources given: add at least one fine-tuned model to `sources`.")
-        tasks = [s.task for s in self.sources]
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"Task names must be unique, got {tasks}: give each source its own `task`.")
-        _check_choice("granularity", self.granularity, Granularity)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"Task names must be unique, got {self.tasks}: give each source its own `task`.")
+        _check_types(self)
+        for name, allowed in (("granularity", Granularity), ("loss_combination", LossCombination), ("dtype", DType)):
+            _check_choice(name, getattr(self, name), allowed)
+        method = get_method(self.method)
+        self.method_kwargs = method.check_kwargs(self.method_kwargs, len(self.sources))
+        if self.transform is None:
+            self.transform = method.transform or "tanh"
         _check_choice("transform", self.transform, Transform)
-        _check_choice("loss_combination", self.loss_combination, LossCombination)
-        _check_choice("dtype", self.dtype, DType)
+        if method.transform and self.transform != method.transform:
+            raise ValueError(f"{self.method!r} learns with transform {method.transform!r}; got {self.transform!r}.")
         if self.transform == "tanh" and not -1.0 < self.init_coefficient < 1.0:
-            raise ValueError(
-                f"init_coefficient={self.init_coefficient} is out of tanh's range (-1, 1): pick a value inside "
-                "it or use transform='none'."
-            )
+            raise ValueError(f"init_coefficient={self.init_coefficient} is out of tanh's range (-1, 1): pick a value "
+                             "inside it or use transform='none'.")
         for name in ("steps", "examples_per_task", "batch_size", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}.")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"`holdout_fraction` must be in [0, 1), got {self.holdout_fraction!r}.")
         if self.l2_to_init < 0:
             raise ValueError(f"`l2_to_init` must be >= 0, got {self.l2_to_init!r}.")
+        if self.loss_combination == "normalized" and method.objective != "supervised":
+            raise ValueError(f"loss_combination='normalized' divides by the fine-tunes' supervised losses; "
+                             f"{self.method!r} learns without labels. Use 'sum' or 'mean'.")
         if self.hierarchical is not None:
-            self._check_hierarchical()
-        from .methods import get_method  # the registry raises on an unknown name, listing the known ones
+            self._check_hierarchical(method.kind)
 
-        get_method(self.method)
-
-    def _check_hierarchical(self) -> None:
+    def _check_hierarchical(self, kind: str) -> None:
         options = self.hierarchical
-        unknown = sorted(set(options) - {"group_size", "grouping", "groups"})
-        if unknown:
-            raise ValueError(f"Unknown `hierarchical` option(s) {unknown}: use group_size, grouping, groups.")
-        size = options.get("group_size")
-        if not isinstance(size, int) or size < 2:
-            raise ValueError(f"`hierarchical.group_size` must be an integer >= 2, got {size!r}.")
-        _check_choice("hierarchical.grouping", options.setdefault("grouping", "similarity"), Grouping)
-        if options["grouping"] == "explicit":
-            groups = options.get("groups") or []
-            flat = [t for g in groups for t in g]
-            if sorted(flat) != sorted(self.tasks) or any(len(g) > size for g in groups):
-                raise ValueError(
-                    f"`hierarchical.groups` {groups} must split the tasks {self.tasks} into groups of at most "
-                    f"{size}, each task once."
-                )
-        if self.method not in ("supermerge", "adamerging", "adamerging_plus"):
+        if kind != "learned":
             raise ValueError(f"Hierarchical merging learns coefficients; method {self.method!r} is data-free.")
+        if options.grouping == "explicit":
+            groups = options.groups or []
+            flat = [t for g in groups for t in g]
+            if sorted(flat) != sorted(self.tasks) or any(len(g) > options.group_size for g in groups):
+                raise ValueError(f"`hierarchical.groups` {groups} must split the tasks {self.tasks} into groups of at "
+                                 f"most {options.group_size}, each task once.")
+        elif options.groups is not None:
+            raise ValueError("`hierarchical.groups` is only read with grouping='explicit'.")
 
     @property
     def tasks(self) -> list[str]:
@@ -181,6 +218,8 @@ class SuperMergeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SuperMergeConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"A config is a mapping of fields, got {type(data).__name__}: {data!r}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -210,21 +249,13 @@ class SuperMergeConfig:
         return path
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | Path,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-    ) -> SuperMergeConfig:
+    def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None) -> SuperMergeConfig:
         """Load `supermerge_config.json` from a local folder or a Hub repo id.
 
         Raises:
             `FileNotFoundError`: The folder or repo has no `supermerge_config.json`.
         """
-        from .hub import resolve
-
         folder = resolve(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir).path
         path = folder / CONFIG_NAME
         if not path.is_file():

@@ -1,16 +1,12 @@
-"""Task vectors of the merged tensors: dense, low-rank (LoRA) or streamed from disk, read one tensor at a time.
+"""Task vectors of one tensor, over all sources: dense, low-rank (LoRA) or streamed from disk.
 
-`DeltaStack` holds the S task vectors of one tensor and gives the two operations learning needs: the combination
-sum_i c_i tau_i and the inner products <grad, tau_i> (method.md sections 3 and 5).
+`DeltaStack` gives the two operations learning needs (method.md sections 3 and 5), each written once: the merge
+base + sum_i c_i tau_i (`merge`) and the inner products <grad, tau_i> (`inner`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
-
-from .task_vectors import MergePlan, ModelSpec
 
 
 class LowRankDelta:
@@ -26,68 +22,81 @@ class LowRankDelta:
     def inner(self, grad: torch.Tensor) -> torch.Tensor:
         """<grad, scale * B A> without forming B A: scale * sum(B * (grad @ A^T))."""
         grad = grad.T if self.transpose else grad  # (out, in)
-        A, B = self.A.to(grad.dtype), self.B.to(grad.dtype)  # factors in the model's dtype, grad in float32
+        A, B = self.A.to(grad.dtype), self.B.to(grad.dtype)
         return self.scale * (B * (grad @ A.T)).sum()
 
     def to(self, **kwargs) -> LowRankDelta:
         return LowRankDelta(self.A.to(**kwargs), self.B.to(**kwargs), self.scale, self.transpose)
 
 
-class StreamedDelta:
-    """One full fine-tune's task vector of one tensor, read from disk each time it is used (streaming mode)."""
+class Scratch:
+    """Two reusable rows of the largest tensor's size that streamed reads go to: [base, one fine-tune]."""
 
-    def __init__(self, source: ModelSpec, name: str, base: Mapping[str, torch.Tensor]) -> None:
-        self.source, self.name, self.base = source, name, base
+    def __init__(self, numel: int, *, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.rows = torch.empty(2, numel, dtype=dtype, device=device)
+
+    def read(self, source, name: str, shape: tuple[int, ...], slot: int) -> torch.Tensor:
+        """Tensor `name` of `source` read into row `slot` (valid until the next read into that row)."""
+        return source.read_tensor(name, out=self.rows[slot, : torch.Size(shape).numel()].view(shape))
+
+
+class StreamedDelta:
+    """A full fine-tune's task vector of one tensor, re-read from disk whenever it is used (streaming mode)."""
+
+    def __init__(self, source, base_source, name: str, shape: tuple[int, ...], scratch: Scratch) -> None:
+        self.source, self.base_source, self.name, self.shape, self.scratch = source, base_source, name, shape, scratch
 
     def dense(self, base: torch.Tensor | None = None) -> torch.Tensor:
-        """finetune - base, from a fresh read; pass the base tensor when it is already at hand."""
-        return self.source.delta(self.name, self.base[self.name] if base is None else base)
-
-    def to(self, **kwargs) -> StreamedDelta:
-        return self  # read on the base's device and dtype
-
-
-class LazyTensors(Mapping):
-    """The base's tensors, read from disk at every access (streaming mode): none stays in memory."""
-
-    def __init__(self, spec: ModelSpec, names: list[str], *, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.spec, self.names, self.dtype, self.device = spec, names, dtype, device
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.spec.keys:
-            raise KeyError(name)
-        return self.spec.read_tensor(name).to(device=self.device, dtype=self.dtype)
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
+        """finetune - base in scratch (overwritten by the next read); pass the base when it is at hand."""
+        if base is None:
+            base = self.scratch.read(self.base_source, self.name, self.shape, 0)
+        return self.scratch.read(self.source, self.name, self.shape, 1).sub_(base)
 
 
 Delta = torch.Tensor | LowRankDelta | StreamedDelta | None  # None: the source does not change this tensor
 
 
-class DeltaStack:
-    """The S task vectors of one tensor, dense or low-rank per source, and the two operations learning needs."""
+def _as_dense(part: Delta, base: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(part, LowRankDelta):
+        return part.dense()
+    return part.dense(base) if isinstance(part, StreamedDelta) else part
 
-    def __init__(self, shape: tuple[int, ...], parts: list[Delta], *, stacked: torch.Tensor | None = None) -> None:
-        self.shape = tuple(shape)
-        if stacked is None and all(isinstance(p, torch.Tensor) for p in parts):
+
+class DeltaStack:
+    """The S task vectors of one tensor; all-dense stacks are one `(S, *shape)` tensor (single tensor ops)."""
+
+    def __init__(self, shape: tuple[int, ...], parts: list[Delta], *, dtype: torch.dtype = torch.float32,
+                 stacked: torch.Tensor | None = None) -> None:
+        self.shape, self.dtype = tuple(shape), dtype
+        if stacked is None and parts and all(isinstance(p, torch.Tensor) for p in parts):
             stacked = torch.stack(parts)
-        # all dense: keep one (S, *shape) stack, so combine and inner are single tensor ops, and the parts are
-        # views of it (holding the given tensors as well would keep every task vector twice)
-        self.stacked = stacked
+        self.stacked = stacked  # the parts are views of it: the task vectors are never held twice
         self.parts = list(stacked) if stacked is not None else parts
         # e.g. frozen embeddings: the merge is the base whatever c, and the gradient of c is exactly zero
         self.is_zero = all(p is None for p in self.parts) or (stacked is not None and not stacked.any())
 
     @classmethod
     def from_dense(cls, stacked: torch.Tensor) -> DeltaStack:
-        return cls(tuple(stacked.shape[1:]), [], stacked=stacked)
+        return cls(tuple(stacked.shape[1:]), [], dtype=stacked.dtype, stacked=stacked)
 
-    def combine(self, c: torch.Tensor) -> torch.Tensor:
-        """sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`; differentiable in `c`."""
+    def merge(self, base: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """base + sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`.
+
+        Without `out`: differentiable in `c`. With `out` (no grad): written into `out`, holding nothing else of
+        this shape but the scratch of streamed parts.
+        """
+        if out is None:
+            return base + self._combine(c)
+        if self.stacked is not None:  # (S, n)^T @ (S,) straight into `out`, then the base added in place
+            torch.mv(self.stacked.view(len(c), -1).T, c.to(self.stacked.dtype), out=out.view(-1))
+            return out.add_(base)
+        out.copy_(base)
+        for ci, part in zip(c.tolist(), self.parts):
+            if part is not None and ci != 0.0:
+                out.add_(_as_dense(part, base), alpha=ci)
+        return out
+
+    def _combine(self, c: torch.Tensor) -> torch.Tensor:
         if self.stacked is not None:
             return torch.tensordot(c.to(self.stacked.dtype), self.stacked, dims=1)  # (*shape)
         out = None
@@ -97,70 +106,24 @@ class DeltaStack:
             out = B @ torch.cat([p.A for _, p in low_rank])  # (out, in)
             out = out.T if low_rank[0][1].transpose else out  # one layer: all adapters orient it alike
         for ci, part in zip(c, self.parts):
-            if part is None or isinstance(part, LowRankDelta):
-                continue
-            term = ci * (part if isinstance(part, torch.Tensor) else part.dense())
-            out = term if out is None else out + term
-        # no source changes it: a 0-dim zero (broadcasts, keeps the base's dtype, stays differentiable in c)
+            if part is not None and not isinstance(part, LowRankDelta):
+                term = ci * (part.dense().clone() if isinstance(part, StreamedDelta) else part)  # autograd keeps it
+                out = term if out is None else out + term
+        # no source changes it: a 0-dim zero (broadcasts, stays differentiable in c)
         return out if out is not None else torch.zeros((), device=c.device) * c.sum()
 
     def inner(self, grad: torch.Tensor) -> torch.Tensor:
-        """<grad, tau_i> for every source, `(S,)` float32 (streamed parts: `memory.MergeBuffers.inner`)."""
+        """<grad, tau_i> for every source `(S,)` float32; streamed parts read one at a time."""
         if self.stacked is not None:
             return self.stacked.flatten(1).float() @ grad.flatten().float()  # (S,)
-        return torch.stack([part_inner(p, grad) for p in self.parts])
+        values = [torch.zeros((), device=grad.device) if p is None else p.inner(grad.float()).float()
+                  if isinstance(p, LowRankDelta) else torch.dot(_as_dense(p).flatten().float(), grad.flatten().float())
+                  for p in self.parts]
+        return torch.stack(values)
 
     def dense(self) -> torch.Tensor:
         """All task vectors as one `(S, *shape)` tensor (what data-free methods take)."""
         if self.stacked is not None:
             return self.stacked
-        ref = next((p.A if isinstance(p, LowRankDelta) else p for p in self.parts if p is not None), None)
-        zeros = lambda: torch.zeros(self.shape, dtype=ref.dtype if ref is not None else torch.float32)  # noqa: E731
-        return torch.stack([zeros() if p is None else (p if isinstance(p, torch.Tensor) else p.dense())
-                            for p in self.parts])
-
-
-def part_inner(part: torch.Tensor | LowRankDelta | None, grad: torch.Tensor) -> torch.Tensor:
-    """<grad, tau> of one source's dense or low-rank task vector (0 for None), float32."""
-    if part is None:
-        return torch.zeros((), device=grad.device)
-    if isinstance(part, LowRankDelta):
-        return part.inner(grad.float()).float()
-    return torch.dot(part.flatten().float(), grad.flatten().float())
-
-
-def load_task_vectors(
-    plan: MergePlan, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", streaming: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, DeltaStack]]:
-    """Base tensors and the task vectors of every merged tensor, read one tensor at a time.
-
-    With `streaming`, neither the base nor full fine-tunes' task vectors are kept: they are re-read from disk,
-    tensor by tensor, whenever learning needs them (`base` is then a `LazyTensors`), so memory holds about one
-    model (the merge) whatever the number of sources.
-
-    Returns:
-        `(base, deltas)`: `base[name]` has the tensor's shape; `deltas[name]` holds its S task vectors.
-    """
-    lazy = LazyTensors(plan.base, plan.merged, dtype=dtype, device=device)
-    base, deltas = lazy if streaming else {}, {}
-    for name in plan.merged:
-        theta_p = lazy[name]  # (*shape)
-        if not streaming:
-            base[name] = theta_p
-        if not streaming and all(type(s) is ModelSpec for s in plan.sources):  # full fine-tunes: one stack
-            deltas[name] = DeltaStack.from_dense(_dense_stack(plan.sources, name, theta_p))
-            continue
-        parts = [StreamedDelta(s, name, lazy) if streaming and isinstance(s, ModelSpec) else s.delta(name, theta_p)
-                 for s in plan.sources]
-        parts = [p.to(device=device, dtype=dtype) if p is not None else None for p in parts]
-        deltas[name] = DeltaStack(theta_p.shape, parts)
-    return base, deltas
-
-
-def _dense_stack(sources: list[ModelSpec], name: str, base: torch.Tensor) -> torch.Tensor:
-    """The task vectors of one tensor `(S, *shape)`, each fine-tune read straight into its row and the base
-    subtracted in place: no per-source temporary, so loading leaves nothing for the allocator to fragment."""
-    stacked = torch.empty((len(sources), *base.shape), dtype=base.dtype, device=base.device)
-    for row, source in zip(stacked, sources):
-        source.read_tensor(name, out=row).sub_(base)
-    return stacked
+        zeros = torch.zeros(self.shape, dtype=self.dtype)
+        return torch.stack([zeros if p is None else _as_dense(p).to(self.dtype, copy=True) for p in self.parts])

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .task_vectors import MergePlan, ModelSpec
+from .plan import MergePlan
+from .sources import ModelSpec
 
 # Measured with `benchmarks/memory.py` and `benchmarks/lora_memory.py` (CPU): the process holds ~380 MB after
 # importing python + torch + transformers + accelerate, and at the peak of learning ~0.17 of a model copy besides

@@ -2,7 +2,8 @@
 
 Each level holds at most `group_size` task vectors plus the base. A group's result is written as a checkpoint
 of the base's architecture and becomes a source of the next level that carries all of its group's tasks (each
-task keeps its own architecture and head). With `group_size` >= the number of sources it is the flat merge.
+task keeps its own architecture, head and hold-out split at every level). Every level's coefficients are
+returned, so the merge can be rebuilt from them alone (`rebuild`).
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 
+from .config import SuperMergeConfig
 from .deltas import LowRankDelta
-from .memory import release_memory
-from .task_vectors import ModelSpec, build_plan
-
-if TYPE_CHECKING:
-    from .examples import Example
-    from .merger import SuperMerger
+from .functional import release_memory
+from .learning import Splits, functional_merge, learn
+from .methods import MergeMethod
+from .plan import MergePlan, build_plan
+from .results import Coefficients, LearnResult
+from .sources import ModelSpec, Source
 
 logger = logging.getLogger(__name__)
+
+SIMILARITY_CHUNK = 2**20  # elements per float64 product: (K, chunk) at a time, not (K, n)
 
 
 @dataclass
@@ -33,14 +38,12 @@ class Unit:
     """A source of one level: an original fine-tune, or a group result carrying several tasks."""
 
     name: str
-    spec: Any  # ModelSpec or LoraSpec
+    spec: Source
     tasks: list[str]
+    original: bool = True
 
 
-SIMILARITY_CHUNK = 2**20  # elements per float64 product: (K, chunk) at a time, not (K, n)
-
-
-def cosine_similarity(base: ModelSpec, specs: list, names: list[str]) -> torch.Tensor:
+def cosine_similarity(base: ModelSpec, specs: list[Source], names: list[str]) -> torch.Tensor:
     """Cosine similarity `(K, K)` of the flattened task vectors, accumulated one tensor (and chunk) at a time."""
     gram = torch.zeros(len(specs), len(specs), dtype=torch.float64)
     for name in names:
@@ -49,7 +52,7 @@ def cosine_similarity(base: ModelSpec, specs: list, names: list[str]) -> torch.T
         rows = [torch.zeros(theta.numel()) if p is None else
                 (p.dense() if isinstance(p, LowRankDelta) else p).flatten().float() for p in parts]
         for start in range(0, theta.numel(), SIMILARITY_CHUNK):
-            chunk = torch.stack([r[start : start + SIMILARITY_CHUNK] for r in rows]).double()  # (K, chunk)
+            chunk = torch.stack([r[start: start + SIMILARITY_CHUNK] for r in rows]).double()  # (K, chunk)
             gram += chunk @ chunk.T
     norms = gram.diag().sqrt().clamp(min=1e-30)
     return gram / torch.outer(norms, norms)
@@ -62,45 +65,58 @@ def partition(similarity: torch.Tensor, group_size: int) -> list[list[int]]:
         best = None
         for a in range(len(groups)):
             for b in range(a + 1, len(groups)):
-                if len(groups[a]) + len(groups[b]) > group_size:
-                    continue
-                score = float(similarity[groups[a]][:, groups[b]].mean())
-                if best is None or score > best[0]:
-                    best = (score, a, b)
+                if len(groups[a]) + len(groups[b]) <= group_size:
+                    value = float(similarity[groups[a]][:, groups[b]].mean())
+                    if best is None or value > best[0]:
+                        best = (value, a, b)
         if best is None:
             return groups
-        _, a, b = best
-        groups[a] = groups[a] + groups.pop(b)
+        groups[best[1]] = groups[best[1]] + groups.pop(best[2])
 
 
-def group_units(units: list[Unit], level: int, merger: SuperMerger) -> list[list[int]]:
-    """The groups of one level, by similarity, as the user gave them (first level), or at random."""
-    options = merger.config.hierarchical
-    size, grouping = options["group_size"], options.get("grouping", "similarity")
-    if len(units) <= size:
+def group_units(units: list[Unit], level: int, config: SuperMergeConfig, plan: MergePlan) -> list[list[int]]:
+    """The groups of one level: by similarity, as the user gave them (first level), or at random."""
+    options = config.hierarchical
+    if len(units) <= options.group_size:
         return [list(range(len(units)))]
-    if grouping == "explicit" and level == 0:
+    if options.grouping == "explicit" and level == 0:
         index = {u.name: i for i, u in enumerate(units)}
-        return [[index[t] for t in group] for group in options["groups"]]
-    if grouping == "random":
+        return [[index[t] for t in group] for group in options.groups]
+    if options.grouping == "random":
         order = list(range(len(units)))
-        random.Random(merger.config.seed + level).shuffle(order)
-        return [order[i : i + size] for i in range(0, len(order), size)]
-    similarity = cosine_similarity(merger.plan.base, [u.spec for u in units], merger.plan.merged)
+        random.Random(config.seed + level).shuffle(order)
+        return [order[i: i + options.group_size] for i in range(0, len(order), options.group_size)]
+    similarity = cosine_similarity(plan.base, [u.spec for u in units], plan.merged)
     logger.info("Level %d: cosine similarity of %s:\n%s", level, [u.name for u in units], similarity)
-    return partition(similarity, size)
+    return partition(similarity, options.group_size)
 
 
-def fit_hierarchical(merger: SuperMerger, data: dict[str, list[Example]]) -> None:
-    """Run the levels one after another; the last level's merge becomes `merger`'s result."""
-    from .merger import SuperMerger
+def _group_plan(plan: MergePlan, members: list[Unit]) -> MergePlan:
+    """A level's plan over `members`: what the flat plan merges, each task with its own head."""
+    tasks = [t for u in members for t in u.tasks]
+    return build_plan(plan.base, [u.spec for u in members], tasks, plan.granularity,
+                      source_names=[u.name for u in members], task_specs={t: plan.task_specs[t] for t in tasks},
+                      task_rows={t: i for i, u in enumerate(members) for t in u.tasks}, merged=plan.merged)
 
-    plan, config = merger.plan, dataclasses.replace(merger.config, hierarchical=None)
+
+def _next_unit(plan: MergePlan, members: list[Unit], merged: dict[str, torch.Tensor], folder: Path,
+               dtype: torch.dtype) -> Unit:
+    plan.base.build(merged, dtype).save_pretrained(folder)
+    return Unit("(" + "+".join(u.name for u in members) + ")", ModelSpec.from_folder(folder),
+                [t for u in members for t in u.tasks], original=False)
+
+
+def fit_hierarchical(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits: Splits, *,
+                     accelerator: Accelerator) -> tuple[LearnResult, list[dict[str, Any]]]:
+    """Learn level by level; returns the last level's result (with each task's own fine-tune metrics) and, per
+    level and group, `{"level", "group" (member names), "selected_step", "coefficients"}`."""
+    flat = dataclasses.replace(config, hierarchical=None)
+    dtype = getattr(torch, config.dtype)
     units = [Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)]
-    merger.levels = []
+    levels, finetunes = [], {}
     with tempfile.TemporaryDirectory(prefix="supermerge-levels-") as workdir:
         for level in range(len(units)):
-            groups = group_units(units, level, merger)
+            groups = group_units(units, level, config, plan)
             last = len(groups) == 1
             logger.info("Level %d: groups %s", level, [[units[i].name for i in g] for g in groups])
             next_units = []
@@ -108,25 +124,47 @@ def fit_hierarchical(merger: SuperMerger, data: dict[str, list[Example]]) -> Non
                 if len(members) == 1 and not last:
                     next_units.append(members[0])
                     continue
-                tasks = [t for u in members for t in u.tasks]
-                sub_plan = build_plan(
-                    plan.base, [u.spec for u in members], tasks, config.granularity,
-                    source_names=[u.name for u in members],
-                    task_specs={t: plan.task_specs[t] for t in tasks},
-                    task_source={t: i for i, u in enumerate(members) for t in u.tasks},
-                )
-                sub = SuperMerger.from_plan(config, sub_plan, accelerator=merger.accelerator)
-                sub.fit_examples({t: data[t] for t in tasks})
-                merger.levels.append({"level": level, "group": [u.name for u in members],
-                                      "selected_step": sub.selected_step, "coefficients": sub.coefficients.to_dict()})
+                sub = _group_plan(plan, members)
+                result = learn(sub, flat, method, {t: splits[t] for t in sub.tasks},
+                               torch.Generator().manual_seed(config.seed + level), accelerator=accelerator,
+                               finetune_tasks=[u.tasks[0] for u in members if u.original])
+                finetunes |= {t: m["finetune"] for t, m in result.metrics.items() if m["finetune"] is not None}
+                levels.append({"level": level, "group": sub.source_names, "selected_step": result.selected_step,
+                               "coefficients": result.coefficients})
                 if last:
-                    merger.adopt(sub)
-                    return
-                folder = Path(workdir) / f"level{level}-group{g}"
-                sub._functional = None  # drop this group's task vectors before building its checkpoint
-                release_memory()  # else glibc keeps them, and the checkpoint and the next group come on top
-                sub.merge_and_unload().save_pretrained(folder)
-                next_units.append(Unit("(" + "+".join(u.name for u in members) + ")", ModelSpec.from_folder(folder),
-                                       tasks))
-                del sub  # its memory goes back to the OS when the next group's `learn` starts
+                    metrics = {t: m | {"finetune": finetunes[t]} for t, m in result.metrics.items()}
+                    return dataclasses.replace(result, metrics=metrics), levels
+                next_units.append(_next_unit(plan, members, result.merged, Path(workdir) / f"{level}-{g}", dtype))
+                del result
+                release_memory()  # else glibc keeps this group's task vectors under the next group's
             units = next_units
+    raise AssertionError("unreachable: the last level has one group")
+
+
+def rebuild(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,
+            levels: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The merged tensors of a hierarchical merge, from the flat plan and every level's saved coefficients.
+
+    Raises:
+        `ValueError`: A level names a source that is neither a task of the plan nor an earlier group result.
+    """
+    dtype = getattr(torch, config.dtype)
+    units = {t: Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)}
+    merged = {}
+    with tempfile.TemporaryDirectory(prefix="supermerge-rebuild-") as workdir:
+        for i, record in enumerate(levels):
+            unknown = [name for name in record["group"] if name not in units]
+            if unknown:
+                raise ValueError(f"Level {record['level']} merges {unknown}, which no earlier level produced.")
+            members = [units.pop(name) for name in record["group"]]
+            sub = _group_plan(plan, members)
+            coefficients = record["coefficients"]
+            if isinstance(coefficients, dict):
+                coefficients = Coefficients.from_dict(coefficients)
+            fm = functional_merge(sub, config, method)
+            merged = fm.params(coefficients.aligned(sub.source_names, sub.groups), dense=True)
+            del fm
+            if i + 1 < len(levels):
+                unit = _next_unit(plan, members, merged, Path(workdir) / str(i), dtype)
+                units[unit.name] = unit
+    return merged

@@ -1,158 +1,214 @@
-"""Learning the coefficients: Adam on w through Accelerate, the exact cheap gradient, hold-out selection."""
+"""Learning the coefficients (Adam on w through Accelerate, the exact cheap gradient, hold-out selection) and
+the data-free merges with `auto` hyperparameters picked on examples. Every function returns its result."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 from tqdm.auto import tqdm
 
-from .coefficients import CoefficientModule, transform
-from .data_free import LAMBDA_GRID, ties_trimmed
-from .examples import BatchSampler, Example, split_holdout
-from .memory import release_memory
-from .objectives import FunctionalMerge
-
-if TYPE_CHECKING:
-    from .merger import SuperMerger
+from .config import SuperMergeConfig
+from .data import BatchSampler, Example
+from .functional import FunctionalMerge
+from .methods import MergeMethod
+from .plan import MergePlan
+from .results import Coefficients, LearnResult, check_finite, inverse_transform, transform
+from .sparsify import magnitude_thresholds
 
 logger = logging.getLogger(__name__)
 
+LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
+DENSITY_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
+Splits = dict[str, tuple[list[Example], list[Example]]]  # task -> (train, holdout)
 
-def learn(merger: SuperMerger, data: dict[str, list[Example]], objective: str) -> None:
-    """Learn the coefficients of `merger` on examples with Adam through Accelerate; keep the best step."""
-    cfg, plan = merger.config, merger.plan
-    acc = merger.accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    merger.accelerator = acc
-    if cfg.batch_size % acc.num_processes:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} is not divisible by the {acc.num_processes} processes: each "
-            "process must get an equal share of every global batch."
-        )
-    generator = torch.Generator().manual_seed(cfg.seed)
-    tasks = plan.tasks
-    splits = {t: split_holdout(data[t], cfg.holdout_fraction, generator) for t in tasks}
-    trim = ties_trimmed if merger.method.name == "adamerging_plus" else None
-    merger._functional = None  # an earlier one (or a finished hierarchical group) goes back to the OS first
-    release_memory()
-    fm = merger._functional = FunctionalMerge(plan, dtype=merger.dtype, device=acc.device, delta_transform=trim,
-                                            streaming=cfg.streaming)
-    scale = loss_scale(merger, fm, {t: s[0] for t, s in splits.items()})
-    kind = merger._kind
-    from_task_arithmetic = cfg.init_from_task_arithmetic and objective == "supervised"  # AdaMerging starts at 0.3
-    init = task_arithmetic_init(merger, fm, splits) if from_task_arithmetic else cfg.init_coefficient
 
-    module = CoefficientModule(plan.num_sources, len(plan.groups), init=init, kind=kind)
+class CoefficientModule(nn.Module):
+    """Holds w `(S, G)`; `forward()` returns c(w). The only module given to `accelerator.prepare`."""
+
+    def __init__(self, num_sources: int, num_groups: int, *, init: float, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.w = nn.Parameter(torch.full((num_sources, num_groups), float(inverse_transform(torch.tensor(init), kind))))
+
+    def forward(self) -> torch.Tensor:
+        return transform(self.w, self.kind)  # (S, G)
+
+
+def functional_merge(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, *,
+                     device: torch.device | str = "cpu") -> FunctionalMerge:
+    """The merged model of a plan as the method sees it (AdaMerging++: over TIES-trimmed task vectors)."""
+    preprocess = functools.partial(method.preprocess, **config.method_kwargs) if method.preprocess else None
+    return FunctionalMerge(plan, dtype=getattr(torch, config.dtype), device=device, preprocess=preprocess,
+                           streaming=config.streaming)
+
+
+def score(fm: FunctionalMerge, examples: Mapping[str, list[Example]], *, by: str = "accuracy",
+          c: torch.Tensor | None = None, params: Mapping[str, torch.Tensor] | None = None) -> float:
+    """Higher is better: the mean over tasks of accuracy (or of minus the loss), or minus the summed loss."""
+    metrics = [fm.evaluate(t, ex, c=c, params=params) for t, ex in examples.items()]
+    if by == "loss":
+        return -sum(m["loss"] for m in metrics)
+    return sum(m.get("accuracy", -m["loss"]) for m in metrics) / len(metrics)
+
+
+def one_hot(plan: MergePlan, task: str, device: torch.device | str) -> torch.Tensor:
+    """Coefficients `(S, G)` that select the source carrying `task`: its fine-tune (flat plans)."""
+    c = torch.zeros(plan.num_sources, len(plan.groups), device=device)
+    c[plan.task_rows[task]] = 1.0
+    return c
+
+
+def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[str, Any], *, seed: int,
+                    examples: Mapping[str, list[Example]] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
+    """Merge with a data-free method; `lam: auto` / `density: auto` are picked from a grid on `examples`.
+
+    λ multiplies the merged delta last in every method, so each density costs one merge and each λ a scaling.
+    Returns `(merged tensors, chosen hyperparameters, grid scores "lam=..,density=.." -> score)`.
+
+    Raises:
+        `ValueError`: `auto` without examples.
+    """
+    kwargs = dict(kwargs)
+    lam, density = kwargs.pop("lam", 1.0), kwargs.pop("density", None)
+    if "auto" in (lam, density) and not examples:
+        raise ValueError(f"{method.name}: `auto` hyperparameters are picked on labelled examples; pass examples.")
+    if kwargs.get("weights") is not None:
+        kwargs["weights"] = torch.tensor(kwargs["weights"])
+    lams = LAMBDA_GRID if lam == "auto" else (lam,)
+    best, grid = None, {}
+    for d in DENSITY_GRID if density == "auto" else (density,):
+        options = kwargs if d is None else kwargs | {"density": d}
+        if method.random:
+            options["generator"] = torch.Generator().manual_seed(seed)
+        if options.get("trim_scope") == "task":
+            options["threshold"] = magnitude_thresholds((s.dense() for s in fm.deltas.values()), options["density"])
+        delta = {n: method.merge(s.dense(), **options) for n, s in fm.deltas.items()}  # name -> (*shape)
+        for value in lams:
+            merged = {n: fm.base_tensor(n) + value * delta[n] for n in fm.deltas}
+            chosen = {"lam": value} | ({"density": d} if d is not None else {})
+            if len(lams) == 1 and density != "auto":
+                return merged, chosen, grid
+            key = ",".join(f"{k}={v}" for k, v in chosen.items())
+            grid[key] = score(fm, examples, params=merged)
+            if best is None or grid[key] > best[0]:
+                best = (grid[key], merged, chosen)
+    logger.info("%s grid scores: %s; chose %s", method.name, grid, best[2])
+    return best[1], best[2], grid
+
+
+def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits: Splits,
+          generator: torch.Generator, *, accelerator: Accelerator, finetune_tasks: list[str] | None = None,
+          ) -> LearnResult:
+    """Learn the coefficients of `plan` with Adam through Accelerate; keep the step with the best hold-out score.
+
+    `splits[task]` = (train, holdout) examples; `generator` draws the batches. Each process takes an equal slice of
+    every global batch (its loss weighted by its share, so any number of processes = one process).
+    `finetune_tasks`: tasks whose own source is a row of the plan (all in a flat plan): their fine-tune metrics.
+    """
+    acc, tasks, objective = accelerator, plan.tasks, method.objective
+    fm = functional_merge(plan, config, method, device=acc.device)
+    train = {t: s[0] for t, s in splits.items()}
+    scale = loss_scale(plan, config, fm, train)
+    from_task_arithmetic = config.init_from_task_arithmetic and objective == "supervised"
+    init = task_arithmetic_init(plan, config, fm, train) if from_task_arithmetic else config.init_coefficient
+    module = CoefficientModule(plan.num_sources, len(plan.groups), init=init, kind=config.transform)
     w0 = module.w.detach().clone().to(acc.device)
-    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.learning_rate)
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
     module, optimizer = acc.prepare(module, optimizer)
     raw = acc.unwrap_model(module)
-    samplers = {t: BatchSampler(len(splits[t][0]), cfg.batch_size, generator) for t in tasks}
-    share, rank = cfg.batch_size // acc.num_processes, acc.process_index
-    has_holdout = all(splits[t][1] for t in tasks)
+    samplers = {t: BatchSampler(len(train[t]), config.batch_size, generator) for t in tasks}
+    holdout = [t for t in tasks if splits[t][1]]
     metric = "entropy" if objective == "entropy" else "loss"
+    history: list[dict[str, Any]] = []
 
-    def record(step: int, train: dict[str, float] | None) -> float | None:
-        holdout = None
-        if has_holdout:
-            merged = fm.merged_params(raw().detach())
-            holdout = {t: fm.evaluate(merged, t, splits[t][1])[metric] for t in tasks}
-        score = sum(scale[t] * v for t, v in holdout.items()) if holdout else None
-        merger.history.append({"step": step, "train": train, "holdout": holdout, "score": score})
-        logger.info("step %d: train %s %s, hold-out %s", step, metric, train, holdout)
-        return score
+    def record(step: int, losses: dict[str, float] | None) -> float | None:
+        held = {t: fm.evaluate(t, splits[t][1], c=raw().detach())[metric] for t in holdout} or None
+        value = sum(scale[t] * v for t, v in held.items()) if held else None
+        history.append({"step": step, "train": losses, "holdout": held, "score": value})
+        if held:
+            _check_finite(held, 0, config)
+        logger.debug("step %d: train %s %s, hold-out %s", step, metric, losses, held)
+        return value
 
-    best_score = record(0, None)
-    _check_finite(merger.history[-1]["holdout"] or {}, 0)
-    best_w, best_step = raw.w.detach().clone(), 0
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"Learning {merger.method.name} coefficients",
+    best_score, best_w, best_step = record(0, None), raw.w.detach().clone(), 0
+    P, rank = acc.num_processes, acc.process_index
+    bar = tqdm(range(1, config.steps + 1), desc=f"Learning {method.name} coefficients",
                disable=not acc.is_local_main_process)
     for step in bar:
         c = module()  # (S, G), through DDP so that the gradient of w is averaged over processes
-        batches = {}
+        batches, share = {}, {}
         for t in tasks:
-            batch = [splits[t][0][i] for i in samplers[t].next()]
-            batches[t] = batch[rank * share : (rank + 1) * share] or batch
-        grad_c, losses = fm.coefficient_grad(c, batches, scale, objective)
-        _check_finite({t: float(v) for t, v in losses.items()}, step)
+            batch = [train[t][i] for i in samplers[t].next()]
+            bounds = [len(batch) * r // P for r in range(P + 1)]
+            batches[t] = batch[bounds[rank]: bounds[rank + 1]]
+            share[t] = len(batches[t]) * P / len(batch)  # DDP averages: P x my share of the global mean
+        grad_c, losses = fm.coefficient_grad(c, batches, {t: scale[t] * share[t] for t in tasks}, objective)
         surrogate = (c * grad_c.to(c.dtype)).sum()  # d/dw = c'(w) * dL/dc: the exact chain rule
-        if cfg.l2_to_init:
-            surrogate = surrogate + cfg.l2_to_init * ((raw.w - w0) ** 2).sum()
+        if config.l2_to_init:
+            surrogate = surrogate + config.l2_to_init * ((raw.w - w0) ** 2).sum()
         optimizer.zero_grad()
         acc.backward(surrogate)
         optimizer.step()
-        if objective == "entropy":  # AdaMerging keeps its coefficients in [0, 1]
+        if method.transform == "none":  # AdaMerging keeps its coefficients in [0, 1]
             with torch.no_grad():
                 raw.w.clamp_(0.0, 1.0)
-        train = {t: float(acc.reduce(v, reduction="mean")) for t, v in losses.items()}
-        bar.set_postfix({metric: f"{sum(train.values()):.4f}"})
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            score = record(step, train)
-            if score is not None and score < best_score:
-                best_score, best_w, best_step = score, raw.w.detach().clone(), step
-    final_w = raw.w.detach().clone()
-    if not has_holdout:
-        best_w, best_step = final_w, cfg.steps
-    merger.selected_step = best_step
-    merger.final_coefficients = merger._table(final_w)
-    logger.info("Selected step %d of %d (hold-out score %s)", best_step, cfg.steps, best_score)
-    examples = {t: s[1] or s[0] for t, s in splits.items()}
-    finetunes = finetune_metrics(merger, fm, examples)  # before the final merge: one merged copy at a time
-    merger.apply_coefficients(transform(best_w, kind), raw=best_w)
-    merger.metrics = before_after(merger, fm, examples, finetunes, has_holdout)
+        zero = torch.zeros((), device=acc.device)  # a process with no example of a task still joins the reduce
+        mean = {t: float(acc.reduce(losses.get(t, zero) * share[t], reduction="mean")) for t in tasks}
+        _check_finite(mean, step, config)
+        bar.set_postfix({metric: f"{sum(mean.values()):.4f}"})
+        if step % config.eval_every == 0 or step == config.steps:
+            value = record(step, mean)
+            if value is not None and value < best_score:
+                best_score, best_w, best_step = value, raw.w.detach().clone(), step
+    last_w = raw.w.detach().clone()
+    if not holdout:
+        best_w, best_step = last_w, config.steps
+    logger.info("Selected step %d of %d (hold-out score %s)", best_step, config.steps, best_score)
+    table = lambda w: Coefficients(plan.source_names, plan.groups, transform(w, config.transform).cpu(), w.cpu(),  # noqa: E731
+                                   config.transform)
+    examples = {t: splits[t][1] or splits[t][0] for t in tasks}
+    finetunes = {t: fm.evaluate(t, examples[t], c=one_hot(plan, t, fm.device))
+                 for t in (tasks if finetune_tasks is None else finetune_tasks)}
+    merged = fm.params(transform(best_w, config.transform), dense=True)
+    check_finite(merged, f"The {method.name} merge")
+    metrics = {t: {"examples": "holdout" if splits[t][1] else "train", "count": len(examples[t]),
+                   "finetune": finetunes.get(t), "merged": fm.evaluate(t, examples[t], params=merged)} for t in tasks}
+    return LearnResult(table(best_w), table(last_w), history, best_step, metrics,
+                       {n: t.cpu() for n, t in merged.items()})
 
 
-def task_arithmetic_init(merger: SuperMerger, fm: FunctionalMerge, splits) -> float:
+def task_arithmetic_init(plan: MergePlan, config: SuperMergeConfig, fm: FunctionalMerge,
+                         train: Mapping[str, list[Example]]) -> float:
     """The λ of the task-arithmetic grid with the lowest summed training loss, as initial coefficient."""
-    shape = (merger.plan.num_sources, len(merger.plan.groups))
-    losses = {lam: sum(fm.mean_loss(torch.full(shape, lam, device=fm.device), t, splits[t][0])
-                       for t in merger.plan.tasks) for lam in LAMBDA_GRID}
-    lam = min(losses, key=losses.get)
-    logger.info("Task-arithmetic initialisation: losses %s, starting from c = %.1f", losses, lam)
-    return min(lam, 0.95) if merger._kind == "tanh" else lam
+    shape = (plan.num_sources, len(plan.groups))
+    scores = {lam: score(fm, train, by="loss", c=torch.full(shape, lam, device=fm.device)) for lam in LAMBDA_GRID}
+    lam = max(scores, key=scores.get)
+    logger.info("Task-arithmetic initialisation: scores %s, starting from c = %.1f", scores, lam)
+    return min(lam, 0.95) if config.transform == "tanh" else lam
 
 
-def finetune_metrics(merger: SuperMerger, fm: FunctionalMerge, examples: dict[str, list[Example]]) -> dict:
-    """Each task's own fine-tune (one-hot coefficients) on its examples."""
-    out = {}
-    for task in merger.plan.tasks:
-        one_hot = torch.zeros(merger.plan.num_sources, len(merger.plan.groups), device=fm.device)
-        one_hot[merger.plan.task_source[task]] = 1.0
-        out[task] = fm.evaluate(fm.merged_params(one_hot), task, examples[task])
-    return out
+def loss_scale(plan: MergePlan, config: SuperMergeConfig, fm: FunctionalMerge,
+               train: Mapping[str, list[Example]]) -> dict[str, float]:
+    """Weight of each task's loss: 1 (sum), 1/T (mean) or 1 / its fine-tune's own loss (normalized)."""
+    if config.loss_combination == "mean":
+        return {t: 1.0 / len(plan.tasks) for t in plan.tasks}
+    if config.loss_combination == "normalized":
+        return {t: 1.0 / max(fm.evaluate(t, train[t], c=one_hot(plan, t, fm.device))["loss"], 1e-6)
+                for t in plan.tasks}
+    return {t: 1.0 for t in plan.tasks}
 
 
-def before_after(merger: SuperMerger, fm: FunctionalMerge, examples: dict[str, list[Example]], finetunes: dict,
-                 holdout: bool) -> dict:
-    """Per task: its fine-tune's metrics and the merge's, on the hold-out examples (or the training ones)."""
-    merged = {n: t.to(fm.device) for n, t in merger.merged_tensors.items()}
-    return {task: {"examples": "holdout" if holdout else "train", "count": len(examples[task]),
-                   "finetune": finetunes[task], "merged": fm.evaluate(merged, task, examples[task])}
-            for task in merger.plan.tasks}  # fmt: skip
-
-
-def loss_scale(merger: SuperMerger, fm: FunctionalMerge, train: dict[str, list[Example]]) -> dict[str, float]:
-    """Weight of each task's loss: 1 (sum), 1/T (mean) or 1 / the fine-tune's own loss (normalized)."""
-    tasks = merger.plan.tasks
-    if merger.config.loss_combination == "mean":
-        return {t: 1.0 / len(tasks) for t in tasks}
-    if merger.config.loss_combination == "normalized":  # each task's loss over its fine-tune's own loss
-        scale = {}
-        for t in tasks:
-            one_hot = torch.zeros(merger.plan.num_sources, len(merger.plan.groups), device=fm.device)
-            one_hot[merger.plan.task_source[t]] = 1.0
-            scale[t] = 1.0 / max(fm.mean_loss(one_hot, t, train[t]), 1e-6)
-        return scale
-    return {t: 1.0 for t in tasks}
-
-
-def _check_finite(losses: dict[str, float], step: int) -> None:
+def _check_finite(losses: Mapping[str, float], step: int, config: SuperMergeConfig) -> None:
     bad = {t: v for t, v in losses.items() if not math.isfinite(v)}
     if bad:
-        raise FloatingPointError(
-            f"Non-finite loss at step {step} for task(s) {bad}. Check the labels (e.g. out of range) and the "
-            "inputs, or use dtype='float32'."
-        )
+        cause = (f"the learning rate {config.learning_rate} is too high for these coefficients (lower it)" if step
+                 else "the labels or inputs are invalid (e.g. labels out of range), or a source holds NaN/Inf")
+        raise FloatingPointError(f"Non-finite loss at step {step} for task(s) {sorted(bad)}: {cause}.")

@@ -1,7 +1,12 @@
-"""`SuperMerger`: resolve and check the sources, learn the coefficients with Accelerate, build the merged model."""
+"""`SuperMerger`: the façade. Resolve and check the sources, learn or compute the merge, evaluate, save, push.
+
+It is the only code that holds a `SuperMerger`: everything below it takes and returns values (`MergePlan`,
+`LearnResult`, `MergeResult`).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -10,21 +15,24 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .coefficients import Coefficients, transform
-from .config import SuperMergeConfig
-from .data_free import merge_data_free
-from .examples import Example, as_examples
-from .learning import learn
-from .objectives import FunctionalMerge
-from .hub import ResolvedSource, push_folder, resolve
+from .checkpoint import check_output_dir
+from .config import CONFIG_NAME, SuperMergeConfig
+from .data import as_examples, make_splits
+from .estimate import Estimate, estimate
+from .export import HIERARCHY_NAME, check_adapter_export, save_combined_adapter, save_merge
+from .functional import FunctionalMerge
+from .hierarchy import fit_hierarchical, rebuild
+from .hub import push_folder, resolve
+from .learning import functional_merge, learn, merge_data_free, one_hot
 from .methods import get_method
-from .task_vectors import MergePlan, ModelSpec, build_plan, load_source
+from .plan import build_plan
+from .results import COEFFICIENTS_NAME, Coefficients, MergeResult, check_finite
+from .sources import ModelSpec, load_source
 
 logger = logging.getLogger(__name__)
-
-ENTROPY_METHODS = {"adamerging", "adamerging_plus"}  # unsupervised: entropy of predictions, no labels
 
 
 class SuperMerger:
@@ -44,217 +52,180 @@ class SuperMerger:
         ```python
         merger = SuperMerger(config)
         merger.fit({"sst2": sst2_examples, "rte": rte_examples})
+        print(merger.evaluate(test_examples))
         merger.save_pretrained("merged")
         ```
     """
 
-    def __init__(
-        self,
-        config: SuperMergeConfig,
-        *,
-        accelerator: Accelerator | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | None = None,
-        endpoint: str | None = None,
-    ) -> None:
-        self.config = config
-        self.accelerator = accelerator
+    def __init__(self, config: SuperMergeConfig, *, accelerator: Accelerator | None = None,
+                 token: str | bool | None = None, cache_dir: str | None = None, endpoint: str | None = None) -> None:
+        self.config, self.accelerator = config, accelerator
         self.method = get_method(config.method)
+        self._hub = {"token": token, "endpoint": endpoint}
         hub = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint, "allow_pickle": config.allow_pickle}
         self.resolved_base = resolve(config.base, revision=config.base_revision, **hub)
         self.resolved_sources = [resolve(s.path, revision=s.revision, **hub) for s in config.sources]
-        load = {"allow_pickle": config.allow_pickle, "trust_remote_code": config.trust_remote_code}
-        base = ModelSpec.from_folder(self.resolved_base.path, **load)
-        sources = [load_source(r.path, base, base_name=config.base, **load) for r in self.resolved_sources]
-        self._setup(build_plan(base, sources, config.tasks, config.granularity), token=token, endpoint=endpoint)
-
-    @classmethod
-    def from_plan(cls, config: SuperMergeConfig, plan: MergePlan, *, accelerator: Accelerator | None = None):
-        """A merger over an already checked plan (a hierarchical level); nothing is resolved again."""
-        merger = cls.__new__(cls)
-        merger.config, merger.accelerator, merger.method = config, accelerator, get_method(config.method)
-        merger.resolved_base = ResolvedSource(plan.base.folder)
-        merger.resolved_sources = [ResolvedSource(s.folder) for s in plan.sources]
-        merger._setup(plan)
-        return merger
-
-    def _setup(self, plan: MergePlan, *, token: str | bool | None = None, endpoint: str | None = None) -> None:
-        self.plan = plan
-        self.coefficients: Coefficients | None = None
-        self.final_coefficients: Coefficients | None = None
-        self.history: list[dict[str, Any]] = []
-        self.selected_step: int | None = None
-        self.merged_tensors: dict[str, torch.Tensor] | None = None
-        self.metrics: dict[str, Any] = {}
-        self.chosen: dict[str, float] = {}
-        self.grid_scores: dict[str, float] = {}
-        self._functional: FunctionalMerge | None = None
-        self._hub = {"token": token, "endpoint": endpoint}
-        self.levels: list[dict[str, Any]] = []
-        logger.info(
-            "Merging %d sources: %d shared tensors in %d groups, task-specific: %s",
-            self.plan.num_sources, len(self.plan.merged), len(self.plan.groups),
-            {t: len(n) for t, n in self.plan.task_specific.items()},
-        )
+        base = ModelSpec.from_folder(self.resolved_base.path, allow_pickle=config.allow_pickle)
+        sources = [load_source(r.path, base, base_name=config.base, allow_pickle=config.allow_pickle)
+                   for r in self.resolved_sources]
+        self.plan = build_plan(base, sources, config.tasks, config.granularity)
+        self.result: MergeResult | None = None
+        logger.info("Merging %d sources: %d shared tensors in %d groups; task-specific tensors: %s",
+                    self.plan.num_sources, len(self.plan.merged), len(self.plan.groups),
+                    {t: n for t, n in self.plan.task_specific.items() if n})
 
     @property
-    def functional(self) -> FunctionalMerge:
-        """The merged model as a function of the coefficients (loads base and task vectors on first use)."""
-        if self._functional is None:
-            self._functional = FunctionalMerge(self.plan, dtype=self.dtype, streaming=self.config.streaming)
-        return self._functional
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.dtype)
 
     @property
     def needs_examples(self) -> bool:
         """Learned methods, and data-free ones with an `auto` hyperparameter, read examples."""
         return self.method.kind == "learned" or "auto" in self.config.method_kwargs.values()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(torch, self.config.dtype)
+    def _field(self, name: str, default: Any = None) -> Any:
+        return default if self.result is None else getattr(self.result, name)
 
-    def merge_info(self) -> dict[str, Any]:
-        """What a merge resolved and decided, saved in `supermerge_config.json` for reproducibility."""
-        return {
-            "base_commit": self.resolved_base.commit,
-            "source_commits": {t: r.commit for t, r in zip(self.config.tasks, self.resolved_sources)},
-            "task_specific": self.plan.task_specific,
-            "num_merged_tensors": len(self.plan.merged),
-            "groups": len(self.plan.groups),
-            "selected_step": self.selected_step,
-        }
+    coefficients = property(lambda self: self._field("coefficients"), doc="The coefficients of the selected step.")
+    last_coefficients = property(lambda self: self._field("last_coefficients"), doc="Those of the last step.")
+    history = property(lambda self: self._field("history", []), doc="Per evaluated step: train / hold-out loss.")
+    selected_step = property(lambda self: self._field("selected_step"), doc="The step kept by hold-out selection.")
+    metrics = property(lambda self: self._field("metrics", {}), doc="Per task: its fine-tune vs the merge.")
+    chosen = property(lambda self: self._field("chosen", {}), doc="Hyperparameters picked by `auto`.")
+    merged_tensors = property(lambda self: self._field("merged"), doc="The merged tensors, by canonical name.")
+    levels = property(lambda self: self._field("levels", []), doc="Hierarchical: each level's coefficients.")
 
-    # ------------------------------------------------------------------ learning
+    def _prepare(self, examples: Mapping[str, Any], *, require_labels: bool, limit: int | None) -> dict[str, list]:
+        if not isinstance(examples, Mapping):
+            raise TypeError(f"Examples are given per task name, as a dict; got {type(examples).__name__}.")
+        unknown = sorted(set(examples) - set(self.plan.tasks))
+        if unknown:
+            raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.plan.tasks}.")
+        return {task: as_examples(task, examples.get(task, []), limit=limit, require_labels=require_labels)
+                for task in self.plan.tasks}
+
     def fit(self, examples: Mapping[str, Any] | None = None) -> SuperMerger:
         """Learn the coefficients (learned methods) or compute the merge (data-free methods).
 
         Args:
-            examples (`dict[str, Any]`): Per task name, labelled examples: a `datasets.Dataset`, a list of
-                dicts of model inputs with `labels`, or a `DataLoader`. Only the first
-                `config.examples_per_task` are used.
+            examples (`dict[str, Any]`): Per task name, its examples: a `datasets.Dataset`, a list of dicts of
+                model inputs (with `labels` for supervised methods and `auto` hyperparameters), or a
+                `DataLoader`. Only the first `config.examples_per_task` are used.
 
         Raises:
             `ValueError`: A task without examples or labels, examples for an unknown task.
             `FileExistsError`: `config.output_dir` already holds files and overwriting was not asked.
-            `FloatingPointError`: A task's loss is not finite at the start.
+            `FloatingPointError`: A loss or a merged weight is not finite.
         """
-        from .outputs import check_output_dir
-
-        if self.config.output_dir:
-            check_output_dir(self.config.output_dir, overwrite=self.config.overwrite_output_dir)
-        entropy = self.method.name in ENTROPY_METHODS
-        data = self._prepare_examples(examples or {}, require_labels=not entropy) if self.needs_examples else None
-        if self.method.kind == "data_free":
-            merged, self.chosen, self.grid_scores = merge_data_free(
-                self.functional, self.method, self.config.method_kwargs, seed=self.config.seed, examples=data
-            )
-            self.merged_tensors = {n: t.to(self.dtype).cpu() for n, t in merged.items()}
+        config, method, plan = self.config, self.method, self.plan
+        if config.output_dir:
+            check_output_dir(config.output_dir, overwrite=config.overwrite_output_dir)
+        data = None
+        if self.needs_examples:
+            labels = method.objective != "entropy"
+            data = self._prepare(examples or {}, require_labels=labels, limit=config.examples_per_task)
+            if not labels:  # unsupervised methods never see a label, even one that was given
+                data = {t: [{k: v for k, v in ex.items() if k != "labels"} for ex in exs] for t, exs in data.items()}
+        resolved = {"config": config, "plan": plan, "base": self.resolved_base, "sources": self.resolved_sources}
+        if method.kind == "data_free":
+            fm = functional_merge(plan, config, method)
+            merged, chosen, grid = merge_data_free(fm, method, config.method_kwargs, seed=config.seed, examples=data)
+            merged = {n: t.to(self.dtype).cpu() for n, t in merged.items()}
+            check_finite(merged, f"The {method.name} merge")
+            self.result = MergeResult(**resolved, merged=merged, chosen=chosen, grid_scores=grid)
             return self
-        return self.fit_examples(data)
-
-    def fit_examples(self, data: dict[str, list[Example]]) -> SuperMerger:
-        """Learn from examples already in the form of `examples.as_examples` (flat, or level by level)."""
-        if self.config.hierarchical:
-            from .hierarchy import fit_hierarchical
-
-            fit_hierarchical(self, data)
+        self.accelerator = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        splits, generator = make_splits(data, config.holdout_fraction, config.seed)
+        if config.hierarchical:
+            result, levels = fit_hierarchical(plan, config, method, splits, accelerator=self.accelerator)
         else:
-            learn(self, data, objective="entropy" if self.method.name in ENTROPY_METHODS else "supervised")
+            result, levels = learn(plan, config, method, splits, generator, accelerator=self.accelerator), []
+        self.result = MergeResult(**resolved, merged=result.merged, coefficients=result.coefficients,
+                                  last_coefficients=result.last_coefficients, history=result.history,
+                                  selected_step=result.selected_step, metrics=result.metrics, levels=levels)
         return self
 
-    def adopt(self, other: SuperMerger) -> None:
-        """Take the result of another merger over the same base and tasks (the last hierarchical level)."""
-        for name in ("coefficients", "final_coefficients", "history", "selected_step", "merged_tensors", "metrics"):
-            setattr(self, name, getattr(other, name))
-
-    def _prepare_examples(self, examples: Mapping[str, Any], require_labels: bool = True) -> dict[str, list[Example]]:
-        unknown = sorted(set(examples) - set(self.plan.tasks))
-        if unknown:
-            raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.plan.tasks}.")
-        data = {
-            task: as_examples(task, examples.get(task, []), limit=self.config.examples_per_task,
-                              require_labels=require_labels)
-            for task in self.plan.tasks
-        }
-        if not require_labels:  # unsupervised methods never see a label, even one that was given
-            data = {t: [{k: v for k, v in ex.items() if k != "labels"} for ex in exs] for t, exs in data.items()}
-        return data
-
-    @property
-    def _kind(self) -> str:
-        """The coefficient transform: AdaMerging uses the identity (projected to [0, 1]), SuperMerge the config's."""
-        return "none" if self.method.name in ENTROPY_METHODS else self.config.transform
-
-    def _table(self, w: torch.Tensor) -> Coefficients:
-        kind = self._kind
-        return Coefficients(self.plan.source_names, self.plan.groups, transform(w, kind).cpu(), w.cpu(), kind)
-
-    @torch.no_grad()
-    def apply_coefficients(self, values: torch.Tensor, *, raw: torch.Tensor | None = None) -> None:
-        """Merge with given coefficient values `(S, G)` (already transformed), e.g. ones saved earlier.
+    def apply_coefficients(self, coefficients: Coefficients) -> SuperMerger:
+        """Merge with a given coefficient table (e.g. `Coefficients.load("merged/coefficients.json")`), its rows
+        and groups matched to this merge's sources and groups by name.
 
         Raises:
-            `ValueError`: `values` does not have shape (num sources, num groups).
+            `ValueError`: Another merge's table, another transform, or values out of the transform's range.
         """
-        expected = (self.plan.num_sources, len(self.plan.groups))
-        if tuple(values.shape) != expected:
-            raise ValueError(f"Coefficients of shape {tuple(values.shape)} given; this merge needs {expected}.")
-        fm = self.functional
-        values = values.to(device=fm.device, dtype=torch.float32)
-        kind = self._kind
-        raw = raw if raw is not None else (torch.atanh(values) if kind == "tanh" else values)
-        self.coefficients = Coefficients(self.plan.source_names, self.plan.groups, values.cpu(), raw.cpu(), kind)
-        self.merged_tensors = {n: t.cpu() for n, t in fm.dense_merge(values).items()}
+        if coefficients.transform != self.config.transform:
+            raise ValueError(f"The table's transform {coefficients.transform!r} is not this merge's "
+                             f"{self.config.transform!r}.")
+        values = coefficients.aligned(self.plan.source_names, self.plan.groups)
+        table = Coefficients.from_values(self.plan.source_names, self.plan.groups, values, self.config.transform)
+        merged = functional_merge(self.plan, self.config, self.method).params(table.values, dense=True)
+        check_finite(merged, "The merge")
+        self.result = MergeResult(self.config, self.plan, self.resolved_base, self.resolved_sources,
+                                  {n: t.cpu() for n, t in merged.items()}, coefficients=table)
+        return self
 
-    # ------------------------------------------------------------------ outputs
+    def evaluate(self, examples: Mapping[str, Any], *, finetunes: bool = False,
+                 batch_size: int = 32) -> dict[str, dict[str, float]]:
+        """Per task: mean loss, prediction entropy and (classification) accuracy of the merge, each task with its
+        own head; with `finetunes=True`, of each task's own fine-tune instead (no `fit` needed).
+
+        Args:
+            examples (`dict[str, Any]`): Per task name, examples in any form `fit` accepts (all are used).
+
+        Raises:
+            `RuntimeError`: Nothing merged yet (and `finetunes` is False).
+        """
+        if self.result is None and not finetunes:
+            raise RuntimeError("Nothing merged yet: call `fit(examples)` first, or pass `finetunes=True`.")
+        data = self._prepare(examples, require_labels=False, limit=None)
+        fm = FunctionalMerge(self.plan, dtype=self.dtype, streaming=True)  # reads sources on demand, holds none
+        out = {}
+        for task in tqdm([t for t in self.plan.tasks if data[t]], desc="Evaluating", leave=False):
+            c = one_hot(self.plan, task, fm.device) if finetunes else None
+            out[task] = fm.evaluate(task, data[task], c=c, params=None if finetunes else self.result.merged,
+                                    batch_size=batch_size)
+        return out
+
+    def estimate_memory(self, *, group_size: int | None = None) -> list[Estimate]:
+        """Expected peak memory of flat, hierarchical and streaming learning, from the headers alone."""
+        size = group_size or (self.config.hierarchical.group_size if self.config.hierarchical else 2)
+        return estimate(self.plan, dtype=self.dtype, group_size=size, on_device=torch.cuda.is_available())
+
     def merge_and_unload(self) -> PreTrainedModel:
         """The base's model class holding the merged weights (task-specific heads are not part of it)."""
-        if self.merged_tensors is None:
+        if self.result is None:
             raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
-        spec = self.plan.base
-        model = spec.cls.from_pretrained(spec.folder, dtype=self.dtype)
-        with torch.no_grad():
-            for name, tensor in self.merged_tensors.items():
-                model.get_parameter(spec.param_names[name]).copy_(tensor)
-        return model.eval()
+        return self.plan.base.build(self.result.merged, self.dtype)
 
-    def save_pretrained(self, save_directory: str | None = None, *, overwrite: bool | None = None) -> str:
-        """Write the merged model, tokenizer, heads, config, coefficients and model card; see `outputs.save_merge`."""
-        from .outputs import save_merge
-
+    def save_pretrained(self, save_directory: str | Path | None = None, *, overwrite: bool | None = None) -> str:
+        """Write the merged model, tokenizer, heads, config, coefficients and model card (`export.save_merge`)."""
+        if self.result is None:
+            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
         save_directory = save_directory or self.config.output_dir
         if not save_directory:
             raise ValueError("No output folder: pass `save_directory` or set `config.output_dir`.")
         overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
-        return str(save_merge(self, save_directory, overwrite=overwrite))
+        if self.accelerator is not None and not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()  # one writer: the main process
+            return str(save_directory)
+        out = save_merge(self.result, save_directory, overwrite=overwrite)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        return str(out)
 
-    def save_adapter(self, save_directory: str, *, rank: int | None = None, overwrite: bool = False) -> str:
-        """Write one PEFT LoRA adapter equal to the merge (all sources LoRA); `rank` compresses it by SVD.
+    def save_adapter(self, save_directory: str | Path, *, rank: int | None = None, overwrite: bool = False) -> str:
+        """Write one PEFT LoRA adapter equal to the merge (all sources LoRA, flat, no preprocessing); `rank`
+        compresses it by SVD (per-module errors in `supermerge_adapter.json`). See `export.save_combined_adapter`."""
+        if self.result is None:
+            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
+        check_adapter_export(self.plan, self.config, self.method)
+        return str(save_combined_adapter(self.result, save_directory, rank=rank, overwrite=overwrite))
 
-        See `lora.save_combined_adapter`; the per-module reconstruction error is in `supermerge_adapter.json`.
-        """
-        from .lora import save_combined_adapter
-
-        return str(save_combined_adapter(self, save_directory, rank=rank, overwrite=overwrite))
-
-    def push_adapter_to_hub(self, repo_id: str, *, rank: int | None = None, **kwargs) -> str:
-        """Save the combined LoRA adapter (as `save_adapter` does) and upload it; see `push_to_hub` for kwargs."""
-        message = f"Upload combined LoRA adapter of {', '.join(self.plan.tasks)}"
-        return self._push(lambda folder: self.save_adapter(folder, rank=rank), repo_id, message, **kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-    ) -> str:
-        """Save the merge (as `save_pretrained` does) and upload it to a Hub model repo.
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        """Save the merge (as `save_pretrained` does) and upload it to a Hub model repo, created if missing.
 
         Args:
-            repo_id (`str`): Target repo, created if missing.
+            repo_id (`str`): Target repo.
             private (`bool`, *optional*): Visibility of a repo that gets created.
             token (`str` or `bool`, *optional*): Hub token with write access; never logged or written.
             revision (`str`, *optional*): Branch to commit to (created if missing).
@@ -263,14 +234,50 @@ class SuperMerger:
         Returns:
             `str`: The sha of the commit created.
         """
-        message = f"Upload {self.config.method} merge of {', '.join(self.plan.tasks)}"
-        return self._push(self.save_pretrained, repo_id, message, private=private, token=token, revision=revision,
-                          commit_message=commit_message)
+        message = commit_message or f"Upload {self.config.method} merge of {', '.join(self.plan.tasks)}"
+        return self._push(lambda folder: self.save_pretrained(folder), repo_id, message, private, token, revision)
 
-    def _push(self, save, repo_id: str, default_message: str, *, private: bool | None = None,
-              token: str | bool | None = None, revision: str | None = None, commit_message: str | None = None) -> str:
+    def push_adapter_to_hub(self, repo_id: str, *, rank: int | None = None, private: bool | None = None,
+                            token: str | bool | None = None, revision: str | None = None) -> str:
+        """Save the combined LoRA adapter (as `save_adapter` does) and upload it; see `push_to_hub`."""
+        message = f"Upload combined LoRA adapter of {', '.join(self.plan.tasks)}"
+        return self._push(lambda folder: self.save_adapter(folder, rank=rank), repo_id, message, private, token,
+                          revision)
+
+    def _push(self, save, repo_id: str, message: str, private, token, revision) -> str:
         token = token if token is not None else self._hub["token"]
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save(str(Path(tmp) / repo_id.split("/")[-1]))
+            folder = save(Path(tmp) / repo_id.split("/")[-1])
             return push_folder(folder, repo_id, private=private, token=token, revision=revision,
-                               commit_message=commit_message or default_message, endpoint=self._hub["endpoint"])
+                               commit_message=message, endpoint=self._hub["endpoint"])
+
+    @classmethod
+    def from_pretrained(cls, merged_dir: str | Path, *, revision: str | None = None, token: str | bool | None = None,
+                        accelerator: Accelerator | None = None) -> SuperMerger:
+        """Reload a merge written by `save_pretrained` from its config and coefficients (every level's for a
+        hierarchical merge; the chosen hyperparameters for a data-free one): the sources must still resolve.
+
+        Raises:
+            `FileNotFoundError`: `merged_dir` is not a supermerge_hf output.
+        """
+        folder = resolve(merged_dir, revision=revision, token=token).path
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{str(merged_dir)!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")
+        data = json.loads((folder / CONFIG_NAME).read_text())
+        info = data.pop("merge_info", {})
+        data["method_kwargs"] = data.get("method_kwargs", {}) | info.get("chosen", {})  # `auto` -> what was chosen
+        merger = cls(SuperMergeConfig.from_dict(data), token=token, accelerator=accelerator)
+        if (folder / HIERARCHY_NAME).is_file():
+            levels = json.loads((folder / HIERARCHY_NAME).read_text())
+            for level in levels:
+                level["coefficients"] = Coefficients.from_dict(level["coefficients"])
+            merged = rebuild(merger.plan, merger.config, merger.method, levels)
+            merger.result = MergeResult(merger.config, merger.plan, merger.resolved_base, merger.resolved_sources,
+                                        {n: t.cpu() for n, t in merged.items()}, coefficients=levels[-1]["coefficients"],
+                                        selected_step=info.get("selected_step"), levels=levels)
+        elif (folder / COEFFICIENTS_NAME).is_file():
+            merger.apply_coefficients(Coefficients.load(folder / COEFFICIENTS_NAME))
+            merger.result.selected_step = info.get("selected_step")
+        else:
+            merger.fit()
+        return merger

@@ -1,40 +1,21 @@
-"""The registry of merge methods and the data-free merge math.
+"""The registry of merge methods: what each method does, its typed hyperparameters, and the data-free math.
 
-Every data-free method is a pure function of the stacked task vectors of one tensor, `deltas  # (S, *shape)`,
-returning the merged delta `# (*shape)`; the caller adds the base. The learned methods (`adamerging`,
-`adamerging_plus`, `supermerge`) are only registered here; the merger runs them.
+A data-free method is a pure function of the stacked task vectors of one tensor, `deltas  # (S, *shape)`,
+returning the merged delta `# (*shape)` (the caller adds the base). A learned method has no merge function: its
+entry declares the objective, the coefficient transform and the preprocessing that `learning.learn` runs.
+Each entry also declares its hyperparameters (`method_kwargs`), so a config is checked before anything loads.
 
-Arguments of the data-free merge functions (keyword-only after `deltas`; each takes the ones it uses):
-    deltas (`Tensor`): the task vectors of one tensor stacked over sources, `(S, *shape)`.
-    weights (`Tensor`, *optional*): `(S,)` per-source weights; `None` means 1 (1/S for `average`).
-    lam (`float`, defaults to 1.0): λ, multiplies the merged delta last.
-    density (`float`, 0.2 for trimming, 0.5 for DARE): fraction of entries kept per source, in (0, 1];
-        DARE's drop rate is p = 1 - density.
-    majority_sign_method (`"total"` or `"frequency"`, defaults to `"total"`): elect by summed values or signs.
-    trim_scope (`"tensor"` or `"task"`, defaults to `"tensor"`): trim each tensor alone, or over the whole task
-        vector of each source with `threshold  # (S,)` computed once by `magnitude_thresholds`.
-    generator (`torch.Generator`, *optional*) / mask (`Tensor`, *optional*, `(S, *shape)`): DARE's random mask
-        is drawn from `generator` (the global one when `None`), or given as `mask`.
-
-Definitions followed (the trim, sign election, disjoint mean and DARE steps: `sparsify.py`), and where the
-references differ (read in peft 0.21.2 `utils/merge_utils.py`; mergekit 0.1.5
-`merge_methods/{generalized_task_arithmetic,linear}.py`, `sparsify.py`; fusion-bench 0.2.33
-`method/ties_merging/ties_merging_utils.py` (AdaMerging's copy of the TIES code), `method/dare/utils.py`):
-
-- `average`: Σ_s w_s τ_s / Σ_s w_s, the plain mean when `weights` is None; mergekit `linear` (`normalize: true`
-  by default) computes Σ_s w_s θ_s / Σ_s w_s on full weights, which is the same.
-- `task_arithmetic`: λ Σ_s w_s τ_s, as mergekit (`lambda` 1.0, `normalize` off by default); peft has no λ.
-- `weights` in `ties` / `dare_ties`, as peft: the sign is elected on the UNWEIGHTED trimmed deltas, the weights
-  multiply the deltas inside the disjoint mean. mergekit multiplies by the weights BEFORE electing. The TIES
-  paper and fusion-bench have no per-source weights. All agree when the weights are 1.
-- λ (`lam`) multiplies the merged delta last (mergekit `lambda`, after `normalize`; fusion-bench
-  `scaling_factor`). peft has no λ: fold it into `weights` there.
-- `magnitude_prune`: trim, then λ Σ_s w_s τ̂_s without rescaling (peft; mergekit has no such method).
+Conventions (the TIES/DARE steps and where peft 0.21, mergekit 0.1.5 and fusion-bench differ: `sparsify.py`):
+`weights` are per-source weights (`None` = 1; 1/S for `average`); λ (`lam`) multiplies the merged delta last
+(mergekit `lambda`, fusion-bench `scaling_factor`; peft has none); in `ties` / `dare_ties` the sign is elected on
+the unweighted deltas and the weights multiply inside the disjoint mean (as peft; mergekit weights first).
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -45,11 +26,36 @@ from .sparsify import (
     disjoint_mean,
     drop_and_rescale,
     elect_sign,
+    magnitude_thresholds,
+    trim,
     trim_to_density,
     weighted,
 )
 
 MethodKind = Literal["data_free", "learned"]
+Objective = Literal["supervised", "entropy"]
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A typed `method_kwargs` entry: `kind` is `float`, `str` or `list` (one float per source)."""
+
+    kind: type
+    default: Any
+    low: float | None = None  # inclusive bounds, checked for floats
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    auto: bool = False  # accepts "auto": picked from a grid on the labelled examples
+
+
+LAM = Hyperparameter(float, 1.0, low=0.0, auto=True)
+WEIGHTS = Hyperparameter(list, None)
+SIGN = Hyperparameter(str, "total", choices=("total", "frequency"))
+SCOPE = Hyperparameter(str, "tensor", choices=("tensor", "task"))
+
+
+def _density(default: float) -> Hyperparameter:
+    return Hyperparameter(float, default, low=1e-6, high=1.0, auto=True)
 
 
 @dataclass(frozen=True)
@@ -60,37 +66,87 @@ class MergeMethod:
         name (`str`): The name users type (`"ties"`).
         description (`str`): One line for `supermerge methods` and model cards.
         url (`str`): The paper.
-        kind (`Literal["data_free", "learned"]`): Data-free methods merge tensor by tensor with `merge`; learned
-            methods need examples and are run by the merger.
-        merge (`Callable | None`): The merge function of a data-free method, `None` for a learned one.
+        merge (`Callable`, *optional*): The data-free merge function; `None` for a learned method.
+        hyperparameters (`dict[str, Hyperparameter]`): The accepted `method_kwargs`.
+        objective (`str`, *optional*): What a learned method minimises: `supervised` (the model's loss on
+            labelled examples) or `entropy` (of predictions on unlabelled inputs).
+        transform (`str`, *optional*): The coefficient transform a learned method forces (`"none"` with values
+            clamped to [0, 1] for AdaMerging); `None` takes the config's `transform`.
+        preprocess (`Callable`, *optional*): Applied to each tensor's stacked task vectors before learning,
+            called with the method's hyperparameters (AdaMerging++: TIES trimming).
+        random (`bool`): The merge function draws a random mask (takes `generator`).
     """
 
     name: str
     description: str
     url: str
-    kind: MethodKind
-    merge: Callable[..., Tensor] | None
+    merge: Callable[..., Tensor] | None = None
+    hyperparameters: dict[str, Hyperparameter] = field(default_factory=dict)
+    objective: Objective | None = None
+    transform: str | None = None
+    preprocess: Callable[..., Tensor] | None = None
+    random: bool = False
+
+    @property
+    def kind(self) -> MethodKind:
+        return "learned" if self.objective else "data_free"
+
+    def check_kwargs(self, kwargs: Mapping[str, Any], num_sources: int) -> dict[str, Any]:
+        """`kwargs` checked against the declared hyperparameters, completed with the defaults.
+
+        Raises:
+            `ValueError`: An unknown name, a value of the wrong type or out of range (the message names the field).
+        """
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(f"`method_kwargs` must be a mapping of hyperparameters, got {kwargs!r}.")
+        unknown = sorted(set(kwargs) - set(self.hyperparameters))
+        if unknown:
+            known = sorted(self.hyperparameters) or "none"
+            raise ValueError(f"`method_kwargs` {unknown} are not hyperparameters of {self.name!r} (it takes: {known}).")
+        out = {}
+        for name, spec in self.hyperparameters.items():
+            value, where = kwargs.get(name, spec.default), f"`method_kwargs.{name}` of {self.name!r}"
+            if name not in kwargs or (spec.auto and value == "auto"):
+                out[name] = value
+            elif spec.kind is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{where} must be a number{' or auto' if spec.auto else ''}, got {value!r}.")
+                if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
+                    raise ValueError(f"{where} must be in [{spec.low}, {spec.high}], got {value!r}.")
+                out[name] = float(value)
+            elif spec.kind is list:
+                if (not isinstance(value, (list, tuple)) or len(value) != num_sources
+                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                    raise ValueError(f"{where} must be a list of {num_sources} numbers (one per source), got {value!r}.")
+                out[name] = [float(v) for v in value]
+            elif value not in spec.choices:
+                raise ValueError(f"{where} must be one of {list(spec.choices)}, got {value!r}.")
+            else:
+                out[name] = value
+        return out
 
 
 METHODS: dict[str, MergeMethod] = {}
 
 
-def register_method(name: str, *, description: str, url: str, kind: MethodKind = "data_free"):
-    """Register a merge method under `name`: decorate its merge function, or call the decorator on `None` for a
-    learned method (`register_method("supermerge", ..., kind="learned")(None)`).
+def register_method(name: str, *, description: str, url: str, hyperparameters: dict[str, Hyperparameter] | None = None,
+                    objective: Objective | None = None, transform: str | None = None,
+                    preprocess: Callable[..., Tensor] | None = None, random: bool = False):
+    """Register a merge method: decorate its merge function (data-free), or call the decorator on `None` for a
+    learned method with its `objective` (`register_method("mine", ..., objective="supervised")(None)`).
 
     Raises:
-        `ValueError`: if `name` is already registered.
-        `TypeError`: if a data-free method comes without a merge function, or a learned one with one.
+        `ValueError`: `name` is already registered.
+        `TypeError`: A data-free method without a merge function, or a learned one with one.
     """
 
     def register(merge: Callable[..., Tensor] | None) -> Callable[..., Tensor] | None:
         if name in METHODS:
             raise ValueError(f"Merge method {name!r} is already registered.")
-        if (merge is None) != (kind == "learned"):
-            expected = "None" if kind == "learned" else "a merge function"
-            raise TypeError(f"A {kind} method is registered with {expected}, got {merge!r}.")
-        METHODS[name] = MergeMethod(name=name, description=description, url=url, kind=kind, merge=merge)
+        if (merge is None) != (objective is not None):
+            raise TypeError(f"Method {name!r}: give a merge function (data-free) or an objective (learned), not both.")
+        METHODS[name] = MergeMethod(name, description, url, merge, dict(hyperparameters or {}), objective, transform,
+                                    preprocess, random)
         return merge
 
     return register
@@ -100,22 +156,18 @@ def get_method(name: str) -> MergeMethod:
     """Return the registered method `name`.
 
     Raises:
-        `ValueError`: if `name` is not registered; the message lists the known names.
+        `ValueError`: `name` is not registered; the message lists the known names.
     """
     if name not in METHODS:
         raise ValueError(f"Unknown merge method {name!r}. Known methods: {sorted(METHODS)}.")
     return METHODS[name]
 
 
-# ---- data-free methods -------------------------------------------------------------------------------------
-# Each takes `deltas  # (S, *shape)` and returns the merged delta `# (*shape)`; the arguments are documented
-# once, in the module docstring.
+# ---- data-free methods: `deltas  # (S, *shape)` -> merged delta `# (*shape)` ---------------------------------
 
 
-@register_method(
-    "average", url="https://arxiv.org/abs/2203.05482",
-    description="Uniform or weighted mean of the task vectors (model soups).",
-)
+@register_method("average", url="https://arxiv.org/abs/2203.05482", hyperparameters={"weights": WEIGHTS},
+                 description="Uniform or weighted mean of the task vectors (model soups).")
 def average(deltas: Tensor, *, weights: Tensor | None = None) -> Tensor:
     """Σ_s w_s τ_s / Σ_s w_s; the plain mean when `weights` is None."""
     if weights is None:
@@ -125,80 +177,72 @@ def average(deltas: Tensor, *, weights: Tensor | None = None) -> Tensor:
     return weighted(deltas, weights).sum(dim=0) / weights.sum()  # (*shape)
 
 
-@register_method(
-    "task_arithmetic", url="https://arxiv.org/abs/2212.04089",
-    description="λ times the (weighted) sum of the task vectors.",
-)
+@register_method("task_arithmetic", url="https://arxiv.org/abs/2212.04089",
+                 hyperparameters={"weights": WEIGHTS, "lam": LAM},
+                 description="λ times the (weighted) sum of the task vectors.")
 def task_arithmetic(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0) -> Tensor:
     """λ Σ_s w_s τ_s."""
     return lam * weighted(deltas, weights).sum(dim=0)  # (*shape)
 
 
-@register_method(
-    "magnitude_prune", url="https://arxiv.org/abs/2306.01708",
-    description="Keep the largest-magnitude entries of each task vector, then sum.",
-)
-def magnitude_prune(
-    deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.2,
-    trim_scope: TrimScope = "tensor", threshold: Tensor | None = None,
-) -> Tensor:
+@register_method("magnitude_prune", url="https://arxiv.org/abs/2306.01708",
+                 hyperparameters={"weights": WEIGHTS, "lam": LAM, "density": _density(0.2), "trim_scope": SCOPE},
+                 description="Keep the largest-magnitude entries of each task vector, then sum.")
+def magnitude_prune(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.2,
+                    trim_scope: TrimScope = "tensor", threshold: Tensor | None = None) -> Tensor:
     """Trim to `density`, then λ Σ_s w_s τ̂_s (no rescaling)."""
     trimmed = trim_to_density(deltas, density, trim_scope, threshold)  # (S, *shape)
     return task_arithmetic(trimmed, weights=weights, lam=lam)
 
 
-@register_method(
-    "ties", url="https://arxiv.org/abs/2306.01708",
-    description="Trim, elect sign, disjoint mean (TIES-Merging).",
-)
-def ties(
-    deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.2,
-    majority_sign_method: MajoritySignMethod = "total", trim_scope: TrimScope = "tensor",
-    threshold: Tensor | None = None,
-) -> Tensor:
+@register_method("ties", url="https://arxiv.org/abs/2306.01708",
+                 hyperparameters={"weights": WEIGHTS, "lam": LAM, "density": _density(0.2),
+                                  "majority_sign_method": SIGN, "trim_scope": SCOPE},
+                 description="Trim, elect sign, disjoint mean (TIES-Merging).")
+def ties(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.2,
+         majority_sign_method: MajoritySignMethod = "total", trim_scope: TrimScope = "tensor",
+         threshold: Tensor | None = None) -> Tensor:
     """Trim to `density`, elect the sign of the unweighted trimmed deltas, λ × disjoint mean of the weighted ones."""
     trimmed = trim_to_density(deltas, density, trim_scope, threshold)  # (S, *shape)
     return lam * disjoint_mean(trimmed, elect_sign(trimmed, majority_sign_method), weights)  # (*shape)
 
 
-@register_method(
-    "dare_linear", url="https://arxiv.org/abs/2311.03099",
-    description="Random drop and rescale (DARE), then task arithmetic.",
-)
-def dare_linear(
-    deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.5,
-    generator: torch.Generator | None = None, mask: Tensor | None = None,
-) -> Tensor:
+@register_method("dare_linear", url="https://arxiv.org/abs/2311.03099", random=True,
+                 hyperparameters={"weights": WEIGHTS, "lam": LAM, "density": _density(0.5)},
+                 description="Random drop and rescale (DARE), then task arithmetic.")
+def dare_linear(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.5,
+                generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
     """Drop with probability 1 - `density`, rescale by 1 / `density`, then λ Σ_s w_s τ̃_s."""
     dropped = drop_and_rescale(deltas, density, generator=generator, mask=mask)  # (S, *shape)
     return task_arithmetic(dropped, weights=weights, lam=lam)
 
 
-@register_method(
-    "dare_ties", url="https://arxiv.org/abs/2311.03099",
-    description="Random drop and rescale (DARE), then sign election and disjoint mean.",
-)
-def dare_ties(
-    deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.5,
-    majority_sign_method: MajoritySignMethod = "total", generator: torch.Generator | None = None,
-    mask: Tensor | None = None,
-) -> Tensor:
+@register_method("dare_ties", url="https://arxiv.org/abs/2311.03099", random=True,
+                 hyperparameters={"weights": WEIGHTS, "lam": LAM, "density": _density(0.5), "majority_sign_method": SIGN},
+                 description="Random drop and rescale (DARE), then sign election and disjoint mean.")
+def dare_ties(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.5,
+              majority_sign_method: MajoritySignMethod = "total", generator: torch.Generator | None = None,
+              mask: Tensor | None = None) -> Tensor:
     """Drop and rescale as [`dare_linear`], then elect the sign and take the disjoint mean as [`ties`]."""
     dropped = drop_and_rescale(deltas, density, generator=generator, mask=mask)  # (S, *shape)
     return lam * disjoint_mean(dropped, elect_sign(dropped, majority_sign_method), weights)  # (*shape)
 
 
-# ---- learned methods (run by the merger) -------------------------------------------------------------------
+# ---- learned methods (run by `learning.learn`) ---------------------------------------------------------------
 
-register_method(
-    "adamerging", kind="learned", url="https://arxiv.org/abs/2310.02575",
-    description="Task- or layer-wise coefficients in [0, 1] learned by entropy minimisation on unlabelled inputs.",
-)(None)
-register_method(
-    "adamerging_plus", kind="learned", url="https://arxiv.org/abs/2310.02575",
-    description="AdaMerging++: AdaMerging applied to TIES-trimmed task vectors.",
-)(None)
-register_method(
-    "supermerge", kind="learned", url="https://arxiv.org/abs/2412.10416",
-    description="Per-tensor tanh coefficients learned with a supervised loss on a few labelled examples.",
-)(None)
+
+def ties_trimmed(deltas: Tensor, *, density: float = 0.2) -> Tensor:
+    """TIES preprocessing of AdaMerging++: per source keep the top entries that agree with the elected sign."""
+    trimmed = trim(deltas, magnitude_thresholds([deltas], density))  # (S, *shape)
+    return trimmed * (trimmed.sign() == elect_sign(trimmed))  # (S, *shape)
+
+
+register_method("adamerging", url="https://arxiv.org/abs/2310.02575", objective="entropy", transform="none",
+                description="Task- or layer-wise coefficients in [0, 1] learned by entropy minimisation on "
+                "unlabelled inputs.")(None)
+register_method("adamerging_plus", url="https://arxiv.org/abs/2310.02575", objective="entropy", transform="none",
+                preprocess=ties_trimmed, hyperparameters={"density": Hyperparameter(float, 0.2, low=1e-6, high=1.0)},
+                description="AdaMerging++: AdaMerging applied to TIES-trimmed task vectors.")(None)
+register_method("supermerge", url="https://arxiv.org/abs/2412.10416", objective="supervised",
+                description="Per-tensor tanh coefficients learned with a supervised loss on a few labelled "
+                "examples.")(None)

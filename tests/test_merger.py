@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM
 
-from supermerge_hf import SuperMergeConfig, SuperMerger, load_task_model
-from supermerge_hf.coefficients import transform
-from supermerge_hf.examples import as_examples
-from supermerge_hf.objectives import FunctionalMerge
+from supermerge_hf import Coefficients, SuperMergeConfig, SuperMerger, load_task_model
+from supermerge_hf.data import as_examples
+from supermerge_hf.functional import FunctionalMerge
+from supermerge_hf.results import transform
 
 from .conftest import family_examples
 
@@ -19,6 +19,12 @@ def make_merger(family, **kwargs) -> SuperMerger:
     kwargs = {"steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0,
               "init_from_task_arithmetic": False} | kwargs
     return SuperMerger(SuperMergeConfig(base=str(family.base), sources=family.source_list(), **kwargs))
+
+
+def apply(merger: SuperMerger, values: torch.Tensor) -> SuperMerger:
+    plan = merger.plan
+    return merger.apply_coefficients(Coefficients.from_values(plan.source_names, plan.groups, values,
+                                                              merger.config.transform))
 
 
 def raw_state(folder) -> dict[str, torch.Tensor]:
@@ -68,14 +74,14 @@ def test_block_groups_follow_the_model(bert_family):
 def test_transform_none_zero_is_base_and_one_hot_is_source(llama_family):
     merger = make_merger(llama_family, transform="none", init_coefficient=0.0)
     S, G = merger.plan.num_sources, len(merger.plan.groups)
-    merger.apply_coefficients(torch.zeros(S, G))
+    apply(merger, torch.zeros(S, G))
     base = canonical_state(llama_family.base, "model")
     for name, merged in merger.merged_tensors.items():
         assert torch.equal(merged, base[name]), name
     for i, path in enumerate(llama_family.sources.values()):
         one_hot = torch.zeros(S, G)
         one_hot[i] = 1.0
-        merger.apply_coefficients(one_hot)
+        apply(merger, one_hot)
         source = canonical_state(path, "model")
         for name, merged in merger.merged_tensors.items():
             torch.testing.assert_close(merged, source[name], rtol=0, atol=1e-6)
@@ -90,7 +96,7 @@ def test_analytic_gradient_equals_autograd(bert_family, kind):
     w = (0.4 * torch.randn(S, G, generator=torch.Generator().manual_seed(0))).requires_grad_()
     scale = {"sst": 1.0, "nli": 0.5}
     # reference: autograd through theta_m(c(w)) and the S task vectors
-    merged = fm.merged_params(transform(w, kind))
+    merged = fm.params(transform(w, kind))
     loss = sum(scale[t] * fm.forward(t, merged, batch).loss for t, batch in examples.items())
     (reference,) = torch.autograd.grad(loss, [w])
     # analytic: one backward through the merged model, then <dL/dtheta_m, tau> and c'(w)
@@ -128,7 +134,9 @@ def test_holdout_selection_reports_final_and_selected(bert_family):
     scores = {h["step"]: h["score"] for h in merger.history}
     assert sorted(scores) == [0, 2, 4, 6]
     assert merger.selected_step == min(scores, key=scores.get)
-    assert merger.final_coefficients is not None
+    assert merger.last_coefficients is not None
+    if merger.selected_step != 6:  # the kept coefficients are the selected step's, not the last step's
+        assert not torch.equal(merger.coefficients.values, merger.last_coefficients.values)
 
 
 def test_save_and_reload_bert_heads(bert_family, tmp_path):
@@ -138,11 +146,11 @@ def test_save_and_reload_bert_heads(bert_family, tmp_path):
     body = AutoModel.from_pretrained(out)
     assert torch.equal(body(x).last_hidden_state, merger.merge_and_unload()(x).last_hidden_state)
     fm = FunctionalMerge(merger.plan, dtype=torch.float32)
-    merged = fm.merged_params(merger.coefficients.values)
+    merged = fm.params(merger.coefficients.values)
     for task, k in bert_family.num_labels.items():
         model = load_task_model(out, task)
         assert model.config.num_labels == k
-        expected = fm.forward(task, merged, [{"input_ids": row} for row in x]).logits
+        expected = fm.forward(task, merged, [{"input_ids": row} for row in x], merger.coefficients.values).logits
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "merged" / "heads").iterdir()) == ["nli", "sst"]
     card = (tmp_path / "merged" / "README.md").read_text()
@@ -159,7 +167,8 @@ def test_save_and_reload_causal_lm(family_name, request, tmp_path):
     assert torch.equal(reloaded(x).logits, merger.merge_and_unload()(x).logits)
     fm = FunctionalMerge(merger.plan, dtype=torch.float32)
     task = next(iter(family.sources))
-    expected = fm.forward(task, fm.merged_params(merger.coefficients.values), [{"input_ids": r} for r in x]).logits
+    c = merger.coefficients.values
+    expected = fm.forward(task, fm.params(c), [{"input_ids": r} for r in x], c).logits
     torch.testing.assert_close(reloaded(x).logits, expected, rtol=1e-5, atol=1e-5)
     assert not any(merger.plan.task_specific.values())
 
@@ -181,10 +190,11 @@ def test_streaming_equals_flat(bert_family):
     # equal up to float rounding (a tensordot over the stack vs a sum over sources read one by one), which Adam's
     # g / sqrt(v) enlarges where a gradient is near 0; the gradients themselves are compared tightly below
     torch.testing.assert_close(flat.coefficients.raw, streamed.coefficients.raw, rtol=0, atol=1e-4)
-    streamed.apply_coefficients(flat.coefficients.values)
+    apply(streamed, flat.coefficients.values)
     for name, tensor in flat.merged_tensors.items():
         torch.testing.assert_close(tensor, streamed.merged_tensors[name], rtol=1e-5, atol=1e-6)
-    fm_flat, fm_stream = flat.functional, streamed.functional
+    fm_flat = FunctionalMerge(flat.plan, dtype=torch.float32)
+    fm_stream = FunctionalMerge(flat.plan, dtype=torch.float32, streaming=True)
     assert fm_flat.deltas[name].stacked is not None and fm_stream.deltas[name].stacked is None
     batches = {t: as_examples(t, ex) for t, ex in family_examples(bert_family, n=5).items()}
     c = torch.tanh(0.3 * torch.randn(2, len(flat.plan.groups), generator=torch.Generator().manual_seed(1)))
@@ -205,20 +215,20 @@ def test_hierarchical_with_one_group_is_flat(llama_family):
 
 def test_streaming_holds_one_merged_model(bert_family):
     """Streaming keeps no base and no task vector, and writes every step's merge into the same tensors."""
-    from supermerge_hf.deltas import LazyTensors, StreamedDelta
+    from supermerge_hf.deltas import StreamedDelta
 
     merger = make_merger(bert_family, streaming=True)
-    fm = merger.functional
-    assert isinstance(fm.base, LazyTensors)
+    fm = FunctionalMerge(merger.plan, dtype=torch.float32, streaming=True)
+    assert fm.base is None
     assert all(isinstance(p, StreamedDelta) for d in fm.deltas.values() for p in d.parts)
     S, G = merger.plan.num_sources, len(merger.plan.groups)
-    first = fm.merged_params(torch.full((S, G), 0.3))
+    first = fm.params(torch.full((S, G), 0.3))
     pointers = {n: t.data_ptr() for n, t in first.items()}
     values = {n: t.clone() for n, t in first.items()}
-    second = fm.merged_params(torch.full((S, G), -0.2))
+    second = fm.params(torch.full((S, G), -0.2))
     assert {n: t.data_ptr() for n, t in second.items()} == pointers  # reused, nothing model-sized allocated
     flat = FunctionalMerge(merger.plan, dtype=torch.float32)
-    for name, tensor in flat.merged_params(torch.full((S, G), 0.3)).items():
+    for name, tensor in flat.params(torch.full((S, G), 0.3)).items():
         torch.testing.assert_close(values[name], tensor, rtol=1e-5, atol=1e-6)
 
 
@@ -226,13 +236,13 @@ def test_flat_reuses_merged_tensors_and_hands_over_the_final_merge(bert_family):
     """Each step's merge goes into the same tensors (no model-sized allocation per step); the final merge is the
     caller's: a later merge does not overwrite it."""
     merger = make_merger(bert_family).fit(family_examples(bert_family))
-    fm, S, G = merger.functional, merger.plan.num_sources, len(merger.plan.groups)
+    fm, S, G = FunctionalMerge(merger.plan, dtype=torch.float32), merger.plan.num_sources, len(merger.plan.groups)
     kept = {n: t.clone() for n, t in merger.merged_tensors.items()}
-    first = fm.merged_params(torch.full((S, G), 0.3))
+    first = fm.params(torch.full((S, G), 0.3))
     pointers = {n: t.data_ptr() for n, t in first.items()}
     assert not pointers.keys() & {t.data_ptr() for t in merger.merged_tensors.values()} - {
         fm.base[n].data_ptr() for n in fm.base}
-    second = fm.merged_params(torch.full((S, G), -0.2))
+    second = fm.params(torch.full((S, G), -0.2))
     assert {n: t.data_ptr() for n, t in second.items()} == pointers
     for name, tensor in second.items():
         expected = fm.base[name] - 0.2 * fm.deltas[name].dense().sum(0)
@@ -242,11 +252,11 @@ def test_flat_reuses_merged_tensors_and_hands_over_the_final_merge(bert_family):
 
 
 def test_read_tensor_into_a_given_tensor(bert_family):
-    from supermerge_hf.task_vectors import ModelSpec
+    from supermerge_hf.sources import ModelSpec
 
     spec = ModelSpec.from_folder(bert_family.base)
     name = next(iter(spec.shapes))
-    expected = spec.get_tensor(name)
+    expected = spec.read_tensor(name)
     out = torch.empty_like(expected)
     assert spec.read_tensor(name, out=out) is out and torch.equal(out, expected)  # straight into it
     half = torch.empty(expected.shape, dtype=torch.bfloat16)
@@ -293,7 +303,7 @@ def test_examples_as_dataset_list_or_dataloader_give_the_same_merge(bert_family)
     datasets = pytest.importorskip("datasets", reason="datasets is an optional input type")
     from torch.utils.data import DataLoader
 
-    from supermerge_hf.examples import collate
+    from supermerge_hf.data import collate
 
     examples = family_examples(bert_family, n=8)
     as_list = make_merger(bert_family, seed=4).fit(examples).coefficients.values
@@ -307,11 +317,30 @@ def test_examples_as_dataset_list_or_dataloader_give_the_same_merge(bert_family)
 
 
 def test_init_from_task_arithmetic_starts_at_the_best_lambda(bert_family):
-    from supermerge_hf.data_free import LAMBDA_GRID
+    from supermerge_hf.learning import LAMBDA_GRID
 
     examples = family_examples(bert_family)
     merger = make_merger(bert_family, steps=1, init_from_task_arithmetic=True, learning_rate=1e-9).fit(examples)
-    fm, train = merger.functional, {t: as_examples(t, ex) for t, ex in examples.items()}
-    losses = {lam: sum(fm.mean_loss(torch.full((2, 39), lam), t, train[t]) for t in train) for lam in LAMBDA_GRID}
+    base = canonical_state(bert_family.base, "bert")
+    sources = {t: canonical_state(p, "bert") for t, p in bert_family.sources.items()}
+    losses = {}
+    for lam in LAMBDA_GRID:  # each task's own model with base + lam * (sum of task vectors), loss by hand
+        losses[lam] = sum(_task_loss(bert_family, base, sources, task, lam, as_examples(task, ex))
+                          for task, ex in examples.items())
     best = min(losses, key=losses.get)
     torch.testing.assert_close(merger.coefficients.values, torch.full((2, 39), min(best, 0.95)), rtol=0, atol=1e-6)
+
+
+def _task_loss(family, base, sources, task, lam, examples) -> float:
+    """Mean loss of `task`'s own model whose body is base + lam * sum of the task vectors (plain transformers)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from supermerge_hf.data import collate
+
+    model = AutoModelForSequenceClassification.from_pretrained(family.sources[task]).eval()
+    with torch.no_grad():
+        for name, tensor in base.items():
+            if name in sources[task] and not name.startswith("classifier"):
+                merged = tensor + lam * sum(src[name] - tensor for src in sources.values())
+                model.get_parameter("bert." + name).copy_(merged)
+        return float(model(**collate(examples)).loss)

@@ -3,42 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import random
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
-from .config import SuperMergeConfig
-from .demo_tasks import load_task, minilm_path, tokenize_examples
+from supermerge_hf import SuperMergeConfig, SuperMerger
+
 from .finetune import finetune_classifier, finetune_lora_classifier
-from .examples import as_examples
-from .merger import SuperMerger
-from .objectives import FunctionalMerge
+from .tasks import load_task, minilm_path, tokenize_examples
 
 logger = logging.getLogger(__name__)
-
-LAMBDA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
-
-
-def accuracies(fm: FunctionalMerge, c: torch.Tensor, examples: dict[str, list], name: str | None = None):
-    """Per-task accuracy of the merged model with coefficients `c` `(S, G)`."""
-    out = {}
-    for task, ex in examples.items():
-        labels = torch.stack([e["labels"] for e in ex])  # (N,)
-        desc = f"Evaluating {name} on {task}" if name else None
-        out[task] = float((fm.predictions(c, task, ex, desc=desc) == labels).float().mean())
-    return out
-
-
-def pick_task_arithmetic(fm: FunctionalMerge, shape: tuple[int, int], labelled: dict[str, list]):
-    """lambda of the grid with the best mean accuracy on the labelled examples (the first one on ties)."""
-    scores = {lam: sum(accuracies(fm, torch.full(shape, lam), labelled).values()) for lam in LAMBDA_GRID}
-    best = max(LAMBDA_GRID, key=lambda lam: scores[lam])
-    logger.info("Task arithmetic: lambda grid scores %s, picked %.1f", scores, best)
-    return best
 
 
 def format_table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
@@ -51,28 +29,30 @@ def format_table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _accuracy(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {task: m["accuracy"] for task, m in metrics.items()}
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Fine-tune (cached), merge, evaluate, print the accuracy table; optionally save the merge."""
     start = time.perf_counter()
     cache = Path(args.cache_dir or Path.home() / ".cache" / "supermerge_hf" / "demo").expanduser()
-    lora = args.lora
     output = Path(args.output) / "merged" if args.output else None
-    adapter = Path(args.output) / "adapter" if args.output and lora else None
-    for folder in (output, adapter):
+    adapter = Path(args.output) / "adapter" if args.output and args.lora else None
+    for folder in (output, adapter):  # before minutes of fine-tuning, not after
         if folder is not None and folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
             raise FileExistsError(f"{str(folder)!r} already holds files: pass --overwrite or another --output.")
     base = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = {t: load_task(t) for t in args.tasks}
-    if lora:  # PEFT LoRA adapters (r=8, the classifier in modules_to_save), merged in LoRA space
-        finetunes = {t: finetune_lora_classifier(base, data[t], cache / f"minilm-lora-{t}") for t in args.tasks}
-    else:
-        finetunes = {t: finetune_classifier(base, data[t], cache / f"minilm-{t}") for t in args.tasks}
+    # PEFT LoRA adapters (r=8, the classifier in modules_to_save) are merged in LoRA space
+    finetune, prefix = (finetune_lora_classifier, "minilm-lora") if args.lora else (finetune_classifier, "minilm")
+    finetunes = {t: finetune(base, data[t], cache / f"{prefix}-{t}") for t in args.tasks}
     logger.info("Fine-tunes ready after %.0f s: %s", time.perf_counter() - start, finetunes)
 
     rng = random.Random(args.seed)
     labelled = {t: tokenize_examples(tokenizer, rng.sample(data[t].pool, args.examples_per_task)) for t in args.tasks}
-    test = {t: as_examples(t, tokenize_examples(tokenizer, data[t].test[: args.test_size])) for t in args.tasks}
+    test = {t: tokenize_examples(tokenizer, data[t].test[: args.test_size]) for t in args.tasks}
     config = SuperMergeConfig(
         base=str(base),
         sources=[{"task": t, "path": str(p)} for t, p in finetunes.items()],
@@ -80,27 +60,24 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         seed=args.seed,
         **({"steps": args.steps} if args.steps else {}),
     )
+    rows = {}
+    arithmetic = SuperMerger(dataclasses.replace(config, method="task_arithmetic", method_kwargs={"lam": "auto"}))
+    rows["fine-tunes (each on its own task)"] = _accuracy(arithmetic.evaluate(test, finetunes=True))
+    arithmetic.fit(labelled)  # lambda from a grid, by accuracy on the labelled examples
+    rows[f"task arithmetic (lambda={arithmetic.chosen['lam']:g})"] = _accuracy(arithmetic.evaluate(test))
+    del arithmetic
     merger = SuperMerger(config)
-    fm = merger.functional
-    shape = (len(args.tasks), len(merger.plan.groups))
-    rows = {"fine-tunes (each on its own task)": {}}
-    for i, task in enumerate(args.tasks):  # each fine-tune on its own task: c = one-hot
-        one_hot = torch.zeros(shape)
-        one_hot[i] = 1.0
-        rows["fine-tunes (each on its own task)"] |= accuracies(fm, one_hot, {task: test[task]}, f"fine-tune {task}")
-    labelled_tensors = {t: as_examples(t, ex) for t, ex in labelled.items()}
-    lam = pick_task_arithmetic(fm, shape, labelled_tensors)
-    rows[f"task arithmetic (lambda={lam})"] = accuracies(fm, torch.full(shape, lam), test, "task arithmetic")
     learn_start = time.perf_counter()
     merger.fit(labelled)
     learn_seconds = time.perf_counter() - learn_start
-    rows["supermerge"] = accuracies(fm, merger.coefficients.values, test, "supermerge")
+    rows["supermerge"] = _accuracy(merger.evaluate(test))
 
-    print(f"\nTest accuracy{' of LoRA fine-tunes' if lora else ''} "
+    print(f"\nTest accuracy{' of LoRA fine-tunes' if args.lora else ''} "
           f"({', '.join(f'{t}: {len(test[t])}' for t in args.tasks)} examples; "
           f"{args.examples_per_task} labelled examples per task for merging)\n")
     print(format_table(rows, args.tasks))
-    print(f"\nSuperMerge learned {shape[0]} x {shape[1]} coefficients in {learn_seconds:.0f} s "
+    num_sources, num_groups = merger.coefficients.values.shape
+    print(f"\nSuperMerge learned {num_sources} x {num_groups} coefficients in {learn_seconds:.0f} s "
           f"(selected step {merger.selected_step} of {config.steps}); total {time.perf_counter() - start:.0f} s.")
     if output is not None:
         merger.save_pretrained(output, overwrite=args.overwrite)

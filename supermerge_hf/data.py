@@ -66,6 +66,13 @@ def as_examples(task: str, data: Any, *, limit: int | None = None, require_label
     return examples
 
 
+def make_splits(data: Mapping[str, list[Example]], fraction: float, seed: int):
+    """One seeded (train, holdout) split per task, made once, in task order; returns them and the generator
+    that then draws the batches. Every level of a hierarchical merge uses the same splits."""
+    generator = torch.Generator().manual_seed(seed)
+    return {task: split_holdout(examples, fraction, generator) for task, examples in data.items()}, generator
+
+
 def split_holdout(examples: list[Example], fraction: float, generator: torch.Generator):
     """Seeded split into (train, holdout); holdout is empty when fraction is 0 or there are too few examples."""
     n_holdout = int(round(fraction * len(examples)))

@@ -1,0 +1,192 @@
+"""Writing a merge: the standard checkpoint folder (atomically), a task's complete model, the combined adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, PreTrainedModel
+
+from .card import build_model_card
+from .checkpoint import atomic_output_dir, copy_tokenizer
+from .config import SuperMergeConfig
+from .hub import resolve
+from .methods import MergeMethod
+from .plan import MergePlan
+from .results import COEFFICIENTS_NAME, Coefficients, MergeResult, check_finite
+from .sources import LoraSpec, model_class
+
+logger = logging.getLogger(__name__)
+
+HEADS_DIR = "heads"
+HIERARCHY_NAME = "hierarchy.json"
+
+
+def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a merge as a standard checkpoint folder, through a temporary folder moved into place at the end.
+
+    Layout: the merged model (`config.json`, safetensors, in the config's dtype), the base's tokenizer files,
+    `supermerge_config.json` (with what was resolved and chosen), `coefficients.json` (learned methods),
+    `hierarchy.json` (every level's coefficients), `README.md` (model card), and `heads/<task>/` (the task's
+    config and its task-specific tensors). Load a task's complete model with `load_task_model`.
+
+    Raises:
+        `FileExistsError`: The folder holds files and `overwrite` is False.
+        `FloatingPointError`: A merged tensor is not finite (nothing is written).
+    """
+    check_finite(result.merged, "The merge")
+    plan, config = result.plan, result.config
+    with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
+        plan.base.build(result.merged, getattr(torch, config.dtype)).save_pretrained(
+            tmp, max_shard_size=config.max_shard_size)
+        copy_tokenizer(plan.base.folder, tmp)
+        for task, source in plan.task_specs.items():
+            names = plan.task_specific[task]
+            if names:
+                head_dir = tmp / HEADS_DIR / task
+                head_dir.mkdir(parents=True)
+                source.config.save_pretrained(head_dir)
+                tensors = {source.param_names[n]: source.read_tensor(n).contiguous() for n in names}
+                check_finite(tensors, f"The head of task {task!r}")
+                save_file(tensors, head_dir / "head.safetensors", metadata={"format": "pt"})
+        dataclasses.replace(config, merge_info=result.merge_info()).save_pretrained(tmp)
+        if result.coefficients is not None:
+            result.coefficients.save(tmp / COEFFICIENTS_NAME)
+        if result.levels:
+            levels = [level | {"coefficients": level["coefficients"].to_dict()} for level in result.levels]
+            (tmp / HIERARCHY_NAME).write_text(json.dumps(levels, indent=1, allow_nan=False) + "\n")
+        build_model_card(result, tmp, name=Path(save_directory).name).save(tmp / "README.md")
+    logger.info("Saved the merge to %s", save_directory)
+    return Path(save_directory)
+
+
+def load_task_model(merged_dir: str | Path, task: str, *, revision: str | None = None,
+                    token: str | bool | None = None, **kwargs) -> PreTrainedModel:
+    """Load one task's complete model from a merge (a folder or a Hub repo id): the merged body plus that task's
+    own head (`heads/<task>`).
+
+    Args:
+        merged_dir (`str` or `Path`): A folder written by `SuperMerger.save_pretrained`, or its Hub repo id.
+        task (`str`): A task name of the merge.
+        revision (`str`, *optional*): Revision of a Hub repo id.
+        token (`str` or `bool`, *optional*): Hub token for a private repo.
+        kwargs: Passed to `from_pretrained` (e.g. `dtype`).
+
+    Example:
+        ```python
+        model = load_task_model("merged", "bbc")  # a BertForSequenceClassification with bbc's classifier
+        ```
+
+    Raises:
+        `FileNotFoundError`: The merge has no head for `task` (then the merged model itself is complete).
+    """
+    folder = resolve(merged_dir, revision=revision, token=token).path
+    head_dir = folder / HEADS_DIR / task
+    if not (head_dir / "head.safetensors").is_file():
+        known = sorted(p.name for p in (folder / HEADS_DIR).iterdir()) if (folder / HEADS_DIR).is_dir() else []
+        raise FileNotFoundError(f"No head for task {task!r} in {str(merged_dir)!r} (tasks with heads: {known}). "
+                                "Without a head the merged model is complete: load it with AutoModel*.from_pretrained.")
+    config = AutoConfig.from_pretrained(head_dir)
+    head = load_file(head_dir / "head.safetensors")
+    model = model_class(config).from_pretrained(folder, config=config, **kwargs)
+    with torch.no_grad():
+        for name, tensor in head.items():
+            param = model.get_parameter(name)
+            param.copy_(tensor.to(param.dtype))
+    return model.eval()
+
+
+def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod) -> None:
+    """Refuse, before any work, a combined adapter that would not equal the merge exactly.
+
+    Raises:
+        `ValueError`: A full fine-tune among the sources, a data-free method, a method that preprocesses the task
+            vectors (AdaMerging++), or a hierarchical merge (its group results are dense).
+    """
+    full = [t for t, s in zip(plan.tasks, plan.sources) if not isinstance(s, LoraSpec)]
+    reason = (f"sources {full} are full fine-tunes, whose task vectors no adapter holds exactly" if full else
+              f"{method.name!r} learns no coefficients" if method.kind != "learned" else
+              f"{method.name!r} trims the task vectors first" if method.preprocess else
+              "a hierarchical merge's group results are dense" if config.hierarchical else None)
+    if reason:
+        raise ValueError(f"A combined LoRA adapter is sum_i c_i s_i B_i A_i of LoRA sources with learned "
+                         f"coefficients; here {reason}. Save the dense merge with `save_pretrained` instead.")
+
+
+def combined_factors(plan: MergePlan, coefficients: Coefficients, rank: int | None = None):
+    """Per LoRA-targeted weight, factors (A `(R, in)`, B `(out, R)`) with B @ A = sum_i c_i s_i B_i A_i exactly.
+
+    A = [A_1; ...; A_K] stacked on the rank axis, B = [c_1 s_1 B_1, ..., c_K s_K B_K] side by side (R = sum r_i,
+    scaling 1; no cross terms B_i A_j). With `rank`, each product is cut to its best rank-`rank` approximation (SVD
+    of the small core, never of the dense matrix) and the relative Frobenius error is reported.
+
+    Returns:
+        `(factors, report)`, `report[weight] = {"rank": R, "relative_error": e}`.
+
+    Raises:
+        `ValueError`: A merged tensor has a dense task vector (a saved module), or `rank` is not positive.
+    """
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank={rank!r}: the compressed adapter's rank must be a positive integer (or None).")
+    c = coefficients.aligned(plan.source_names, plan.groups)  # (S, G)
+    factors, report = {}, {}
+    for name in plan.merged:
+        dense = [t for t, s in zip(plan.tasks, plan.sources) if name in s.saved]
+        if dense:
+            raise ValueError(f"{name!r} has dense task vectors (saved modules of {dense}), which a LoRA adapter "
+                             "cannot hold exactly. Save the dense merge with `save_pretrained` instead.")
+        parts = [(i, s.delta(name, None)) for i, s in enumerate(plan.sources) if name in s.factors]
+        if not parts:
+            continue
+        g = plan.group_index[name]
+        A = torch.cat([p.A for _, p in parts])  # (R, in)
+        B = torch.cat([c[i, g] * p.scale * p.B for i, p in parts], dim=1)  # (out, R)
+        error = 0.0
+        if rank is not None and rank < A.shape[0]:
+            q_b, r_b = torch.linalg.qr(B.double())  # (out, R), (R, R)
+            q_a, r_a = torch.linalg.qr(A.double().T)  # (in, R), (R, R)
+            u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core (R, R)
+            error = float(s[rank:].norm() / s.norm().clamp(min=1e-30))
+            B = (q_b @ u[:, :rank] * s[:rank]).to(B.dtype)  # (out, rank)
+            A = (vh[:rank] @ q_a.T).to(A.dtype)  # (rank, in)
+        factors[name] = (A, B)
+        report[name] = {"rank": A.shape[0], "relative_error": error}
+    return factors, report
+
+
+def save_combined_adapter(result: MergeResult, save_directory: str | Path, *, rank: int | None = None,
+                          overwrite: bool = False) -> Path:
+    """Write the merge's LoRA part as one PEFT adapter of the base (PEFT's own format, written atomically):
+    `PeftModel.from_pretrained(AutoModel.from_pretrained(base), save_directory)` equals the dense merge. Heads
+    are not part of it (they stay per task in the dense merge's `heads/`)."""
+    from peft import LoraConfig, get_peft_model
+
+    plan = result.plan
+    factors, report = combined_factors(plan, result.coefficients, rank)
+    modules = {plan.base.param_names[n].removesuffix(".weight"): f for n, f in factors.items()}
+    ranks = {m: a.shape[0] for m, (a, _) in modules.items()}
+    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    fan_in_fan_out = any(bool(s.adapter_config.get("fan_in_fan_out")) for s in plan.sources)
+    config = LoraConfig(r=default, lora_alpha=default, target_modules=sorted(modules), fan_in_fan_out=fan_in_fan_out,
+                        rank_pattern={m: r for m, r in ranks.items() if r != default},
+                        alpha_pattern={m: r for m, r in ranks.items() if r != default},  # scaling alpha / r = 1
+                        base_model_name_or_path=result.config.base, init_lora_weights=False)
+    model = get_peft_model(plan.base.build({}, getattr(torch, result.config.dtype)), config)
+    with torch.no_grad():
+        for module, (A, B) in modules.items():
+            layer = model.base_model.model.get_submodule(module)
+            if "default" in layer.lora_embedding_A:  # Embedding layers keep bare parameters
+                layer.lora_embedding_A["default"].copy_(A)
+                layer.lora_embedding_B["default"].copy_(B)
+            else:
+                layer.lora_A["default"].weight.copy_(A)
+                layer.lora_B["default"].weight.copy_(B)
+    with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "supermerge_adapter.json").write_text(json.dumps(
+            {"tasks": plan.tasks, "rank": rank, "modules": report}, indent=1) + "\n")
+    return Path(save_directory)

@@ -1,0 +1,105 @@
+"""What a merge touches, decided from configs and safetensors headers: merged tensors, heads and groups."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .sources import IncompatibleSourceError, ModelSpec, Source
+
+logger = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # "encoder.layer.3.attention.self.query.weight" -> "encoder.layer.3"
+
+
+def block_name(name: str) -> str:
+    """A tensor's transformer block: its name up to the first numeric part (`decoder.block.1`), else its
+    top-level module (`embeddings`, `lm_head`). Every encoder and decoder block is its own block."""
+    match = _BLOCK.match(name)
+    return match[1] if match else name.split(".", 1)[0]
+
+
+def group_name(name: str, granularity: str) -> str:
+    """The coefficient group of one tensor: itself, its transformer block, or the whole task (`all`)."""
+    return name if granularity == "tensor" else "all" if granularity == "task" else block_name(name)
+
+
+@dataclass
+class MergePlan:
+    """What a merge of `sources` into `base` touches.
+
+    `merged` lists, in the base's parameter order, the tensors that the base and every source share with the same
+    shape; `task_specific[task]` lists that task's other tensors (heads), kept for that task only; `groups` names
+    the coefficient groups and `group_index[name]` gives each merged tensor's group. A source is one task's
+    fine-tune, or (hierarchical levels) a group result carrying several tasks: `source_names` names the
+    coefficient rows, `task_specs[task]` is each task's own source (its architecture and head).
+    """
+
+    base: ModelSpec
+    sources: list[Source]
+    tasks: list[str]
+    granularity: str
+    merged: list[str] = field(default_factory=list)
+    task_specific: dict[str, list[str]] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
+    group_index: dict[str, int] = field(default_factory=dict)
+    source_names: list[str] = field(default_factory=list)
+    task_specs: dict[str, Source] = field(default_factory=dict)
+    task_rows: dict[str, int] = field(default_factory=dict)  # the source (row) that carries each task
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.sources)
+
+
+def _check_fit(base: ModelSpec, task: str, source: Source) -> None:
+    if source.config.model_type != base.config.model_type:
+        raise IncompatibleSourceError(f"Source of task {task!r} ({source.folder}) is a {source.config.model_type!r} "
+                                      f"model but the base is {base.config.model_type!r}: every source must be "
+                                      "fine-tuned from the base.")
+    has_body = any(param != name for name, param in source.param_names.items())
+    for name, shape in source.shapes.items():
+        head = has_body and source.param_names[name] == name  # outside the body (`bert.`, `model.`): a head
+        if name in base.shapes and base.shapes[name] != shape and not head:
+            raise IncompatibleSourceError(f"Shape mismatch for {name!r}: base {base.shapes[name]} vs source of task "
+                                          f"{task!r} {shape} ({source.folder}). Sources must keep the base's shapes "
+                                          "(same config, same vocabulary); only heads may differ.")
+
+
+def build_plan(base: ModelSpec, sources: list[Source], tasks: list[str], granularity: str, *,
+               source_names: list[str] | None = None, task_specs: dict[str, Source] | None = None,
+               task_rows: dict[str, int] | None = None, merged: list[str] | None = None) -> MergePlan:
+    """Check that every source fits the base and decide what is merged; reads headers only.
+
+    A head (a tensor outside the model body) whose shape differs between the base and a source is task-specific.
+    `merged` restricts the merged tensors (a hierarchical level merges what the flat plan merges).
+
+    Raises:
+        `IncompatibleSourceError`: A source has another `model_type`, or a body tensor with another shape.
+    """
+    task_specs = task_specs or dict(zip(tasks, sources))
+    for task, source in task_specs.items():
+        _check_fit(base, task, source)
+    shared = [n for n in base.shapes if all(base.shapes[n] == s.shapes.get(n) for s in sources)]
+    merged = [n for n in shared if n in merged] if merged is not None else shared
+    plan = MergePlan(base, sources, tasks, granularity, merged=merged, source_names=source_names or list(tasks),
+                     task_specs=task_specs, task_rows=task_rows or {t: i for i, t in enumerate(tasks)})
+    merged_set = set(merged)
+    for task, source in task_specs.items():
+        plan.task_specific[task] = [n for n in source.shapes if n not in merged_set]
+    index: dict[str, int] = {}
+    for name in merged:
+        plan.group_index[name] = index.setdefault(group_name(name, granularity), len(index))
+    plan.groups = list(index)
+    return plan
+
+
+def load_task_specific(plan: MergePlan, task: str, *, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The task's own tensors (heads), keyed by the task model's parameter names."""
+    source = plan.task_specs[task]
+    return {source.param_names[n]: source.read_tensor(n).to(device=device, dtype=dtype)
+            for n in plan.task_specific[task]}

@@ -1,0 +1,155 @@
+"""What a merge produces, as values: the coefficient table, one learning run's result, and the whole merge."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import SuperMergeConfig
+from .hub import ResolvedSource
+from .plan import MergePlan
+
+COEFFICIENTS_NAME = "coefficients.json"
+
+
+def transform(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """c(w): `tanh` bounds each contribution in (-1, 1); `none` is the identity."""
+    return torch.tanh(w) if kind == "tanh" else w
+
+
+def inverse_transform(c: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.atanh(c) if kind == "tanh" else c
+
+
+@dataclass
+class Coefficients:
+    """The coefficient table: `values[i, g]` = c(w[i, g]) for source i and group g.
+
+    Example:
+        `coefficients["bbc", "encoder.layer.0.attention.self.query.weight"]`, `coefficients.to_dict()`.
+    """
+
+    sources: list[str]
+    groups: list[str]
+    values: torch.Tensor  # (S, G), transformed
+    raw: torch.Tensor  # (S, G), w itself
+    transform: str
+
+    @classmethod
+    def from_values(cls, sources: list[str], groups: list[str], values: torch.Tensor, transform: str) -> Coefficients:
+        """A table from transformed values, checked to be finite and (tanh) inside (-1, 1).
+
+        Raises:
+            `ValueError`: A value is not finite or out of the transform's range.
+        """
+        values = torch.as_tensor(values, dtype=torch.float32).cpu()
+        if not torch.isfinite(values).all() or (transform == "tanh" and values.abs().max() >= 1):
+            bad = values[~torch.isfinite(values) | ((values.abs() >= 1) if transform == "tanh" else False)]
+            raise ValueError(f"Coefficients must be finite{' and inside (-1, 1) for tanh' if transform == 'tanh' else ''};"
+                             f" got {bad[:5].tolist()}.")
+        return cls(list(sources), list(groups), values, inverse_transform(values, transform), transform)
+
+    def aligned(self, sources: list[str], groups: list[str]) -> torch.Tensor:
+        """The values `(S, G)` with rows and columns in the order of `sources` and `groups`, matched by name.
+
+        Raises:
+            `ValueError`: A source or group of the merge is missing from this table.
+        """
+        missing = [s for s in sources if s not in self.sources] + [g for g in groups if g not in self.groups]
+        if missing:
+            raise ValueError(f"The coefficient table (sources {self.sources}) lacks {missing[:5]} of this merge "
+                             f"(sources {sources}, {len(groups)} groups): it belongs to another merge.")
+        rows = [self.sources.index(s) for s in sources]
+        cols = [self.groups.index(g) for g in groups]
+        return self.values[rows][:, cols]
+
+    def __getitem__(self, key: tuple[str, str]) -> float:
+        source, group = key
+        if source not in self.sources or group not in self.groups:
+            raise KeyError(f"No coefficient for {key!r}: sources {self.sources}, {len(self.groups)} groups.")
+        return float(self.values[self.sources.index(source), self.groups.index(group)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sources": self.sources, "groups": self.groups, "transform": self.transform,
+                "values": self.values.tolist(), "raw": self.raw.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Coefficients:
+        return cls(data["sources"], data["groups"], torch.tensor(data["values"]), torch.tensor(data["raw"]),
+                   data["transform"])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Coefficients:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def __repr__(self) -> str:
+        width = max(len(s) for s in self.sources)
+        lines = [f"Coefficients({len(self.sources)} sources x {len(self.groups)} groups, transform={self.transform})"]
+        for source, row in zip(self.sources, self.values):
+            lines.append(f"  {source:<{width}}  mean {row.mean():+.3f}  min {row.min():+.3f}  max {row.max():+.3f}")
+        return "\n".join(lines)
+
+
+@dataclass
+class LearnResult:
+    """One learning run: the coefficients of the selected step and of the last, the curve, the metrics.
+
+    `metrics[task]` = `{"examples": "holdout" | "train", "count": n, "finetune": {...}, "merged": {...}}`;
+    `merged` holds the merged tensors (dense) of the selected coefficients.
+    """
+
+    coefficients: Coefficients
+    last_coefficients: Coefficients
+    history: list[dict[str, Any]]
+    selected_step: int
+    metrics: dict[str, Any]
+    merged: dict[str, torch.Tensor]
+
+
+@dataclass
+class MergeResult:
+    """A finished merge: what `export.save_merge` writes and the card describes.
+
+    `levels` (hierarchical) holds per level and group the members and their `Coefficients`; `chosen` the
+    hyperparameters picked by `auto`.
+    """
+
+    config: SuperMergeConfig
+    plan: MergePlan
+    base: ResolvedSource
+    sources: list[ResolvedSource]
+    merged: dict[str, torch.Tensor]
+    coefficients: Coefficients | None = None
+    last_coefficients: Coefficients | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    selected_step: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    chosen: dict[str, float] = field(default_factory=dict)
+    grid_scores: dict[str, float] = field(default_factory=dict)
+    levels: list[dict[str, Any]] = field(default_factory=list)
+
+    def merge_info(self) -> dict[str, Any]:
+        """What the merge resolved and decided, saved in `supermerge_config.json`."""
+        return {"base_commit": self.base.commit,
+                "source_commits": {s.task: r.commit for s, r in zip(self.config.sources, self.sources)},
+                "task_specific": self.plan.task_specific, "num_merged_tensors": len(self.plan.merged),
+                "groups": len(self.plan.groups), "selected_step": self.selected_step, "chosen": self.chosen}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to keep non-finite merged weights (never saved).
+
+    Raises:
+        `FloatingPointError`: A tensor holds NaN or Inf.
+    """
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"{what} has non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}: a source "
+                                 "holds NaN/Inf or the learning diverged (lower `learning_rate`). Nothing was saved.")

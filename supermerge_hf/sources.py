@@ -1,0 +1,254 @@
+"""Sources of a merge, read from configs and safetensors headers: full fine-tunes and PEFT LoRA adapters.
+
+Both kinds answer the same questions: `config`, `cls` (the task's model class), `param_names` and `shapes` (by
+canonical name: a model's parameter name without its `base_model_prefix`, so a bare `BertModel` base and
+`BertForSequenceClassification` sources name the body alike), `delta(name, base)` (the task vector of one
+tensor) and `read_tensor(name)` (a task-specific tensor, e.g. the head).
+
+A LoRA adapter's task vector of a targeted weight is s * B @ A (s = lora_alpha / r, or lora_alpha / sqrt(r) with
+rsLoRA; transposed for `fan_in_fan_out` layers such as GPT-2's Conv1D), method.md section 5; its saved
+`modules_to_save` are dense (saved - base); any other tensor of its task model is the base's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .checkpoint import Checkpoint
+from .deltas import LowRankDelta
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+TASK_CLASSES = {  # PEFT task_type -> the Auto class whose model the adapter was trained on
+    "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight", "qa_outputs.weight")
+FACTOR_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}  # A -> B
+NOT_LOW_RANK = {  # LoraConfig fields that, when set, make the task vector something other than s * B @ A
+    "use_dora": "DoRA", "lora_bias": "lora_bias (a trained bias in lora_B)", "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow routing", "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "layer_replication": "layer_replication", "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_token_indices",
+}
+DENSIFY = "Densify it with PEFT (`PeftModel.from_pretrained(model, dir).merge_and_unload().save_pretrained(out)`) " \
+          "and give that folder as the source."
+
+
+class IncompatibleSourceError(ValueError):
+    """A source does not fit the base: other architecture, other shapes, or missing tensors."""
+
+
+def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The transformers class named by `config.architectures[0]`, or `AutoModel`'s class for the config."""
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        return AutoModel._model_mapping[type(config)]
+    cls = getattr(transformers, architectures[0], None)
+    if cls is None:
+        raise ValueError(f"Architecture {architectures[0]!r} is not part of transformers {transformers.__version__}; "
+                         "custom model code is not supported (upgrade transformers or use a standard architecture).")
+    return cls
+
+
+def canonical(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+
+
+def _meta_parameters(cls: type[PreTrainedModel], config: PretrainedConfig) -> tuple[nn.Module, dict, dict]:
+    """A parameter-free (meta) model, and its parameters' names and shapes by canonical name (tied ones once)."""
+    with torch.device("meta"):
+        meta = cls(config)
+    prefix = meta.base_model_prefix
+    named = list(meta.named_parameters())
+    return meta, {canonical(n, prefix): n for n, _ in named}, {canonical(n, prefix): tuple(p.shape) for n, p in named}
+
+
+@dataclass
+class ModelSpec:
+    """A full checkpoint folder described from its config and safetensors headers, without loading weights."""
+
+    folder: Path
+    config: PretrainedConfig
+    cls: type[PreTrainedModel]
+    checkpoint: Checkpoint
+    param_names: dict[str, str]  # canonical name -> the model's own parameter name
+    shapes: dict[str, tuple[int, ...]]  # canonical name -> shape in the model
+    keys: dict[str, str]  # canonical name -> key in the checkpoint
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, allow_pickle: bool = False) -> ModelSpec:
+        folder = Path(folder)
+        config = AutoConfig.from_pretrained(folder)
+        model_cls = model_class(config)
+        meta, param_names, shapes = _meta_parameters(model_cls, config)
+        checkpoint = Checkpoint(folder, allow_pickle=allow_pickle)
+        keys, missing = {}, []
+        for name, param in param_names.items():
+            key = next((k for k in (param, name, f"{meta.base_model_prefix}.{name}") if k in checkpoint), None)
+            if key is None:
+                missing.append(param)
+            else:
+                keys[name] = key
+        if missing:
+            raise IncompatibleSourceError(f"{folder} is missing {len(missing)} tensor(s) its {model_cls.__name__} "
+                                          f"needs, e.g. {missing[:5]}. The checkpoint is incomplete or belongs to "
+                                          "another architecture.")
+        return cls(folder, config, model_cls, checkpoint, param_names, shapes, keys)
+
+    def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` (canonical) in fresh memory, or written into `out`."""
+        return self.checkpoint.read_tensor(self.keys[name], out=out)
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """This source's task vector of one tensor (dense for a full fine-tune)."""
+        return self.read_tensor(name).to(dtype=base.dtype, device=base.device) - base
+
+    def build(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
+        """This checkpoint's model in `dtype`, with `tensors` (by canonical name) in place of its own."""
+        model = self.cls.from_pretrained(self.folder, dtype=dtype)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                model.get_parameter(self.param_names[name]).copy_(tensor)
+        return model.eval()
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule for rank_pattern / alpha_pattern: a key matches a module path ending in it."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
+
+
+def _same_base(declared: str | None, base: ModelSpec, base_name: str | None) -> bool:
+    """Whether the adapter's `base_model_name_or_path` names this base (a Hub id must match exactly)."""
+    if not declared or declared in {base_name, str(base.folder), str(base.folder.resolve())}:
+        return True  # PEFT leaves it empty for models built from a config; the shapes are still checked
+    if Path(declared).expanduser().exists():
+        return Path(declared).expanduser().resolve() == base.folder.resolve()
+    hub_id = declared.count("/") == 1 and not declared.startswith((".", "/", "~"))
+    return not hub_id and Path(declared).name == base.folder.name  # a folder named as when it was trained
+
+
+class LoraSpec:
+    """A LoRA adapter seen as a source of the base: its task model's tensors, low-rank deltas, saved modules.
+
+    Raises:
+        `IncompatibleSourceError`: Not a LoRA adapter, DoRA or trained biases (delta is not s * B A), an adapter
+            declared for another base, or factors whose product does not have the base weight's shape.
+    """
+
+    def __init__(self, folder: str | Path, base: ModelSpec, *, base_name: str | None = None) -> None:
+        self.folder, self.base = Path(folder), base
+        self.adapter_config = cfg = json.loads((self.folder / ADAPTER_CONFIG).read_text())
+        where = f"Adapter {str(self.folder)!r}"
+        if cfg.get("peft_type") != "LORA":
+            raise IncompatibleSourceError(f"{where} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters are "
+                                          f"read. {DENSIFY}")
+        kinds = [label for key, label in NOT_LOW_RANK.items() if cfg.get(key)]
+        kinds += [f"bias={cfg['bias']!r}"] if cfg.get("bias", "none") != "none" else []
+        if kinds:
+            raise IncompatibleSourceError(f"{where} uses {', '.join(kinds)}: its task vector is not s * B @ A, so it "
+                                          f"cannot be merged in LoRA space. {DENSIFY}")
+        if not _same_base(cfg.get("base_model_name_or_path"), base, base_name):
+            raise IncompatibleSourceError(f"{where} was trained on {cfg.get('base_model_name_or_path')!r}, not on the "
+                                          f"base {base_name or str(base.folder)!r}. Merge adapters of one base only.")
+        self.checkpoint = Checkpoint(self.folder, weights=ADAPTER_WEIGHTS)
+        keys = {k.removeprefix(PEFT_PREFIX): k for k in self.checkpoint.keys()}
+        auto = TASK_CLASSES.get(cfg.get("task_type") or "")
+        self.cls = getattr(transformers, auto)._model_mapping[type(base.config)] if auto else base.cls
+        self.config = copy.deepcopy(base.config)
+        heads = [key for name, key in keys.items() if name.endswith(HEAD_SUFFIXES)]
+        if cfg.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and heads:  # the label count is the saved head's
+            self.config.num_labels = self.checkpoint.shape(heads[0])[0]
+        self.config.architectures = [self.cls.__name__]
+        meta, self.param_names, self.shapes = _meta_parameters(self.cls, self.config)
+        prefix = meta.base_model_prefix
+        self.factors: dict[str, tuple[str, str, float, bool]] = {}  # weight -> (A key, B key, scale, transposed)
+        self.saved: dict[str, str] = {}  # modules_to_save tensors: canonical name -> key
+        for name, key in keys.items():
+            suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
+            if suffix is not None:
+                module = name.removesuffix(suffix)
+                weight = canonical(module, prefix) + ".weight"
+                r = self.checkpoint.shape(key)[0]
+                alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+                scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+                self.factors[weight] = (key, keys[module + FACTOR_SUFFIXES[suffix]], scale, self._transposed(meta, module))
+                self._check_shape(weight, r)
+            elif ".lora_" in name:  # B factors are read with their A; anything else is not s * B @ A
+                if not name.endswith(tuple(FACTOR_SUFFIXES.values())):
+                    raise IncompatibleSourceError(f"{where} holds {key!r}, which is not a LoRA factor: its task vector "
+                                                  f"is not s * B @ A. {DENSIFY}")
+            else:
+                self.saved[canonical(name, prefix)] = key
+        unknown = [self.saved[n] for n in self.saved if n not in self.shapes]
+        if unknown:
+            raise IncompatibleSourceError(f"{where} holds tensors its {self.cls.__name__} does not have: {unknown[:5]}."
+                                          " The adapter was trained on another architecture.")
+        missing = [n for n in self.shapes if n not in base.shapes and n not in self.saved]
+        if missing:
+            raise IncompatibleSourceError(f"{where} lacks tensors its {self.cls.__name__} needs and the base does not "
+                                          f"have: {missing[:5]}. Save the head with the adapter (`modules_to_save`).")
+
+    def _transposed(self, meta: nn.Module, module: str) -> bool:
+        """Whether PEFT stores this layer's delta transposed (Conv1D, Embedding), decided by the layer's type."""
+        try:
+            layer = meta.get_submodule(module)
+        except AttributeError:
+            raise IncompatibleSourceError(f"Adapter {str(self.folder)!r} has LoRA factors for {module!r}, a module "
+                                          f"its {self.cls.__name__} does not have.") from None
+        if not isinstance(layer, (Conv1D, nn.Embedding, nn.Linear)):
+            raise IncompatibleSourceError(f"Adapter {str(self.folder)!r} has LoRA on {module!r}, a "
+                                          f"{type(layer).__name__}; only Linear, Conv1D and Embedding are read. "
+                                          f"{DENSIFY}")
+        return isinstance(layer, (Conv1D, nn.Embedding))
+
+    def _check_shape(self, weight: str, r: int) -> None:
+        a_key, b_key, _, transposed = self.factors[weight]
+        out_dim, in_dim = self.checkpoint.shape(b_key)[0], self.checkpoint.shape(a_key)[1]
+        shape = (in_dim, out_dim) if transposed else (out_dim, in_dim)
+        if self.shapes.get(weight) != shape:
+            raise IncompatibleSourceError(f"Adapter {str(self.folder)!r}: LoRA factors of {weight!r} (rank {r}) give "
+                                          f"shape {shape}, but the base has {self.shapes.get(weight)}.")
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A saved (`modules_to_save`) tensor, e.g. the task's head; the base's for any other."""
+        return self.checkpoint.read_tensor(self.saved[name]) if name in self.saved else self.base.read_tensor(name)
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | LowRankDelta | None:
+        """Low-rank for LoRA-targeted weights, dense for saved modules of the base, None elsewhere."""
+        if name in self.factors:
+            a_key, b_key, scale, transposed = self.factors[name]
+            return LowRankDelta(self.checkpoint.read_tensor(a_key), self.checkpoint.read_tensor(b_key), scale,
+                                transposed)
+        if name in self.saved:
+            return self.read_tensor(name).to(dtype=base.dtype, device=base.device) - base
+        return None
+
+
+Source = ModelSpec | LoraSpec
+
+
+def load_source(folder: str | Path, base: ModelSpec, *, base_name: str | None = None,
+                allow_pickle: bool = False) -> Source:
+    """A source folder as a spec: a full fine-tune (`ModelSpec`) or a PEFT LoRA adapter (`LoraSpec`)."""
+    if is_adapter(folder):
+        return LoraSpec(folder, base, base_name=base_name)
+    return ModelSpec.from_folder(folder, allow_pickle=allow_pickle)
