@@ -114,7 +114,7 @@ class FunctionalMerge:
                                                                  streaming=streaming, preprocess=preprocess)
         self.models = {t: skeleton(s, device, dtype) for t, s in plan.task_specs.items()}
         self.heads = {t: load_task_specific(plan, t, dtype=dtype, device=device) for t in plan.task_specs}
-        self.pad_id = plan.base.config.pad_token_id or 0
+        self.pad_id = getattr(plan.base.config, "pad_token_id", None) or 0
         self._lowrank_c: torch.Tensor | None = None  # the coefficients, only during a forward
         self._buffers: dict[str, torch.Tensor] = {}  # merged tensors reused by every no-grad merge
         self.lowrank = self._hook_lowrank_layers()

@@ -106,7 +106,7 @@ class MergeMethod:
         out = {}
         for name, spec in self.hyperparameters.items():
             value, where = kwargs.get(name, spec.default), f"`method_kwargs.{name}` of {self.name!r}"
-            if name not in kwargs or (spec.auto and value == "auto"):
+            if name not in kwargs or value == spec.default or (spec.auto and value == "auto"):
                 out[name] = value
             elif spec.kind is float:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
