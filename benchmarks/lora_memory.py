@@ -5,7 +5,8 @@ adapter of a 2-label `BertForSequenceClassification` (r=8, alpha=16, query/key/v
 `modules_to_save`, random A and B); its densified twin is PEFT's own `merge_and_unload()` of it, saved as a full
 checkpoint. Memory does not depend on what the weights are, so random adapters stand in for trained ones. Each
 run is a fresh Python process that builds a `SuperMerger`, learns for a few steps on tiny random examples and
-reports its peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss` at the end), next to `supermerge_hf.estimate`'s figure.
+reports its peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss` at the end), next to `SuperMerger.estimate_memory`'s
+figure.
 
     python benchmarks/lora_memory.py              # K = 4 -> results/lora_memory.json
     python benchmarks/lora_memory.py --ks 2 4 8
@@ -57,9 +58,9 @@ def build(workdir: Path, num_sources: int) -> None:
 def child(kind: str, num_sources: int, workdir: Path) -> dict:
     """One learning run in this fresh process."""
     import torch
+    from memory import model_numel, vocab_size
 
     from supermerge_hf import SuperMergeConfig, SuperMerger
-    from supermerge_hf.estimate import estimate
 
     import_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sources = [{"task": f"task{i}", "path": str(workdir / f"{kind}{i}")} for i in range(num_sources)]
@@ -67,13 +68,13 @@ def child(kind: str, num_sources: int, workdir: Path) -> dict:
                               examples_per_task=EXAMPLES, holdout_fraction=0.0)
     start = time.perf_counter()
     merger = SuperMerger(config)
-    estimated = next(e.host_mb for e in estimate(merger.plan) if e.mode == "flat")
+    estimated = next(e.host_mb for e in merger.estimate_memory() if e.mode == "flat")
     g = torch.Generator().manual_seed(0)
-    vocab = merger.plan.base.config.vocab_size
+    vocab = vocab_size(workdir / "base")
     examples = {s["task"]: [{"input_ids": torch.randint(1000, vocab, (SEQ_LEN,), generator=g),
                              "labels": torch.tensor(j % 2)} for j in range(EXAMPLES)] for s in sources}
     merger.fit(examples)
-    numel = sum(int(torch.Size(s).numel()) for s in merger.plan.base.shapes.values())
+    numel = model_numel(workdir / "base")
     source_bytes = sum((workdir / f"{kind}{i}").joinpath(
         "adapter_model.safetensors" if kind == "lora" else "model.safetensors").stat().st_size
         for i in range(num_sources))
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "learning": {"steps": STEPS, "batch_size": BATCH, "examples_per_task": EXAMPLES, "sequence_length": SEQ_LEN,
                      "holdout_fraction": 0.0, "granularity": "tensor", "dtype": "float32", "device": "cpu"},
         "peak_rss": "getrusage(RUSAGE_SELF).ru_maxrss at the end of a fresh process per run",
-        "estimated_mb": "supermerge_hf.estimate.estimate(plan) host_mb, flat mode"}}
+        "estimated_mb": "SuperMerger.estimate_memory() host_mb, flat mode"}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"Written to {args.output}")

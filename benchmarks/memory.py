@@ -4,7 +4,7 @@ A random BERT-large body (~335M parameters) is the base; the "fine-tunes" are `B
 models built from it plus seeded small perturbations (2 labels). Memory does not depend on what the weights
 are, so random models stand in for real fine-tunes. Every run is a separate Python process that builds a
 `SuperMerger`, learns for 2 steps on tiny random examples and reports its own peak RSS
-(`getrusage(RUSAGE_SELF).ru_maxrss`), next to `supermerge_hf.estimate`'s prediction for that mode.
+(`getrusage(RUSAGE_SELF).ru_maxrss`), next to `SuperMerger.estimate_memory`'s prediction for that mode.
 
     python benchmarks/memory.py                       # all modes, K = 2 4 8 -> results/memory.json
     python benchmarks/memory.py --modes streaming --ks 8 --trace   # RSS per phase of one run, no JSON
@@ -50,6 +50,18 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def model_numel(folder: Path) -> int:
+    """Parameters of the model in `folder`, from its safetensors header (nothing loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+
+
+def vocab_size(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["vocab_size"]
 
 
 def available_mb() -> float:
@@ -104,40 +116,20 @@ def examples(num_sources: int, vocab: int) -> dict[str, list[dict]]:
 
 
 class Tracer:
-    """RSS sampled every 10 ms, attributed to the innermost library phase running (only with --trace)."""
+    """RSS sampled every 10 ms, attributed to the public `SuperMerger` call running (only with --trace)."""
 
-    PHASES = [  # (module, owner attribute path, label)
-        ("supermerge_hf.objectives", "load_task_vectors", "load base + task vectors"),
-        ("supermerge_hf.objectives", "skeleton", "skeleton (one model per task)"),
-        ("supermerge_hf.objectives", "load_task_specific", "heads"),
-        ("supermerge_hf.objectives", "FunctionalMerge.merged_params", "merged_params"),
-        ("supermerge_hf.objectives", "FunctionalMerge.coefficient_grad", "coefficient_grad (forward+backward)"),
-        ("supermerge_hf.objectives", "coefficient_grad", "inner products <grad, tau>"),
-        ("supermerge_hf.objectives", "FunctionalMerge.evaluate", "evaluate"),
-        ("supermerge_hf.learning", "loss_scale", "loss scale"),
-        ("supermerge_hf.merger", "SuperMerger.apply_coefficients", "apply_coefficients"),
-        ("supermerge_hf.learning", "before_after", "before/after metrics"),
-        ("supermerge_hf.merger", "SuperMerger.merge_and_unload", "merge_and_unload"),
-        ("supermerge_hf.hierarchy", "cosine_similarity", "cosine similarity"),
-    ]
+    PHASES = {"__init__": "SuperMerger(config)", "fit": "fit", "evaluate": "evaluate",
+              "merge_and_unload": "merge_and_unload"}  # fmt: skip
 
     def __init__(self) -> None:
-        import importlib
+        from supermerge_hf import SuperMerger
 
         self.stack: list[str] = ["(outside)"]
         self.peaks: dict[str, float] = {}
         self.events: list[tuple[float, str, str, float]] = []
         self.start = time.perf_counter()
-        for module_name, path, label in self.PHASES:  # a phase the code no longer has is left out
-            try:
-                owner, attr = importlib.import_module(module_name), path
-            except ImportError:
-                continue
-            if "." in path:
-                cls_name, attr = path.split(".")
-                owner = getattr(owner, cls_name, None)
-            if getattr(owner, attr, None) is not None:
-                setattr(owner, attr, self._wrap(getattr(owner, attr), label))
+        for attr, label in self.PHASES.items():
+            setattr(SuperMerger, attr, self._wrap(getattr(SuperMerger, attr), label))
         self._stop = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -176,7 +168,6 @@ def child(spec: dict) -> dict:
     import transformers  # noqa: F401
 
     from supermerge_hf import SuperMergeConfig, SuperMerger
-    from supermerge_hf.estimate import IMPORT_MB, TRANSIENT_COPIES, estimate
 
     import_rss = rss_mb()
     if spec.get("rss_limit_mb"):
@@ -193,9 +184,9 @@ def child(spec: dict) -> dict:
     )
     t0 = time.perf_counter()
     merger = SuperMerger(config)
-    estimates = {e.mode: e for e in estimate(merger.plan, group_size=GROUP_SIZE)}
-    numel = sum(int(torch.Size(s).numel()) for s in merger.plan.base.shapes.values())
-    data = examples(k, merger.plan.base.config.vocab_size)
+    estimates = {e.mode: e for e in merger.estimate_memory(group_size=GROUP_SIZE)}
+    numel = model_numel(Path(spec["base"]))
+    data = examples(k, vocab_size(Path(spec["base"])))
     merger.fit(data)
     seconds = time.perf_counter() - t0
     record = {
@@ -208,7 +199,6 @@ def child(spec: dict) -> dict:
         "estimated_copies": round(estimates[mode].copies, 2),
         "startup_rss_mb": round(start_rss, 1),
         "import_rss_mb": round(import_rss, 1),  # python + torch + transformers + accelerate + supermerge_hf
-        "process_mb_in_estimate": round(IMPORT_MB + TRANSIENT_COPIES * numel * 4 / 2**20, 1),
         "parameters": numel,
     }
     if tracer is not None:
@@ -252,23 +242,20 @@ def run_child(spec: dict, wait_s: float) -> dict | None:
 def plan_estimate(base: Path, sources: list[Path], mode: str, k: int, *, copies: bool = False) -> float:
     """The estimate for one run (host MB, or model copies), from headers only."""
     from supermerge_hf import SuperMergeConfig, SuperMerger
-    from supermerge_hf.estimate import estimate
 
     config = SuperMergeConfig(base=str(base), sources=[{"task": f"task{i}", "path": str(p)}
                                                        for i, p in enumerate(sources[:k])])
-    found = next(e for e in estimate(SuperMerger(config).plan, group_size=GROUP_SIZE) if e.mode == mode)
+    found = next(e for e in SuperMerger(config).estimate_memory(group_size=GROUP_SIZE) if e.mode == mode)
     return found.copies if copies else found.host_mb
 
 
 def reestimate(args: argparse.Namespace, base: Path, sources: list[Path]) -> None:
-    """Recompute the estimate columns of the results (headers only, no run) after `estimate.py` changed."""
-    from supermerge_hf.estimate import IMPORT_MB, TRANSIENT_COPIES
-
+    """Recompute the estimate columns of the results (headers only, no run) after the estimate changed."""
     result = json.loads(args.output.read_text())
     for row in result["scaling"]:
         row["estimated_mb"] = round(plan_estimate(base, sources, row["mode"], row["num_sources"]), 1)
         row["estimated_copies"] = round(plan_estimate(base, sources, row["mode"], row["num_sources"], copies=True), 2)
-        row["process_mb_in_estimate"] = round(IMPORT_MB + TRANSIENT_COPIES * row["model_mb"], 1)
+        row.pop("process_mb_in_estimate", None)  # no longer recorded: the estimate does not expose its parts
     result["targets"] = targets(result["scaling"], result.get("skipped", []))
     result["estimates_recomputed"] = "by `python benchmarks/memory.py --reestimate` (headers only) after the runs"
     args.output.write_text(json.dumps(result, indent=1) + "\n")
@@ -335,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="Skip the runs already in the results file.")
     parser.add_argument("--cleanup", action="store_true", help="Delete the checkpoints at the end.")
     parser.add_argument("--reestimate", action="store_true", help="Only recompute the estimates of the results "
-                        "file from the checkpoints' headers (after a change of supermerge_hf/estimate.py).")
+                        "file from the checkpoints' headers (after a change of the library's memory estimate).")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tiny and args.workdir == DEFAULT_WORKDIR:
@@ -429,7 +416,7 @@ def save(args: argparse.Namespace, rows: list[dict], skipped: list[dict]) -> Non
         "allocator": "glibc malloc, default settings (`scaling`)",
         "rss_limit_mb": args.rss_limit,
         "peak_rss": "getrusage(RUSAGE_SELF).ru_maxrss at the end of a fresh process per run",
-        "estimated_mb": "supermerge_hf.estimate.estimate(plan, group_size=2) host_mb of the run's mode",
+        "estimated_mb": "SuperMerger.estimate_memory(group_size=2) host_mb of the run's mode",
         "command": "python benchmarks/memory.py",
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from build_data import HERE, TEXT5, load_tasks
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from supermerge_hf.demo_tasks import TaskData, minilm_path
+from supermerge_hf.demo.tasks import TaskData, minilm_path
 
 logger = logging.getLogger("multitask")
 

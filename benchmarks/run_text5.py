@@ -45,9 +45,8 @@ from text5_methods import MEMORY_MODES, METHOD_ORDER, QUICK, QUICK_METHODS, RUNN
 from transformers import AutoTokenizer
 
 import supermerge_hf
-from supermerge_hf.demo_tasks import TaskData, minilm_path, tokenize_examples
-from supermerge_hf.finetune import finetune_classifier, finetune_lora_classifier
-from supermerge_hf.examples import as_examples
+from supermerge_hf.demo.finetune import finetune_classifier, finetune_lora_classifier
+from supermerge_hf.demo.tasks import TaskData, minilm_path, tokenize_examples
 
 logger = logging.getLogger("run_text5")
 
@@ -95,7 +94,7 @@ def run_cell(method: str, seed: int, settings: Settings, tasks: dict[str, TaskDa
         finetunes={t: settings.finetune_dir(t) for t in settings.tasks},
         labelled={t: tokenize_examples(tokenizer, draw_labelled(tasks[t], seed, settings.examples_per_task))
                   for t in settings.tasks},  # fmt: skip
-        test={t: as_examples(t, tokenize_examples(tokenizer, test_text[t])) for t in settings.tasks},
+        test={t: tokenize_examples(tokenizer, test_text[t]) for t in settings.tasks},
         test_text=test_text,
     )
     outcome = RUNNERS[method](cell)

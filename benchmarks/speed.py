@@ -3,7 +3,9 @@
 1. One coefficient-learning step vs one fine-tuning step of the same MiniLM on the same batches: 8 labelled
    examples of each of the five tasks (a SuperMerge step sees all five; so does the fine-tuning step, which
    is the multitask recipe's: one body, one head per task, AdamW on every trainable parameter, embeddings
-   frozen as in `finetune_classifier`). Both in float32 on the CPU, the same threads; median of `--steps`
+   frozen as in `finetune_classifier`). Both in float32 on the CPU, the same threads. A learning step is
+   timed through the public API: `SuperMerger.fit` with 2 + `--steps` steps minus `fit` with 2 steps (no
+   hold-out, evaluation only at the end), divided by `--steps`; a fine-tuning step is the median of `--steps`
    timed steps after 2 warm-up steps.
 2. Data-free TIES on the five fine-tunes (density 0.2 per tensor, λ = 1): `supermerge merge` (the CLI, which
    also writes heads, config and card) vs `mergekit-pytorch` (mergekit 0.1.5, tensors renamed to the base's
@@ -33,9 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
-from supermerge_hf.coefficients import CoefficientModule
-from supermerge_hf.demo_tasks import minilm_path, tokenize_examples
-from supermerge_hf.examples import as_examples, collate
+from supermerge_hf.demo.tasks import minilm_path, tokenize_examples
 
 RESULTS = HERE / "results" / "speed.json"
 # Runs a command and prints its own peak RSS (KB): RUSAGE_CHILDREN of a process whose only child is it.
@@ -57,20 +57,21 @@ def timed(step, steps: int) -> list[float]:
 def step_times(batch_size: int, steps: int) -> dict:
     tasks = load_tasks(TEXT5, check=False)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    batches = {t: as_examples(t, tokenize_examples(tokenizer, draw_labelled(tasks[t], 0, batch_size))) for t in TEXT5}
+    batches = {t: tokenize_examples(tokenizer, draw_labelled(tasks[t], 0, batch_size)) for t in TEXT5}
 
-    config = SuperMergeConfig(base=str(minilm_path()), sources=[{"task": t, "path": str(FINETUNES / t)} for t in TEXT5])
-    merger = SuperMerger(config)
-    fm = merger.functional
-    module = CoefficientModule(merger.plan.num_sources, len(merger.plan.groups), init=0.3, kind="tanh")
-    adam = torch.optim.Adam(module.parameters(), lr=0.05)
+    def fit_seconds(learn_steps: int) -> tuple[float, SuperMerger]:
+        # every step sees all batch_size examples of every task; no hold-out, evaluated once at the end
+        sources = [{"task": t, "path": str(FINETUNES / t)} for t in TEXT5]
+        config = SuperMergeConfig(base=str(minilm_path()), sources=sources, steps=learn_steps, eval_every=learn_steps,
+                                  batch_size=batch_size, examples_per_task=batch_size, holdout_fraction=0.0)
+        merger = SuperMerger(config)
+        start = time.perf_counter()
+        merger.fit(batches)
+        return time.perf_counter() - start, merger
 
-    def coefficient_step() -> None:  # what `learning.learn` does per step (without Accelerate's wrapper)
-        c = module()
-        grad_c, _ = fm.coefficient_grad(c, batches, {t: 1.0 for t in TEXT5})
-        adam.zero_grad()
-        (c * grad_c).sum().backward()
-        adam.step()
+    short, _ = fit_seconds(2)
+    long, merger = fit_seconds(2 + steps)
+    learn_step_s = (long - short) / steps
 
     models = {t: AutoModelForSequenceClassification.from_pretrained(FINETUNES / t, dtype=torch.float32) for t in TEXT5}
     body = models[TEXT5[0]].bert
@@ -80,7 +81,7 @@ def step_times(batch_size: int, steps: int) -> dict:
     body.embeddings.requires_grad_(False)
     params = list({id(p): p for m in models.values() for p in m.parameters() if p.requires_grad}.values())
     adamw = torch.optim.AdamW(params, lr=1e-4)
-    inputs = {t: collate(batches[t], fm.pad_id) for t in TEXT5}
+    inputs = {t: tokenizer.pad(batches[t], return_tensors="pt") for t in TEXT5}  # labels included
 
     def finetune_step() -> None:
         loss = sum(models[t](**inputs[t]).loss for t in TEXT5)
@@ -88,15 +89,17 @@ def step_times(batch_size: int, steps: int) -> dict:
         adamw.step()
         adamw.zero_grad(set_to_none=True)
 
-    learn, tune = timed(coefficient_step, steps), timed(finetune_step, steps)
+    tune = statistics.median(timed(finetune_step, steps))
     return {
         "batch": f"{batch_size} examples x {len(TEXT5)} tasks, texts cut to 64 tokens",
         "threads": torch.get_num_threads(),
-        "coefficient_step_s": round(statistics.median(learn), 4),
-        "finetune_step_s": round(statistics.median(tune), 4),
-        "ratio_coefficient_over_finetune": round(statistics.median(learn) / statistics.median(tune), 3),
-        "trained_numbers": {"coefficients": module.w.numel(), "finetune": sum(p.numel() for p in params)},
+        "coefficient_step_s": round(learn_step_s, 4),
+        "finetune_step_s": round(tune, 4),
+        "ratio_coefficient_over_finetune": round(learn_step_s / tune, 3),
+        "trained_numbers": {"coefficients": merger.coefficients.values.numel(),
+                            "finetune": sum(p.numel() for p in params)},
         "timed_steps": steps,
+        "coefficient_step": "(fit with 2 + timed_steps steps - fit with 2 steps) / timed_steps",
     }
 
 

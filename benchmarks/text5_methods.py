@@ -1,9 +1,9 @@
 """The methods of the text-5 benchmark: one function per method name, run on one `Cell`.
 
-`RUNNERS[name](cell)` merges (through `SuperMergeConfig` / `SuperMerger`, the package's public API) and returns
-an `Outcome`: the test accuracy per task, the merge time, and details (chosen λ, selected step, learned
-coefficients). `run_text5.py` runs the cells; to add a method, add a function here with `@runner(name)` and
-its name to `METHOD_ORDER`.
+`RUNNERS[name](cell)` merges and evaluates through the package's public API (`SuperMergeConfig`, `SuperMerger`,
+`SuperMerger.evaluate`) and returns an `Outcome`: the test accuracy per task, the merge time, and details
+(chosen λ, selected step, learned coefficients). `run_text5.py` runs the cells; to add a method, add a
+function here with `@runner(name)` and its name to `METHOD_ORDER`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from multitask import MULTITASK
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
-from supermerge_hf.finetune import evaluate_accuracy
-from supermerge_hf.objectives import Merged
+from supermerge_hf.demo.finetune import evaluate_accuracy
 
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "adamerging", "supermerge",
                 "supermerge_none", "supermerge_block", "individual", "multitask"]  # fmt: skip
@@ -74,7 +73,7 @@ class Cell:
     base: Path
     finetunes: dict[str, Path]
     labelled: dict[str, list[dict]]  # tokenised, `labels` included: the only labels a method may read
-    test: dict[str, list[dict]]  # tokenised test examples (tensors), for evaluation only
+    test: dict[str, list[dict]]  # tokenised test examples, `labels` included, for evaluation only
     test_text: dict[str, list[dict]]  # the same, as {"text", "label"}, for models evaluated as plain HF models
 
     @property
@@ -119,11 +118,9 @@ def make_config(cell: Cell, **overrides) -> SuperMergeConfig:
     )
 
 
-def test_accuracy(merger: SuperMerger, merged: dict[str, torch.Tensor], cell: Cell, tasks=None) -> dict[str, float]:
-    fm = merger.functional
-    if not isinstance(merged, Merged):  # a Merged (LoRA layers applied in the forward) is on fm's device already
-        merged = {n: t.to(fm.device) for n, t in merged.items()}
-    return {t: fm.evaluate(merged, t, cell.test[t])["accuracy"] for t in tasks or cell.tasks}
+def test_accuracy(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Accuracy per task, from `SuperMerger.evaluate`'s metrics."""
+    return {task: m["accuracy"] for task, m in metrics.items()}
 
 
 def merge_and_evaluate(cell: Cell, **overrides) -> Outcome:
@@ -132,37 +129,25 @@ def merge_and_evaluate(cell: Cell, **overrides) -> Outcome:
     merger = SuperMerger(make_config(cell, **overrides))
     merger.fit(cell.labelled)
     seconds = time.perf_counter() - start
-    details = {"chosen": merger.chosen, "grid_scores": merger.grid_scores, "selected_step": merger.selected_step,
-               "history": merger.history}  # fmt: skip
-    if merger.coefficients is not None:
-        details["coefficients"] = {"tasks": merger.coefficients.tasks, "groups": merger.coefficients.groups,
+    details = {"chosen": merger.chosen, "selected_step": merger.selected_step, "history": merger.history}
+    if merger.coefficients is not None:  # "tasks": the key of the committed cells (make_results.py reads it)
+        details["coefficients"] = {"tasks": merger.coefficients.sources, "groups": merger.coefficients.groups,
                                    "values": merger.coefficients.values.tolist()}  # fmt: skip
-    return Outcome(test_accuracy(merger, merger.merged_tensors, cell), seconds, details)
-
-
-def fixed_coefficients(cell: Cell, coefficients: Callable[[int, int, int], torch.Tensor], tasks=None) -> dict:
-    """Test accuracy per task of the merge with the given coefficients `(S, G)` (computed per task index)."""
-    merger = SuperMerger(make_config(cell))
-    shape = (len(cell.tasks), len(merger.plan.groups))
-    return {t: test_accuracy(merger, merger.functional.merged_params(coefficients(i, *shape)), cell, [t])[t]
-            for i, t in enumerate(tasks or cell.tasks)}  # fmt: skip
+    return Outcome(test_accuracy(merger.evaluate(cell.test)), seconds, details)
 
 
 @runner("pretrained", uses_examples=False)
 def run_pretrained(cell: Cell) -> Outcome:
-    # The base body with each task's own (fine-tuned) head: every coefficient 0.
-    return Outcome(fixed_coefficients(cell, lambda i, s, g: torch.zeros(s, g)), 0.0)
+    # The base body with each task's own (fine-tuned) head: task arithmetic with λ = 0, not timed.
+    merger = SuperMerger(make_config(cell, method="task_arithmetic", method_kwargs={"lam": 0.0}))
+    merger.fit(cell.labelled)  # data-free with a fixed λ: the examples are not read
+    return Outcome(test_accuracy(merger.evaluate(cell.test)), 0.0)
 
 
 @runner("individual", uses_examples=False)
 def run_individual(cell: Cell) -> Outcome:
-    # Each fine-tune on its own task: coefficients one-hot on that task's row.
-    def one_hot(i: int, s: int, g: int) -> torch.Tensor:
-        c = torch.zeros(s, g)
-        c[i] = 1.0
-        return c
-
-    return Outcome(fixed_coefficients(cell, one_hot), 0.0)
+    # Each fine-tune on its own task (its source alone, with its own head).
+    return Outcome(test_accuracy(SuperMerger(make_config(cell)).evaluate(cell.test, finetunes=True)), 0.0)
 
 
 @runner("average", uses_examples=False)

@@ -16,12 +16,11 @@ import random
 import time
 from pathlib import Path
 
-import torch
+from build_data import load_tasks
 from transformers import AutoTokenizer
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
-from supermerge_hf.demo_tasks import load_task, minilm_path, tokenize_examples
-from supermerge_hf.examples import as_examples
+from supermerge_hf.demo.tasks import minilm_path, tokenize_examples
 
 BASELINE = {"learning_rate": 0.05, "steps": 100, "batch_size": 8, "holdout_fraction": 0.25,
             "loss_combination": "sum", "init_coefficient": 0.3}
@@ -53,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    data = {t: load_task(t) for t in args.tasks}
+    data = load_tasks(args.tasks, check=False)
     results = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
     for seed in args.seeds:
         rng = random.Random(seed)
@@ -61,7 +60,7 @@ def main() -> None:
         for t in args.tasks:
             order = rng.sample(range(len(data[t].pool)), len(data[t].pool))
             labelled[t] = tokenize_examples(tokenizer, [data[t].pool[i] for i in order[:32]])
-            val[t] = as_examples(t, tokenize_examples(tokenizer, [data[t].pool[i] for i in order[32 : 32 + args.val_size]]))
+            val[t] = tokenize_examples(tokenizer, [data[t].pool[i] for i in order[32 : 32 + args.val_size]])
         for name in args.variants:
             key = f"{'+'.join(args.tasks)}|{name}|seed{seed}"
             if key in results:
@@ -72,11 +71,10 @@ def main() -> None:
                 seed=seed, **(BASELINE | VARIANTS[name]),
             )
             start = time.perf_counter()
-            merger = SuperMerger(config).fit(labelled)
+            merger = SuperMerger(config)
+            merger.fit(labelled)
             seconds = time.perf_counter() - start
-            fm = merger.functional
-            acc = {t: float((fm.predictions(merger.coefficients.values, t, val[t])
-                             == torch.stack([e["labels"] for e in val[t]])).float().mean()) for t in args.tasks}
+            acc = {t: m["accuracy"] for t, m in merger.evaluate(val).items()}
             results[key] = {"val_accuracy": acc, "mean": sum(acc.values()) / len(acc), "seconds": seconds,
                             "selected_step": merger.selected_step}
             print(f"{name:<18} mean {results[key]['mean']:.4f}  {acc}  step {merger.selected_step}  {seconds:.0f}s",

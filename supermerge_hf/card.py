@@ -1,7 +1,5 @@
 """The model card of a merge: Hub metadata (`base_model_relation: merge`), recipe, commits, metrics, coefficients."""
 
-from __future__ import annotations
-
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,6 @@ def _source_cell(path: str, repo_id: str | None) -> str:
     return f"[`{repo_id}`](https://huggingface.co/{repo_id})" if repo_id else f"`{path}` (local folder)"
 
 
-def _recipe(result: MergeResult) -> str:
-    """The config as YAML, without the outputs the merger adds (`merge_info`); it never holds a token."""
-    data = {k: v for k, v in result.config.to_dict().items() if k != "merge_info"}
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 def _metrics_section(metrics: dict[str, Any]) -> str:
     if not metrics:
         return ""
@@ -45,11 +37,8 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
 
 
 def heatmap_table(coefficients: Coefficients) -> tuple[list[str], torch.Tensor]:
-    """Column labels and values `(S, B)` of the heatmap: per-tensor groups are averaged per block.
-
-    A tensor's block is its name up to the first numeric part (`encoder.layer.0`, `model.layers.3`), else its
-    top-level module (`embeddings`, `lm_head`). Block and task groups (`encoder.layer.0`, `all`) map to themselves.
-    """
+    """Column labels and values `(S, B)` of the heatmap: groups averaged per block (`plan.block_name`); block and task
+    groups (`encoder.layer.0`, `all`) map to themselves."""
     blocks: dict[str, list[int]] = {}
     for g, name in enumerate(coefficients.groups):
         blocks.setdefault(block_name(name), []).append(g)
@@ -60,16 +49,14 @@ def heatmap_table(coefficients: Coefficients) -> tuple[list[str], torch.Tensor]:
 def write_heatmap(coefficients: Coefficients, path: str | Path) -> Path | None:
     """Write a sources x blocks heatmap PNG of the coefficients; `None` (and a log note) without matplotlib."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # no pyplot: savefig renders with Agg, never a GUI backend
     except ImportError:
         logger.info("matplotlib is not installed: no coefficient heatmap (pip install 'supermerge_hf[card]').")
         return None
     labels, values = heatmap_table(coefficients)
-    values = values.float().numpy()
+    values = values.float().numpy()  # (S, B)
     limit = 1.0 if coefficients.transform == "tanh" else max(float(abs(values).max()), 1e-8)
     fig = Figure(figsize=(max(4.0, 0.5 * len(labels) + 2.5), 1.2 + 0.45 * len(coefficients.sources)))
-    FigureCanvasAgg(fig)  # Agg, never a GUI backend
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
@@ -87,65 +74,59 @@ def write_heatmap(coefficients: Coefficients, path: str | Path) -> Path | None:
 
 
 def _coefficients_section(coefficients: Coefficients, heatmap: bool) -> str:
-    lines = ["## Learned coefficients", "", f"Transform `{coefficients.transform}`; "
-             f"{len(coefficients.sources)} sources x {len(coefficients.groups)} groups.", ""]
+    sources, groups, values = coefficients.sources, coefficients.groups, coefficients.values  # values: (S, G)
+    lines = ["## Learned coefficients", "", f"Transform `{coefficients.transform}`; {len(sources)} sources x "
+             f"{len(groups)} groups.", ""]
     if heatmap:
         lines += [f"![Learned coefficients, sources x blocks]({HEATMAP_NAME})", ""]
     lines += ["| task | mean | min | max |", "|---|---|---|---|"]
-    for source, row in zip(coefficients.sources, coefficients.values):
-        lines.append(f"| {source} | {row.mean():.4f} | {row.min():.4f} | {row.max():.4f} |")
+    lines += [f"| {s} | {row.mean():.4f} | {row.min():.4f} | {row.max():.4f} |" for s, row in zip(sources, values)]
     lines.append("")
-    if len(coefficients.groups) <= MAX_TABLE_GROUPS:
-        lines += ["| group | " + " | ".join(coefficients.sources) + " |", "|---|" + "---|" * len(coefficients.sources)]
-        for g, group in enumerate(coefficients.groups):
-            lines.append(f"| `{group}` | " + " | ".join(f"{v:.4f}" for v in coefficients.values[:, g].tolist()) + " |")
+    if len(groups) <= MAX_TABLE_GROUPS:
+        lines += ["| group | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+        lines += [f"| `{group}` | " + " | ".join(f"{v:.4f}" for v in values[:, g].tolist()) + " |"
+                  for g, group in enumerate(groups)]
         lines.append("")
     lines.append("All values (and the raw w): [`coefficients.json`](coefficients.json).")
     return "\n".join(lines) + "\n\n"
 
 
 def build_model_card(result: MergeResult, save_directory: str | Path, *, name: str) -> ModelCard:
-    """The model card of a merge, and its coefficient heatmap written into `save_directory`.
-
-    Metadata: `base_model` lists the sources that are Hub repos, by repo id (local folders are named in the body
-    only), `base_model_relation: merge`, `library_name: transformers`, `tags: [merge, supermerge, <method>]`.
-    Body: base and sources with their resolved commits, what `auto` chose, per-task metrics before and after
-    merging, the coefficient table and heatmap (`coefficients.png`, with matplotlib), and the recipe.
+    """The model card of a merge; writes its coefficient heatmap (with matplotlib) into `save_directory`. Metadata:
+    the Hub sources as `base_model`, `base_model_relation: merge`, `tags: [merge, supermerge, <method>]`; body: the
+    sources and their commits, what `auto` chose, metrics before and after merging, coefficients, recipe, loading.
 
     Args:
         result (`MergeResult`): A finished merge.
-        save_directory (`str` or `Path`): The folder the card is saved into (existing).
+        save_directory (`str` or `Path`): The (existing) folder the card is saved into.
         name (`str`): The name to load the merge by (the final folder name, or the repo id when pushed).
     """
-    cfg, info, folder = result.config, result.merge_info(), Path(save_directory)
-    data = ModelCardData(base_model=[r.repo_id for r in result.sources if r.repo_id] or None,
-                         base_model_relation="merge", library_name="transformers",
+    cfg = result.config
+    hub_ids = [r.repo_id for r in result.sources if r.repo_id] or None
+    data = ModelCardData(base_model=hub_ids, base_model_relation="merge", library_name="transformers",
                          tags=["merge", "supermerge", cfg.method])
-    rows = [f"| base | {_source_cell(cfg.base, result.base.repo_id)} | {cfg.base_revision or '-'} | "
-            f"{info['base_commit'] or '-'} |"]
-    for s, r in zip(cfg.sources, result.sources):
-        rows.append(f"| {s.task} | {_source_cell(s.path, r.repo_id)} | {s.revision or '-'} | "
-                    f"{info['source_commits'][s.task] or '-'} |")
-    coefficients = ""
-    if result.coefficients is not None:
-        heatmap = write_heatmap(result.coefficients, folder / HEATMAP_NAME) is not None
-        coefficients = _coefficients_section(result.coefficients, heatmap)
+    entries = [("base", cfg.base, cfg.base_revision, result.base)] + [
+        (s.task, s.path, s.revision, r) for s, r in zip(cfg.sources, result.sources)]
+    rows = [f"| {task} | {_source_cell(path, r.repo_id)} | {revision or '-'} | {r.commit or '-'} |"
+            for task, path, revision, r in entries]
+    coef = result.coefficients
+    heatmap = coef is not None and write_heatmap(coef, Path(save_directory) / HEATMAP_NAME) is not None
+    coefficients = "" if coef is None else _coefficients_section(coef, heatmap)
     chosen = "" if not result.chosen else (
         "Picked on the labelled examples: " + ", ".join(f"`{k}` = {v}" for k, v in result.chosen.items()) + ".\n\n")
     heads = [t for t, names in result.plan.task_specific.items() if names]
     heads_section = "" if not heads else (
         "\nTasks with their own head (" + ", ".join(f"`{t}`" for t in heads) + ") load as complete models with:\n\n"
         f'```python\nfrom supermerge_hf import load_task_model\n\nmodel = load_task_model("{name}", '
-        f'"{heads[0]}")\n```\n'
-    )
-    content = (
+        f'"{heads[0]}")\n```\n')
+    recipe = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "merge_info"}, sort_keys=False)  # no token
+    return ModelCard(
         f"---\n{data.to_yaml()}\n---\n\n# Merge of {', '.join(cfg.tasks)}\n\n"
         f"This model merges {len(cfg.sources)} fine-tunes of {_source_cell(cfg.base, result.base.repo_id)} with "
         f"[supermerge_hf](https://arxiv.org/abs/2412.10416) (method: `{cfg.method}`, granularity: "
         f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + chosen + "## Sources\n\nThe commit is the "
         "exact revision merged (Hub repos).\n\n| task | source | revision | commit |\n|---|---|---|---|\n"
         + "\n".join(rows) + "\n\n" + _metrics_section(result.metrics) + coefficients
-        + f"## Recipe\n\n```yaml\n{_recipe(result)}```\n\n## Loading\n\n```python\nfrom transformers import "
+        + f"## Recipe\n\n```yaml\n{recipe}```\n\n## Loading\n\n```python\nfrom transformers import "
         f'AutoModel\n\nmodel = AutoModel.from_pretrained("{name}")\n```\n{heads_section}'
     )
-    return ModelCard(content)

@@ -1,10 +1,7 @@
 """Checkpoint files: lazy reading of a model folder, one tensor at a time, and safe writing of output folders."""
 
-from __future__ import annotations
-
 import contextlib
 import json
-import logging
 import shutil
 import struct
 import tempfile
@@ -13,15 +10,12 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 SAFE_WEIGHTS = "model.safetensors"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
-    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -34,23 +28,17 @@ class PickleCheckpointError(ValueError):
 def _weight_map(folder: Path, weights: str, index: str) -> dict[str, str] | None:
     if (folder / index).is_file():
         return dict(json.loads((folder / index).read_text())["weight_map"])
-    if (folder / weights).is_file():
-        return {}  # filled from the single file's header
-    return None
+    return {} if (folder / weights).is_file() else None
 
 
 class Checkpoint:
-    """Read-only view of the weights in a model folder, from the safetensors headers.
-
-    Tensors are read on demand with plain file reads into fresh memory (or into a given tensor): nothing is
-    memory-mapped, so nothing stays resident after a tensor is dropped.
+    """Read-only view of a model folder's weights: headers parsed once, tensors read on demand into fresh memory
+    (never memory-mapped, so none stays resident).
 
     Args:
         folder (`str` or `Path`): A folder with `model.safetensors` or `model.safetensors.index.json`.
-        allow_pickle (`bool`, defaults to `False`): Also accept `pytorch_model.bin` (loaded with
-            `weights_only=True`). Only for files you trust.
-        weights (`str`, defaults to `"model.safetensors"`): File name of the weights (`adapter_model.safetensors`
-            for PEFT adapters).
+        allow_pickle (`bool`, defaults to `False`): Also accept `pytorch_model.bin` (read with `weights_only=True`).
+        weights (`str`, defaults to `"model.safetensors"`): Weights file name (`adapter_model.safetensors` for PEFT).
 
     Raises:
         `FileNotFoundError`: The folder holds no weights.
@@ -61,22 +49,20 @@ class Checkpoint:
         self.folder = Path(folder)
         self._pickle: dict[str, torch.Tensor] | None = None
         self._headers: dict[str, tuple[dict, int]] = {}
-        weight_map = _weight_map(self.folder, weights, weights.replace(".safetensors", ".safetensors.index.json"))
-        if weight_map is None:
+        self.weight_map = _weight_map(self.folder, weights, weights.replace(".safetensors", ".safetensors.index.json"))
+        if self.weight_map is None:
             pickle_map = _weight_map(self.folder, PICKLE_WEIGHTS, PICKLE_INDEX)
             if pickle_map is None:
                 raise FileNotFoundError(f"No weights in {self.folder}: expected {weights} (or its sharded index).")
             if not allow_pickle:
-                raise PickleCheckpointError(
-                    f"{self.folder} has only pickle .bin weights, which can run code when loaded. Convert it to "
-                    "safetensors, or pass allow_pickle=True if you trust the file.")
+                raise PickleCheckpointError(f"{self.folder} has only pickle .bin weights, which can run code when "
+                                            "loaded. Convert it to safetensors, or pass allow_pickle=True if trusted.")
             self._pickle = {}
             for name in sorted(set(pickle_map.values())) or [PICKLE_WEIGHTS]:
                 self._pickle.update(torch.load(self.folder / name, map_location="cpu", weights_only=True, mmap=True))
-            weight_map = {name: "" for name in self._pickle}
-        elif not weight_map:
-            weight_map = {name: weights for name in self._header(weights)[0] if name != "__metadata__"}
-        self.weight_map = weight_map
+            self.weight_map = {name: "" for name in self._pickle}
+        elif not self.weight_map:
+            self.weight_map = {name: weights for name in self._header(weights)[0] if name != "__metadata__"}
 
     def _header(self, filename: str) -> tuple[dict, int]:
         if filename not in self._headers:
@@ -103,13 +89,11 @@ class Checkpoint:
             return self._pickle[name].clone() if out is None else out.copy_(self._pickle[name])
         filename = self.weight_map[name]
         header, start = self._header(filename)
-        info = header[name]
-        begin, _ = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
+        dtype = _DTYPES[header[name]["dtype"]]
         direct = out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
-        target = out if direct else torch.empty(info["shape"], dtype=dtype)
+        target = out if direct else torch.empty(header[name]["shape"], dtype=dtype)
         with open(self.folder / filename, "rb") as f:
-            f.seek(start + begin)
+            f.seek(start + header[name]["data_offsets"][0])
             f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))  # reshape: 0-dim tensors too
         return target if out is None or direct else out.copy_(target)
 
@@ -122,7 +106,7 @@ class Checkpoint:
 
 
 def check_output_dir(path: str | Path, *, overwrite: bool) -> None:
-    """Refuse, before any work, an output folder that already holds files, unless overwriting is asked.
+    """Refuse, before any work, an output folder that already holds files, unless `overwrite`.
 
     Raises:
         `FileExistsError`: `path` is a file, or a non-empty folder and `overwrite` is False.
@@ -144,12 +128,11 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        old = None
+        old = path.parent / f".{path.name}.old-{tmp.name}"
         if path.exists():
-            old = path.parent / f".{path.name}.old-{tmp.name}"
             path.rename(old)
         tmp.rename(path)
-        if old is not None:
+        if old.exists():
             shutil.rmtree(old)
     finally:
         if tmp.exists():

@@ -1,9 +1,8 @@
-"""The `supermerge` command: `merge RECIPE.yaml`, `demo`, `methods`."""
-
-from __future__ import annotations
+"""The `supermerge` command: `merge RECIPE.yaml`, `estimate RECIPE.yaml`, `demo`, `methods`."""
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -11,43 +10,31 @@ from typing import Any
 
 import yaml
 
-from .config import SuperMergeConfig
+from .config import SourceConfig, SuperMergeConfig
 from .estimate import parse_memory
 from .methods import METHODS
 
-logger = logging.getLogger("supermerge_hf")
-
+DATA_ENTRY = "`data: {path: FILE.jsonl, text_field: ..., label_field: ...}`"
 RECIPE_HELP = """\
-A recipe is a YAML file holding a SuperMergeConfig (see `SuperMergeConfig`) where each source may also have a
-`data` entry: the labelled examples of its task, a JSONL or CSV file tokenised with the base's tokenizer.
+A recipe is a YAML file holding a SuperMergeConfig (fields below); each source may also have a `data` entry: the
+labelled examples of its task, a JSONL or CSV file tokenised with the base's tokenizer (keys: path, text_field,
+label_field, text_pair_field, max_length; labels are integers or names of the fine-tune's label2id). Relative paths
+are relative to the recipe file.
 
   base: sentence-transformers/all-MiniLM-L6-v2
   sources:
-    - task: bbc
-      path: ./finetunes/bbc          # local folder or Hub repo id
-      revision: null                 # branch, tag or commit for Hub ids
-      data: {path: bbc.jsonl, text_field: text, label_field: label}
-    - task: tweets
-      path: org/minilm-tweets
-      data: {path: tweets.csv, text_field: tweet, label_field: sentiment, max_length: 64}
-  granularity: tensor                # tensor | block | task
-  steps: 100
+    - {task: bbc, path: ./finetunes/bbc, data: {path: bbc.jsonl, text_field: text, label_field: label}}
+    - {task: tweets, path: org/minilm-tweets, revision: main, data: {path: tweets.csv, label_field: sentiment}}
+  granularity: tensor
   output_dir: merged
 
-Labels may be integers or label names of the fine-tune's config (label2id). Relative paths are relative to the
-recipe file.
-"""
+SuperMergeConfig fields:""" + inspect.cleandoc(SuperMergeConfig.__doc__ or "").partition("Args:")[2] + (
+    "\n\nEach source: " + inspect.cleandoc(SourceConfig.__doc__ or ""))  # fields documented once, in config.py
 
 
 def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str, Any]]]:
-    """Split a recipe into the config and, per task, the description of its examples file.
-
-    A source's `data` entry is needed only by methods that read examples (checked in `run_merge`).
-
-    Raises:
-        `FileNotFoundError`: The recipe or an examples file does not exist.
-        `ValueError`: A source's `data` entry has no `path`.
-    """
+    """Split a recipe into the config and, per task, its `data` entry; raises `FileNotFoundError` for a missing recipe
+    or examples file, `ValueError` for a `data` entry without `path`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Recipe {str(path)!r} does not exist.")
@@ -55,23 +42,18 @@ def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str,
     data = {}
     for source in raw.get("sources", []):
         spec = source.pop("data", None)
-        if spec is None:
-            continue
-        if not isinstance(spec, dict) or "path" not in spec:
-            raise ValueError(
-                f"Source {source.get('task')!r} in {path} needs `data: {{path: FILE.jsonl, text_field: ..., "
-                "label_field: ...}}` with its labelled examples."
-            )
-        file = Path(spec["path"]) if Path(spec["path"]).is_absolute() else path.parent / spec["path"]
-        if not file.is_file():
-            raise FileNotFoundError(f"Examples file {str(file)!r} of task {source.get('task')!r} does not exist.")
-        data[source["task"]] = spec | {"path": file}
-    for key in ("base", "output_dir"):  # paths in the recipe are relative to it
+        if spec is not None:
+            if not isinstance(spec, dict) or "path" not in spec:
+                raise ValueError(f"Source {source.get('task')!r} in {path} needs {DATA_ENTRY} with its examples.")
+            file = path.parent / spec["path"]  # an absolute path stays as it is
+            if not file.is_file():
+                raise FileNotFoundError(f"Examples file {str(file)!r} of task {source.get('task')!r} does not exist.")
+            data[source["task"]] = spec | {"path": file}
+        if str(source.get("path", "")).startswith("."):  # paths in the recipe are relative to it
+            source["path"] = str(path.parent / source["path"])
+    for key in ("base", "output_dir"):
         if isinstance(raw.get(key), str) and raw[key].startswith("."):
             raw[key] = str(path.parent / raw[key])
-    for source in raw.get("sources", []):
-        if str(source.get("path", "")).startswith("."):
-            source["path"] = str(path.parent / source["path"])
     return SuperMergeConfig.from_dict(raw), data
 
 
@@ -96,18 +78,15 @@ def run_merge(args: argparse.Namespace) -> None:
     if merger.needs_examples:
         missing = [t for t in config.tasks if t not in data]
         if missing:
-            raise ValueError(
-                f"Method {config.method!r} (with these method_kwargs) reads labelled examples: source(s) {missing} "
-                f"in {args.recipe} need `data: {{path: FILE.jsonl, text_field: ..., label_field: ...}}`."
-            )
+            raise ValueError(f"Method {config.method!r} (with these method_kwargs) reads labelled examples: "
+                             f"source(s) {missing} in {args.recipe} need {DATA_ENTRY}.")
         tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
         for task in config.tasks:
             spec = dict(data[task])
             label2id = merger.plan.task_specs[task].config.label2id  # a LoRA adapter folder has no config.json
             examples[task] = read_examples(spec.pop("path"), tokenizer, label2id=label2id, **spec)
     merger.fit(examples)
-    out = merger.save_pretrained()
-    print(f"Merged model written to {out}")
+    print(f"Merged model written to {merger.save_pretrained()}")
     if merger.coefficients is not None:
         print(merger.coefficients)
     if args.adapter_output:
@@ -115,8 +94,7 @@ def run_merge(args: argparse.Namespace) -> None:
                                       overwrite=config.overwrite_output_dir)
         print(f"Combined LoRA adapter written to {adapter}")
     if args.push_to_hub:
-        url = merger.push_to_hub(args.push_to_hub, private=args.private, token=args.token)
-        print(f"Pushed to {url}")
+        print(f"Pushed to {merger.push_to_hub(args.push_to_hub, private=args.private, token=args.token)}")
 
 
 def check_adapter_output(merger, folder: str | None, rank: int | None) -> None:
@@ -136,13 +114,11 @@ def check_memory(merger, max_memory_mb: float) -> None:
 
     estimates = merger.estimate_memory()
     mode = configured_mode(merger.config)
-    peak = next(e for e in estimates if e.mode == mode)
-    if max(peak.host_mb, peak.device_mb) > max_memory_mb:
-        raise ValueError(
-            f"A {mode} merge needs about {max(peak.host_mb, peak.device_mb):.0f} MB, more than --max-memory "
-            f"{max_memory_mb:.0f} MB.\n{format_estimates(estimates, max_memory_mb)}\nSet `streaming: true` or "
-            "`hierarchical: {group_size: 2}` in the recipe, or raise the limit."
-        )
+    peak = next(max(e.host_mb, e.device_mb) for e in estimates if e.mode == mode)
+    if peak > max_memory_mb:
+        raise ValueError(f"A {mode} merge needs about {peak:.0f} MB, more than --max-memory {max_memory_mb:.0f} MB."
+                         f"\n{format_estimates(estimates, max_memory_mb)}\nSet `streaming: true` or "
+                         "`hierarchical: {group_size: 2}` in the recipe, or raise the limit.")
 
 
 def run_estimate(args: argparse.Namespace) -> None:
@@ -178,28 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at DEBUG level (default: INFO).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    merge = sub.add_parser("merge", help="Merge the sources of a recipe.", description=RECIPE_HELP,
+    recipe = argparse.ArgumentParser(add_help=False)  # what merge and estimate share
+    recipe.add_argument("recipe", help="YAML recipe: a SuperMergeConfig plus a `data` entry per source.")
+    recipe.add_argument("--token", help="Hub token (default: the logged-in token). Never logged or written.")
+    recipe.add_argument("--max-memory", help="Memory limit (e.g. 8GB): `merge` refuses to start if its estimated "
+                        "peak exceeds it, `estimate` also prints the mode that fits.")
+
+    merge = sub.add_parser("merge", parents=[recipe], help="Merge the sources of a recipe.", description=RECIPE_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    merge.add_argument("recipe", help="YAML recipe: a SuperMergeConfig plus a `data` entry per source.")
     merge.add_argument("--output", help="Output folder (overrides the recipe's output_dir).")
     merge.add_argument("--overwrite", action="store_true", help="Replace an output folder that already holds files.")
     merge.add_argument("--steps", type=int, help="Number of coefficient-learning steps (overrides the recipe).")
     merge.add_argument("--seed", type=int, help="Random seed (overrides the recipe).")
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="Also push the merged model to this Hub repo.")
     merge.add_argument("--private", action="store_true", help="Create the Hub repo as private (with --push-to-hub).")
-    merge.add_argument("--token", help="Hub token (default: the logged-in token). Never logged or written.")
-    merge.add_argument("--max-memory", help="Refuse to start if the estimated peak memory exceeds this (e.g. 8GB).")
     merge.add_argument("--adapter-output", metavar="DIR", help="Also write the merge as one PEFT LoRA adapter of the "
                        "base (all sources LoRA adapters; exact, of rank the sum of the source ranks).")
     merge.add_argument("--adapter-rank", type=int, metavar="K", help="With --adapter-output: compress the adapter to "
                        "rank K by SVD; each module's relative error goes to DIR/supermerge_adapter.json.")
     merge.set_defaults(func=run_merge)
 
-    estimate = sub.add_parser("estimate", help="Estimate peak memory of flat, hierarchical and streaming runs.",
-                              description="Reads only configs and safetensors headers of the recipe's models.")
-    estimate.add_argument("recipe", help="YAML recipe (as for `merge`).")
-    estimate.add_argument("--max-memory", help="Memory limit (e.g. 8GB): also print the mode that fits.")
-    estimate.add_argument("--token", help="Hub token for private repos. Never logged or written.")
+    estimate = sub.add_parser("estimate", parents=[recipe], help="Estimate peak memory of flat, hierarchical and "
+                              "streaming runs.", description="Reads only configs and safetensors headers.")
     estimate.set_defaults(func=run_estimate)
 
     demo = sub.add_parser("demo", help="Built-in job: merge MiniLM classifiers of two real offline tasks.",
@@ -218,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "minilm-lora-<task>) and also write the combined adapter of the base body to OUTPUT/adapter.")
     demo.set_defaults(func=run_demo)
 
-    methods = sub.add_parser("methods", help="List the merge methods.")
-    methods.set_defaults(func=run_methods)
+    sub.add_parser("methods", help="List the merge methods.").set_defaults(func=run_methods)
     return parser
 
 

@@ -49,13 +49,8 @@ def _check_types(obj: Any, prefix: str = "") -> None:
 
 @dataclass
 class SourceConfig:
-    """One fine-tuned model (or LoRA adapter) of the base, and the task it was trained for.
-
-    Args:
-        task (`str`): Name of the task; examples are given per task name.
-        path (`str`): A local folder or a Hub repo id.
-        revision (`str`, *optional*): Branch, tag or commit of a Hub repo id.
-    """
+    """One fine-tuned model (or LoRA adapter) of the base: `task` (its examples' key), `path` (a local folder or a
+    Hub repo id) and `revision` (of a Hub repo id)."""
 
     task: str
     path: str
@@ -71,14 +66,8 @@ class SourceConfig:
 
 @dataclass
 class HierarchicalConfig:
-    """Merge level by level (method.md section 4); each level holds at most `group_size` task vectors.
-
-    Args:
-        group_size (`int`): Largest group merged at once (>= 2).
-        grouping (`str`, defaults to `"similarity"`): `similarity` (cosine of task vectors), `explicit` (`groups`
-            at the first level) or `random`.
-        groups (`list[list[str]]`, *optional*): The first level's groups of task names (`explicit` only).
-    """
+    """Merge level by level (method.md section 4), at most `group_size` (>= 2) task vectors at a time, grouped by
+    `similarity` (cosine of task vectors), `random`ly, or `explicit`ly (`groups` of task names, first level)."""
 
     group_size: int
     grouping: Grouping = "similarity"
@@ -97,36 +86,32 @@ class SuperMergeConfig:
 
     Args:
         base (`str`): The pretrained model the sources were fine-tuned from (local folder or Hub repo id).
-        sources (`list[SourceConfig]`): The fine-tuned models, one per task (dicts are accepted).
+        sources (`list[SourceConfig]`): The fine-tuned models or adapters, one per task (dicts accepted).
         base_revision (`str`, *optional*): Revision of `base` when it is a Hub repo id.
         method (`str`, defaults to `"supermerge"`): A name from `supermerge_hf.METHODS`.
         method_kwargs (`dict`): The method's hyperparameters (`supermerge methods` lists them), checked here and
             completed with their defaults; `"auto"` picks `lam` / `density` on the examples.
-        granularity (`str`, defaults to `"tensor"`): What shares one coefficient: each parameter `tensor`, each
-            transformer `block` (a tensor's name up to its first numeric part), or the whole `task` vector.
-        transform (`str`, *optional*): Coefficient transform c(w): `tanh` or `none`; defaults to the method's
-            (`tanh` for SuperMerge, `none` clamped to [0, 1] for AdaMerging).
-        init_coefficient (`float`, defaults to 0.3): c(w) at the start of learning, for every entry.
-        init_from_task_arithmetic (`bool`): Start from the task-arithmetic λ (grid 0.1 ... 1.0) with the lowest
-            training loss instead (supervised methods).
-        learning_rate (`float`): Adam learning rate on w.
-        steps (`int`): Number of optimisation steps; each visits one batch of every task.
+        granularity (`str`, defaults to `"tensor"`): What shares a coefficient: `tensor`, `block` or `task`.
+        transform (`str`, *optional*): c(w), `tanh` or `none`; defaults to the method's (AdaMerging: `none`).
+        init_coefficient (`float`, defaults to 0.3): c(w) for every entry at the start of learning.
+        init_from_task_arithmetic (`bool`): Start instead from the task-arithmetic λ with the lowest train loss.
+        learning_rate (`float`, defaults to 0.05): Adam learning rate on w.
+        steps (`int`, defaults to 100): Optimisation steps; each visits one batch of every task.
         examples_per_task (`int`, defaults to 32): Examples used per task (the first ones given).
-        batch_size (`int`): Examples per task per step (global, over all processes).
-        holdout_fraction (`float`): Part of each task's examples kept aside to select the best step (0 disables).
-        eval_every (`int`): Steps between two hold-out evaluations.
-        loss_combination (`str`, defaults to `"sum"`): How task losses add up: `sum`, `mean`, or `normalized`
-            (each task's loss divided by its fine-tune's loss on the same examples; supervised methods only).
-        l2_to_init (`float`): Weight of an optional L2 pull of w towards its initial value.
+        batch_size (`int`, defaults to 8): Examples per task per step (global, over all processes).
+        holdout_fraction (`float`, defaults to 0.25): Part of each task's examples kept to select the best step.
+        eval_every (`int`, defaults to 10): Steps between two hold-out evaluations.
+        loss_combination (`str`, defaults to `"sum"`): `sum`, `mean` or `normalized` (by the fine-tune's loss).
+        l2_to_init (`float`): Weight of an L2 pull of w towards its initial value.
         hierarchical (`HierarchicalConfig`, *optional*): Merge level by level (a dict is accepted).
-        streaming (`bool`): Re-read full fine-tunes tensor by tensor at each step (memory ~ one merged model).
-        seed (`int`): Seed of the example split, the batch order and every random choice.
-        dtype (`str`): dtype in which the merged model runs and is saved (`float32`, `bfloat16`, `float16`).
-        allow_pickle (`bool`): Allow reading pickle `.bin` checkpoints (only for files you trust).
+        streaming (`bool`): Re-read full fine-tunes tensor by tensor each step (memory ~ one merged model).
+        seed (`int`, defaults to 42): Seed of the example split, the batch order and every random choice.
+        dtype (`str`, defaults to `"float32"`): dtype the merge runs and is saved in.
+        allow_pickle (`bool`): Allow reading pickle `.bin` checkpoints (only files you trust).
         output_dir (`str`, *optional*): Where `save_pretrained` writes when no folder is given.
         overwrite_output_dir (`bool`): Replace an existing, non-empty output folder.
-        max_shard_size (`str`): Largest safetensors shard written.
-        merge_info (`dict`): Written by the merger, not read: commits, task-specific tensors, what was chosen.
+        max_shard_size (`str`, defaults to `"5GB"`): Largest safetensors shard written.
+        merge_info (`dict`): Written by the merger: commits, task-specific tensors, selected step, `auto` choices.
     """
 
     base: str
@@ -229,35 +214,23 @@ class SuperMergeConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def to_yaml_string(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
     @classmethod
-    def from_json_file(cls, path: str | Path) -> SuperMergeConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    @classmethod
-    def from_yaml_file(cls, path: str | Path) -> SuperMergeConfig:
+    def from_file(cls, path: str | Path) -> SuperMergeConfig:
+        """Read a JSON or YAML config (YAML is a superset of JSON)."""
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Write the config as `supermerge_config.json` into `save_directory` (created if needed)."""
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        path = save_directory / CONFIG_NAME
+        path = Path(save_directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json_string())
         return path
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None,
-                        token: str | bool | None = None, cache_dir: str | Path | None = None) -> SuperMergeConfig:
-        """Load `supermerge_config.json` from a local folder or a Hub repo id.
-
-        Raises:
-            `FileNotFoundError`: The folder or repo has no `supermerge_config.json`.
-        """
-        folder = resolve(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir).path
-        path = folder / CONFIG_NAME
+                        token: str | bool | None = None) -> SuperMergeConfig:
+        """Load `supermerge_config.json` from a local folder or a Hub repo id (`FileNotFoundError` if none)."""
+        path = resolve(path_or_repo_id, revision=revision, token=token).path / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path_or_repo_id!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")
-        return cls.from_json_file(path)
+        return cls.from_file(path)

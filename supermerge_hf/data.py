@@ -1,6 +1,4 @@
-"""Task examples: accepted forms (datasets.Dataset, list of dicts, DataLoader, JSONL/CSV files), batching."""
-
-from __future__ import annotations
+"""Task examples: accepted forms (datasets.Dataset, list of dicts, DataLoader, JSONL/CSV files), splits, batching."""
 
 import csv
 import json
@@ -12,8 +10,7 @@ import torch
 
 Example = dict[str, torch.Tensor]
 
-# padding value per model input; anything else pads with 0
-PAD_VALUES = {"attention_mask": 0, "labels": -100}
+PAD_VALUES = {"attention_mask": 0, "labels": -100}  # padding value per model input; anything else pads with 0
 
 
 def _to_tensor(value: Any) -> torch.Tensor | None:
@@ -24,24 +21,17 @@ def _to_tensor(value: Any) -> torch.Tensor | None:
     return None  # strings and other raw fields are not model inputs
 
 
-def _from_batch(batch: Mapping[str, Any]) -> list[Example]:
-    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    size = len(next(iter(tensors.values())))
-    return [{k: v[i] for k, v in tensors.items()} for i in range(size)]
-
-
 def as_examples(task: str, data: Any, *, limit: int | None = None, require_labels: bool = True) -> list[Example]:
-    """Turn one task's examples into a list of `{input name: tensor}` dicts (model inputs, plus `labels`).
-
-    `data` may be a `datasets.Dataset`, a list of dicts, or a `torch.utils.data.DataLoader` of dict batches.
-    Raw text fields are dropped: tokenise first (or use `read_examples`).
+    """Turn one task's examples (a `datasets.Dataset`, a list of dicts or a `DataLoader` of dict batches) into a list
+    of `{input name: tensor}` dicts: model inputs, plus `labels`. Raw text fields are dropped: tokenise first.
 
     Raises:
         `ValueError`: No examples, or (with `require_labels`) an example without `labels`.
         `TypeError`: An unsupported container.
     """
     if isinstance(data, torch.utils.data.DataLoader):
-        examples = [ex for batch in data for ex in _from_batch(batch)]
+        batches = [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in data]
+        examples = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
         examples = []
         for row in data:
@@ -49,45 +39,38 @@ def as_examples(task: str, data: Any, *, limit: int | None = None, require_label
                 raise TypeError(f"Examples of task {task!r} must be dicts of model inputs, got {type(row).__name__}.")
             examples.append({k: t for k, v in row.items() if (t := _to_tensor(v)) is not None})
     else:
-        raise TypeError(
-            f"Examples of task {task!r} must be a datasets.Dataset, a list of dicts or a DataLoader, "
-            f"got {type(data).__name__}."
-        )
+        raise TypeError(f"Examples of task {task!r} must be a datasets.Dataset, a list of dicts or a DataLoader, "
+                        f"got {type(data).__name__}.")
     examples = examples[:limit] if limit else examples
     if not examples:
         raise ValueError(f"Task {task!r} has no examples: give at least one labelled example per task.")
     if require_labels and any("labels" not in ex for ex in examples):
-        raise ValueError(
-            f"Task {task!r} has examples without `labels`: the supervised loss needs a `labels` field in every "
-            "example (rename your label column to `labels`)."
-        )
+        raise ValueError(f"Task {task!r} has examples without `labels`: the supervised loss needs a `labels` field in "
+                         "every example (rename your label column to `labels`).")
     if any("input_ids" not in ex and "inputs_embeds" not in ex and "pixel_values" not in ex for ex in examples):
         raise ValueError(f"Task {task!r} has examples without model inputs (e.g. `input_ids`): tokenise them first.")
     return examples
 
 
 def make_splits(data: Mapping[str, list[Example]], fraction: float, seed: int):
-    """One seeded (train, holdout) split per task, made once, in task order; returns them and the generator
-    that then draws the batches. Every level of a hierarchical merge uses the same splits."""
+    """One seeded (train, holdout) split per task, made once in task order (every hierarchical level uses the same),
+    and the generator that then draws the batches; holdout is empty when too few examples or `fraction` is 0."""
     generator = torch.Generator().manual_seed(seed)
-    return {task: split_holdout(examples, fraction, generator) for task, examples in data.items()}, generator
-
-
-def split_holdout(examples: list[Example], fraction: float, generator: torch.Generator):
-    """Seeded split into (train, holdout); holdout is empty when fraction is 0 or there are too few examples."""
-    n_holdout = int(round(fraction * len(examples)))
-    if n_holdout == 0 or n_holdout >= len(examples):
-        return examples, []
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    return [examples[i] for i in order[n_holdout:]], [examples[i] for i in order[:n_holdout]]
+    splits = {}
+    for task, examples in data.items():
+        n_holdout = int(round(fraction * len(examples)))
+        if n_holdout == 0 or n_holdout >= len(examples):
+            splits[task] = examples, []
+            continue
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        splits[task] = [examples[i] for i in order[n_holdout:]], [examples[i] for i in order[:n_holdout]]
+    return splits, generator
 
 
 def collate(examples: list[Example], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Stack examples into a batch, right-padding sequences (`input_ids` with the pad id, `labels` with -100).
-
-    An `attention_mask` is added when the examples have none, so results do not depend on the padding.
-    """
-    if "input_ids" in examples[0] and "attention_mask" not in examples[0]:  # so padding is never attended to
+    """Stack examples into a batch, right-padding sequences (`input_ids` with the pad id, `labels` with -100); adds
+    an `attention_mask` when the examples have none, so results do not depend on the padding."""
+    if "input_ids" in examples[0] and "attention_mask" not in examples[0]:
         examples = [ex | {"attention_mask": torch.ones_like(ex["input_ids"])} for ex in examples]
     batch = {}
     for key in examples[0]:
@@ -95,12 +78,11 @@ def collate(examples: list[Example], pad_token_id: int = 0) -> dict[str, torch.T
         if values[0].dim() == 0 or all(v.shape == values[0].shape for v in values):
             batch[key] = torch.stack(values)
             continue
-        length = max(v.shape[0] for v in values)
         pad = pad_token_id if key == "input_ids" else PAD_VALUES.get(key, 0)
-        out = torch.full((len(values), length, *values[0].shape[1:]), pad, dtype=values[0].dtype)  # (B, T, ...)
+        length = max(v.shape[0] for v in values)
+        batch[key] = torch.full((len(values), length, *values[0].shape[1:]), pad, dtype=values[0].dtype)  # (B, T, ...)
         for i, v in enumerate(values):
-            out[i, : v.shape[0]] = v
-        batch[key] = out
+            batch[key][i, : v.shape[0]] = v
     return batch
 
 
@@ -120,19 +102,22 @@ class BatchSampler:
         return out
 
 
-def read_examples(
-    path: str | Path,
-    tokenizer,
-    *,
-    text_field: str = "text",
-    label_field: str = "label",
-    text_pair_field: str | None = None,
-    label2id: Mapping[str, int] | None = None,
-    max_length: int = 128,
-) -> list[Example]:
+def read_examples(path: str | Path, tokenizer, *, text_field: str = "text", label_field: str = "label",
+                  text_pair_field: str | None = None, label2id: Mapping[str, int] | None = None,
+                  max_length: int = 128) -> list[Example]:
     """Read labelled text from a JSONL or CSV file and tokenise it with `tokenizer`.
 
-    Labels may be integers or label names (mapped with `label2id`, e.g. the fine-tune's `config.label2id`).
+    Args:
+        path (`str` or `Path`): A `.jsonl` or `.csv` file.
+        tokenizer: The tokenizer of the base model.
+        text_field (`str`, defaults to `"text"`): The field holding the text.
+        label_field (`str`, defaults to `"label"`): The field holding the label: an integer or a label name.
+        text_pair_field (`str`, *optional*): The field holding a second text (e.g. the hypothesis of NLI).
+        label2id (`Mapping[str, int]`, *optional*): Label names to ids, e.g. the fine-tune's `config.label2id`.
+        max_length (`int`, defaults to 128): Longer texts are truncated.
+
+    Returns:
+        `list[dict[str, torch.Tensor]]`: the tokenised examples, with `labels`.
 
     Raises:
         `ValueError`: Unknown file type, a missing field, or a label name not in `label2id`.
@@ -152,7 +137,7 @@ def read_examples(
                 raise ValueError(f"{path}:{i + 1} has no field {field_name!r} (fields: {sorted(row)}).")
         label = row[label_field]
         if isinstance(label, str) and not label.lstrip("-").isdigit():
-            if not label2id or label not in label2id:
+            if label not in (label2id or {}):
                 raise ValueError(f"{path}:{i + 1}: label {label!r} is not one of {sorted(label2id or {})}.")
             label = label2id[label]
         pair = row[text_pair_field] if text_pair_field else None

@@ -1,7 +1,5 @@
 """Peak memory of a merge, estimated from safetensors headers before any weight is loaded."""
 
-from __future__ import annotations
-
 import re
 from dataclasses import dataclass
 
@@ -10,11 +8,8 @@ import torch
 from .plan import MergePlan
 from .sources import ModelSpec
 
-# Measured with `benchmarks/memory.py` and `benchmarks/lora_memory.py` (CPU): the process holds ~380 MB after
-# importing python + torch + transformers + accelerate, and at the peak of learning ~0.17 of a model copy besides
-# the model-sized tensors (a tensor's gradient, activations, heads, skeleton buffers: 217 MB for a 1278 MB
-# BERT-large, K = 2). Learning allocates nothing model-sized after its first step and hands freed memory back
-# between hierarchical groups, so the allocator adds nothing more.
+# Measured by benchmarks/memory.py and lora_memory.py (CPU): ~380 MB after imports; at the peak of learning ~0.17 of
+# a model copy besides the model-sized tensors (gradient, activations, heads: 217 MB for a 1278 MB BERT-large, K = 2).
 IMPORT_MB = 380.0
 TRANSIENT_COPIES = 0.17
 MODES = ("flat", "hierarchical", "streaming")
@@ -31,11 +26,7 @@ class Estimate:
 
 
 def parse_memory(value: str | int | float) -> float:
-    """'8GB', '512MB', '1.5GiB' or a number of bytes -> MB.
-
-    Raises:
-        `ValueError`: An unreadable size.
-    """
+    """'8GB', '512MB', '1.5GiB' or a number of bytes -> MB; raises `ValueError` on an unreadable size."""
     if isinstance(value, (int, float)):
         return float(value) / 2**20
     match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(value), re.I)
@@ -45,29 +36,18 @@ def parse_memory(value: str | int | float) -> float:
     return float(match.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}[unit] / 2**20
 
 
-def _source_mb(spec, model_mb: float) -> float:
-    """A full fine-tune holds a dense task vector (one model copy); a LoRA adapter only its factors."""
-    if isinstance(spec, ModelSpec):
-        return model_mb
-    return spec.checkpoint.nbytes() / 2**20
-
-
 def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size: int = 2,
              on_device: bool = False) -> list[Estimate]:
-    """Peak memory of flat, hierarchical (`group_size`) and streaming learning.
-
-    At the peak of a step the process holds the base and the merged tensors (2 copies; each gradient is folded
-    into dL/dc and freed as backward produces it), plus the task vectors: all S (flat), at most `group_size`
-    (hierarchical: a level's merge is saved after its task vectors are freed). Streaming holds only the merged
-    tensors: the base and the fine-tunes are re-read tensor by tensor into two scratch tensors of the largest
-    shape. Host memory adds the process itself (`IMPORT_MB`) and its transients (`TRANSIENT_COPIES`).
-    """
-    numel = sum(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged)
-    model_mb = numel * torch.finfo(dtype).bits / 8 / 2**20
-    sources = sorted((_source_mb(s, model_mb) for s in plan.sources), reverse=True)
-    largest = max(int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged) * model_mb / numel
+    """Peak memory of flat, hierarchical (`group_size`) and streaming learning: the base and merged tensors (each
+    gradient is folded into dL/dc and freed) plus all task vectors (flat) or at most `group_size` (hierarchical);
+    streaming holds only the merged tensors and two read buffers. Host memory adds the process and its transients."""
+    numels = [int(torch.Size(plan.base.shapes[n]).numel()) for n in plan.merged]
+    model_mb = sum(numels) * torch.finfo(dtype).bits / 8 / 2**20
+    # a full fine-tune holds a dense task vector (one model copy), a LoRA adapter only its factors
+    sources = sorted((model_mb if isinstance(s, ModelSpec) else s.checkpoint.nbytes() / 2**20 for s in plan.sources),
+                     reverse=True)
     held = {"flat": model_mb + sum(sources), "hierarchical": model_mb + sum(sources[:group_size]),
-            "streaming": 2 * largest}  # the base, then the task vectors; streaming: two read scratch tensors
+            "streaming": 2 * (max(numels) * model_mb / sum(numels))}  # two read buffers
     out = []
     for mode in MODES:
         tensors_mb = model_mb + held[mode]
@@ -79,10 +59,8 @@ def estimate(plan: MergePlan, *, dtype: torch.dtype = torch.float32, group_size:
 
 def pick_mode(estimates: list[Estimate], max_memory_mb: float | None) -> str | None:
     """The fastest mode that fits: flat, then hierarchical, then streaming; None if none fits."""
-    for e in estimates:
-        if max_memory_mb is None or max(e.host_mb, e.device_mb) <= max_memory_mb:
-            return e.mode
-    return None
+    fits = [e.mode for e in estimates if max_memory_mb is None or max(e.host_mb, e.device_mb) <= max_memory_mb]
+    return fits[0] if fits else None
 
 
 def configured_mode(config) -> str:

@@ -27,17 +27,11 @@ HIERARCHY_NAME = "hierarchy.json"
 
 
 def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a merge as a standard checkpoint folder, through a temporary folder moved into place at the end.
-
-    Layout: the merged model (`config.json`, safetensors, in the config's dtype), the base's tokenizer files,
-    `supermerge_config.json` (with what was resolved and chosen), `coefficients.json` (learned methods),
-    `hierarchy.json` (every level's coefficients), `README.md` (model card), and `heads/<task>/` (the task's
-    config and its task-specific tensors). Load a task's complete model with `load_task_model`.
-
-    Raises:
-        `FileExistsError`: The folder holds files and `overwrite` is False.
-        `FloatingPointError`: A merged tensor is not finite (nothing is written).
-    """
+    """Write a merge as a standard checkpoint folder, built in a temporary folder moved into place at the end:
+    the merged model (in the config's dtype), the base's tokenizer, `supermerge_config.json` (with what was
+    resolved and chosen), `coefficients.json`, `hierarchy.json` (every level's), `README.md` (the card) and
+    `heads/<task>/` (the task's config and own tensors: `load_task_model`). Raises `FileExistsError` for a
+    folder with files unless `overwrite`, and `FloatingPointError` (nothing written) for non-finite weights."""
     check_finite(result.merged, "The merge")
     plan, config = result.plan, result.config
     with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
@@ -66,23 +60,14 @@ def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bo
 
 def load_task_model(merged_dir: str | Path, task: str, *, revision: str | None = None,
                     token: str | bool | None = None, **kwargs) -> PreTrainedModel:
-    """Load one task's complete model from a merge (a folder or a Hub repo id): the merged body plus that task's
-    own head (`heads/<task>`).
-
-    Args:
-        merged_dir (`str` or `Path`): A folder written by `SuperMerger.save_pretrained`, or its Hub repo id.
-        task (`str`): A task name of the merge.
-        revision (`str`, *optional*): Revision of a Hub repo id.
-        token (`str` or `bool`, *optional*): Hub token for a private repo.
-        kwargs: Passed to `from_pretrained` (e.g. `dtype`).
+    """Load one task's complete model from a merge (a folder, or a Hub repo id at `revision`): the merged body
+    plus the task's own head; `kwargs` go to `from_pretrained` (e.g. `dtype`). `FileNotFoundError` if the task
+    has no head (then the merged model itself is complete).
 
     Example:
         ```python
         model = load_task_model("merged", "bbc")  # a BertForSequenceClassification with bbc's classifier
         ```
-
-    Raises:
-        `FileNotFoundError`: The merge has no head for `task` (then the merged model itself is complete).
     """
     folder = resolve(merged_dir, revision=revision, token=token).path
     head_dir = folder / HEADS_DIR / task
@@ -101,12 +86,7 @@ def load_task_model(merged_dir: str | Path, task: str, *, revision: str | None =
 
 
 def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod) -> None:
-    """Refuse, before any work, a combined adapter that would not equal the merge exactly.
-
-    Raises:
-        `ValueError`: A full fine-tune among the sources, a data-free method, a method that preprocesses the task
-            vectors (AdaMerging++), or a hierarchical merge (its group results are dense).
-    """
+    """`ValueError`, before any work, where a combined adapter would not equal the merge exactly."""
     full = [t for t, s in zip(plan.tasks, plan.sources) if not isinstance(s, LoraSpec)]
     reason = (f"sources {full} are full fine-tunes, whose task vectors no adapter holds exactly" if full else
               f"{method.name!r} learns no coefficients" if method.kind != "learned" else
@@ -118,18 +98,10 @@ def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: Merg
 
 
 def combined_factors(plan: MergePlan, coefficients: Coefficients, rank: int | None = None):
-    """Per LoRA-targeted weight, factors (A `(R, in)`, B `(out, R)`) with B @ A = sum_i c_i s_i B_i A_i exactly.
-
-    A = [A_1; ...; A_K] stacked on the rank axis, B = [c_1 s_1 B_1, ..., c_K s_K B_K] side by side (R = sum r_i,
-    scaling 1; no cross terms B_i A_j). With `rank`, each product is cut to its best rank-`rank` approximation (SVD
-    of the small core, never of the dense matrix) and the relative Frobenius error is reported.
-
-    Returns:
-        `(factors, report)`, `report[weight] = {"rank": R, "relative_error": e}`.
-
-    Raises:
-        `ValueError`: A merged tensor has a dense task vector (a saved module), or `rank` is not positive.
-    """
+    """Per LoRA weight, `(A (R, in), B (out, R))` with B @ A = sum_i c_i s_i B_i A_i exactly: A = [A_1; ...; A_K],
+    B = [c_1 s_1 B_1, ..., c_K s_K B_K], R = sum r_i, scaling 1, no cross terms. With `rank`, each product is
+    cut to its best rank-`rank` approximation (SVD of the small core). Returns `(factors, report)` with
+    `report[weight] = {"rank", "relative_error"}`."""
     if rank is not None and rank < 1:
         raise ValueError(f"rank={rank!r}: the compressed adapter's rank must be a positive integer (or None).")
     c = coefficients.aligned(plan.source_names, plan.groups)  # (S, G)

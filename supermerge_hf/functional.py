@@ -6,7 +6,6 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-import sys
 from collections.abc import Callable, Mapping
 
 import torch
@@ -25,12 +24,8 @@ EVAL_BATCH = 32
 def load_task_vectors(plan: MergePlan, *, dtype: torch.dtype, device: torch.device | str, streaming: bool = False,
                       preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       ) -> tuple[dict[str, torch.Tensor] | None, dict[str, DeltaStack], Scratch | None]:
-    """Base tensors and the task vectors of every merged tensor, read one tensor at a time.
-
-    With `streaming`, neither the base nor full fine-tunes' task vectors are kept (base is `None`): they are
-    re-read tensor by tensor into a `Scratch` whenever needed. `preprocess` maps each `(S, *shape)` stack
-    (e.g. AdaMerging++'s TIES trimming).
-    """
+    """Base tensors and the task vectors of every merged tensor, read one tensor at a time; with `streaming` the
+    base (`None`) and full fine-tunes are re-read into a `Scratch` when needed. `preprocess` maps each stack."""
     shapes = plan.base.shapes
     scratch = Scratch(max(torch.Size(shapes[n]).numel() for n in plan.merged), dtype=dtype, device=device) \
         if streaming else None
@@ -76,7 +71,7 @@ class LowRankLayer:
 
 
 def skeleton(spec: Source, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """The task's architecture with real buffers and meta parameters: run it with `functional_call`."""
+    """The task's architecture with real buffers and meta parameters, for `functional_call`."""
     with torch.device("meta"):
         model = spec.cls(spec.config)
     for module in model.modules():
@@ -102,9 +97,9 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
 class FunctionalMerge:
     """theta_m(c) = theta_p + sum_i c_i * tau_i, run per task with that task's architecture and head.
 
-    Holds the base tensors and the task vectors (dense: about S + 1 model copies; LoRA: their factors; streaming:
-    neither), one parameter-free skeleton per task and each task's head. Nothing here is a module parameter.
-    LoRA-targeted layers are never densified while learning: a forward hook adds sum_i c_i s_i B_i (A_i x).
+    Holds the base and the task vectors (dense: ~S + 1 model copies; LoRA: factors; streaming: neither), one
+    parameter-free skeleton and the head of each task. LoRA layers are never densified while learning: a forward
+    hook adds sum_i c_i s_i B_i (A_i x).
     """
 
     def __init__(self, plan: MergePlan, *, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -123,8 +118,7 @@ class FunctionalMerge:
                                            dtype=dtype) if n in self.lowrank else d for n, d in self.deltas.items()}
 
     def _hook_lowrank_layers(self) -> dict[str, LowRankLayer]:
-        """A forward hook on each LoRA-targeted Linear / Conv1D / Embedding of every task's skeleton (a weight
-        tied to another module stays dense: the hook would miss the other use)."""
+        """Hook each LoRA-targeted layer of every skeleton (a tied weight stays dense: a hook misses the other use)."""
         layers = {}
         for name in self.plan.merged:
             parts = [(i, p) for i, p in enumerate(self.deltas[name].parts) if isinstance(p, LowRankDelta)]
@@ -138,7 +132,7 @@ class FunctionalMerge:
         return layers
 
     def _owner(self, task: str, name: str) -> nn.Module | None:
-        """The one Linear / Conv1D / Embedding whose `weight` is tensor `name` in the task's skeleton, if any."""
+        """The one Linear / Conv1D / Embedding whose `weight` is tensor `name` in the task's skeleton."""
         param = self.plan.task_specs[task].param_names.get(name)
         if param is None or not param.endswith(".weight"):
             return None
@@ -153,12 +147,9 @@ class FunctionalMerge:
         return self.scratch.read(self.plan.base, name, self.plan.base.shapes[name], 0)
 
     def params(self, c: torch.Tensor, *, dense: bool = False) -> dict[str, torch.Tensor]:
-        """Merged tensors for coefficients `c` `(S, G)` (already transformed).
-
-        Differentiable in `c` when it requires grad. Otherwise written into reused tensors, overwritten by the
-        next call. LoRA-targeted layers keep the base weight (their update comes in `forward(..., c)`), unless
-        `dense`: then every tensor is formed, in fresh tensors the caller owns (what is saved).
-        """
+        """Merged tensors for coefficients `c` `(S, G)`: differentiable if `c` requires grad, else written into
+        reused tensors (overwritten by the next call). LoRA layers keep the base weight (`forward(..., c)` adds
+        their update) unless `dense`: then all tensors are formed, in fresh tensors the caller owns."""
         deltas = self.deltas if dense else self.dense_deltas
         out = {}
         for name, stack in deltas.items():
@@ -179,8 +170,7 @@ class FunctionalMerge:
 
     def forward(self, task: str, params: Mapping[str, torch.Tensor], batch: list[Example] | dict,
                 c: torch.Tensor | None = None):
-        """The task's model output on a batch, with merged tensors `params`, the task's head, and (for params
-        from `params(c)`) the LoRA layers' update for coefficients `c`."""
+        """The task's model output on a batch, with `params`, its head and (params from `params(c)`) LoRA's update."""
         names = self.plan.task_specs[task].param_names
         weights = {names[n]: params[n] for n in self.plan.merged if n in names} | self.heads[task]
         inputs = collate(batch, self.pad_id) if isinstance(batch, list) else batch
@@ -194,8 +184,7 @@ class FunctionalMerge:
     @torch.no_grad()
     def evaluate(self, task: str, examples: list[Example], *, c: torch.Tensor | None = None,
                  params: Mapping[str, torch.Tensor] | None = None, batch_size: int = EVAL_BATCH) -> dict[str, float]:
-        """Mean loss, prediction entropy and (classification) accuracy on examples, of the merge with
-        coefficients `c`, or of complete merged tensors `params`."""
+        """Mean loss, entropy and (classification) accuracy of coefficients `c` or complete tensors `params`."""
         params = self.params(c) if params is None else params
         totals, n = {"loss": 0.0, "entropy": 0.0, "correct": 0.0}, len(examples)
         classification = True
@@ -219,16 +208,11 @@ class FunctionalMerge:
 
     def coefficient_grad(self, c: torch.Tensor, batches: Mapping[str, list[Example]], scale: Mapping[str, float],
                          objective: str = "supervised") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """dL/dc `(S, G)` of L = sum_t scale[t] * loss_t, by one backward per task through the merged model only.
-
-        The graph never runs through the S task vectors: each merged tensor's gradient is folded into
-        dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j], tau_ij> (method.md section 3) as backward produces it, then
-        freed; LoRA layers get their part by autograd through c. `objective`: the model's own loss
-        (`supervised`) or the mean prediction entropy over real tokens (`entropy`, AdaMerging; labels unread).
-
-        Returns:
-            `(grad_c, losses)` with each task's loss (detached); tasks with an empty batch are skipped.
-        """
+        """`(dL/dc (S, G), {task: loss})` of L = sum_t scale[t] * loss_t, one backward per task through the merged
+        model only: each merged tensor's gradient is folded into dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j],
+        tau_ij> (method.md section 3) as backward produces it, then freed; LoRA layers get theirs by autograd
+        through c. `objective`: the model's loss, or `entropy` over real tokens (labels unread). Empty batches
+        are skipped."""
         merged = self.params(c.detach())
         leaves = [n for n in merged if not self.dense_deltas[n].is_zero]  # all-zero task vectors: dL/dc = 0
         for name in leaves:
@@ -271,18 +255,15 @@ class FunctionalMerge:
 
 @functools.cache
 def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # glibc only
     except (OSError, AttributeError):
         return None
 
 
 def release_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS (glibc keeps freed blocks below its mmap
-    threshold, so a finished hierarchical group would otherwise stay in the process under the next one)."""
+    """Collect garbage and hand freed heap back to the OS (glibc keeps freed blocks below its mmap threshold, so
+    a finished hierarchical group would stay in the process under the next one)."""
     gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    if _malloc_trim() is not None:
+        _malloc_trim()(0)

@@ -1,9 +1,8 @@
 """Hierarchical SuperMerge (method.md section 4): merge groups of similar sources, then the group results.
 
-Each level holds at most `group_size` task vectors plus the base. A group's result is written as a checkpoint
-of the base's architecture and becomes a source of the next level that carries all of its group's tasks (each
-task keeps its own architecture, head and hold-out split at every level). Every level's coefficients are
-returned, so the merge can be rebuilt from them alone (`rebuild`).
+Each level holds at most `group_size` task vectors plus the base. A group's result is saved as a checkpoint and
+becomes a source of the next level carrying the group's tasks (each keeps its head and hold-out split). Every
+level's coefficients are returned, so `rebuild` can redo the merge from them alone.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ class Unit:
 
 
 def cosine_similarity(base: ModelSpec, specs: list[Source], names: list[str]) -> torch.Tensor:
-    """Cosine similarity `(K, K)` of the flattened task vectors, accumulated one tensor (and chunk) at a time."""
+    """Cosine similarity `(K, K)` of the flattened task vectors, one tensor (and chunk) at a time."""
     gram = torch.zeros(len(specs), len(specs), dtype=torch.float64)
     for name in names:
         theta = base.read_tensor(name).float()
@@ -108,8 +107,8 @@ def _next_unit(plan: MergePlan, members: list[Unit], merged: dict[str, torch.Ten
 
 def fit_hierarchical(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits: Splits, *,
                      accelerator: Accelerator) -> tuple[LearnResult, list[dict[str, Any]]]:
-    """Learn level by level; returns the last level's result (with each task's own fine-tune metrics) and, per
-    level and group, `{"level", "group" (member names), "selected_step", "coefficients"}`."""
+    """Learn level by level: the last level's result (with each task's own fine-tune metrics) and per level and
+    group `{"level", "group" (member names), "selected_step", "coefficients"}`."""
     flat = dataclasses.replace(config, hierarchical=None)
     dtype = getattr(torch, config.dtype)
     units = [Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)]
@@ -143,11 +142,7 @@ def fit_hierarchical(plan: MergePlan, config: SuperMergeConfig, method: MergeMet
 
 def rebuild(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,
             levels: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The merged tensors of a hierarchical merge, from the flat plan and every level's saved coefficients.
-
-    Raises:
-        `ValueError`: A level names a source that is neither a task of the plan nor an earlier group result.
-    """
+    """The merged tensors of a hierarchical merge, from the flat plan and every level's saved coefficients."""
     dtype = getattr(torch, config.dtype)
     units = {t: Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)}
     merged = {}

@@ -1,5 +1,5 @@
-"""Learning the coefficients (Adam on w through Accelerate, the exact cheap gradient, hold-out selection) and
-the data-free merges with `auto` hyperparameters picked on examples. Every function returns its result."""
+"""Learning the coefficients (Adam on w through Accelerate, the exact cheap gradient, hold-out selection), and
+data-free merges with `auto` hyperparameters picked on examples. Every function returns its result."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class CoefficientModule(nn.Module):
 
 def functional_merge(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, *,
                      device: torch.device | str = "cpu") -> FunctionalMerge:
-    """The merged model of a plan as the method sees it (AdaMerging++: over TIES-trimmed task vectors)."""
+    """The plan's merged model as the method sees it (AdaMerging++: over TIES-trimmed task vectors)."""
     preprocess = functools.partial(method.preprocess, **config.method_kwargs) if method.preprocess else None
     return FunctionalMerge(plan, dtype=getattr(torch, config.dtype), device=device, preprocess=preprocess,
                            streaming=config.streaming)
@@ -68,14 +68,8 @@ def one_hot(plan: MergePlan, task: str, device: torch.device | str) -> torch.Ten
 def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[str, Any], *, seed: int,
                     examples: Mapping[str, list[Example]] | None = None,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
-    """Merge with a data-free method; `lam: auto` / `density: auto` are picked from a grid on `examples`.
-
-    λ multiplies the merged delta last in every method, so each density costs one merge and each λ a scaling.
-    Returns `(merged tensors, chosen hyperparameters, grid scores "lam=..,density=.." -> score)`.
-
-    Raises:
-        `ValueError`: `auto` without examples.
-    """
+    """`(merged tensors, chosen hyperparameters, grid scores)` of a data-free method, `auto` values picked from a
+    grid on `examples` (λ multiplies last: each density costs one merge, each λ a scaling)."""
     kwargs = dict(kwargs)
     lam, density = kwargs.pop("lam", 1.0), kwargs.pop("density", None)
     if "auto" in (lam, density) and not examples:
@@ -107,11 +101,11 @@ def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[st
 def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits: Splits,
           generator: torch.Generator, *, accelerator: Accelerator, finetune_tasks: list[str] | None = None,
           ) -> LearnResult:
-    """Learn the coefficients of `plan` with Adam through Accelerate; keep the step with the best hold-out score.
+    """Learn the coefficients of `plan` with Adam through Accelerate, keeping the step with the best hold-out score.
 
-    `splits[task]` = (train, holdout) examples; `generator` draws the batches. Each process takes an equal slice of
-    every global batch (its loss weighted by its share, so any number of processes = one process).
-    `finetune_tasks`: tasks whose own source is a row of the plan (all in a flat plan): their fine-tune metrics.
+    `splits[task]` = (train, holdout); `generator` draws the batches. Each process takes a slice of every global
+    batch, its loss weighted by its share (so P processes = one). `finetune_tasks`: the tasks whose own source is
+    a row of the plan (all, if flat), for the fine-tune metrics.
     """
     acc, tasks, objective = accelerator, plan.tasks, method.objective
     fm = functional_merge(plan, config, method, device=acc.device)
@@ -134,7 +128,7 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
         value = sum(scale[t] * v for t, v in held.items()) if held else None
         history.append({"step": step, "train": losses, "holdout": held, "score": value})
         if held:
-            _check_finite(held, 0, config)
+            _check_finite(held, step, config)
         logger.debug("step %d: train %s %s, hold-out %s", step, metric, losses, held)
         return value
 

@@ -1,8 +1,5 @@
-"""`SuperMerger`: the façade. Resolve and check the sources, learn or compute the merge, evaluate, save, push.
-
-It is the only code that holds a `SuperMerger`: everything below it takes and returns values (`MergePlan`,
-`LearnResult`, `MergeResult`).
-"""
+"""`SuperMerger`, the façade: resolve and check the sources, learn or compute the merge, evaluate, save, push.
+The only code that holds a `SuperMerger`; everything below it takes and returns values."""
 
 from __future__ import annotations
 
@@ -38,15 +35,9 @@ logger = logging.getLogger(__name__)
 class SuperMerger:
     """Merge fine-tunes of one base with the method of `config` (SuperMerge by default).
 
-    Construction resolves the base and sources (local folders or Hub ids) and checks that they fit together,
-    reading configs and safetensors headers only; `fit` does the heavy work.
-
-    Args:
-        config (`SuperMergeConfig`): What to merge and how.
-        accelerator (`accelerate.Accelerator`, *optional*): Defaults to one on the GPU if there is one, else CPU.
-        token (`str` or `bool`, *optional*): Hub token for private repos; never logged or written.
-        cache_dir (`str`, *optional*): Hub cache folder.
-        endpoint (`str`, *optional*): Hub endpoint (defaults to huggingface_hub's).
+    Construction resolves the base and sources (local folders or Hub ids, with `token`, `cache_dir`,
+    `endpoint`; the token is never logged or written) and checks that they fit, from configs and headers only;
+    `fit` does the heavy work, with `accelerator` (default: the GPU if there is one, else the CPU).
 
     Example:
         ```python
@@ -92,30 +83,30 @@ class SuperMerger:
     selected_step = property(lambda self: self._field("selected_step"), doc="The step kept by hold-out selection.")
     metrics = property(lambda self: self._field("metrics", {}), doc="Per task: its fine-tune vs the merge.")
     chosen = property(lambda self: self._field("chosen", {}), doc="Hyperparameters picked by `auto`.")
+    grid_scores = property(lambda self: self._field("grid_scores", {}), doc="`auto`: the score of each candidate.")
     merged_tensors = property(lambda self: self._field("merged"), doc="The merged tensors, by canonical name.")
     levels = property(lambda self: self._field("levels", []), doc="Hierarchical: each level's coefficients.")
 
-    def _prepare(self, examples: Mapping[str, Any], *, require_labels: bool, limit: int | None) -> dict[str, list]:
+    def _prepare(self, examples: Mapping[str, Any], *, require_labels: bool, limit: int | None,
+                 tasks: list[str] | None = None) -> dict[str, list]:
         if not isinstance(examples, Mapping):
             raise TypeError(f"Examples are given per task name, as a dict; got {type(examples).__name__}.")
         unknown = sorted(set(examples) - set(self.plan.tasks))
         if unknown:
             raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.plan.tasks}.")
         return {task: as_examples(task, examples.get(task, []), limit=limit, require_labels=require_labels)
-                for task in self.plan.tasks}
+                for task in (self.plan.tasks if tasks is None else tasks)}
 
     def fit(self, examples: Mapping[str, Any] | None = None) -> SuperMerger:
         """Learn the coefficients (learned methods) or compute the merge (data-free methods).
 
         Args:
-            examples (`dict[str, Any]`): Per task name, its examples: a `datasets.Dataset`, a list of dicts of
-                model inputs (with `labels` for supervised methods and `auto` hyperparameters), or a
-                `DataLoader`. Only the first `config.examples_per_task` are used.
+            examples (`dict[str, Any]`): Per task name, a `datasets.Dataset`, a list of dicts of model inputs
+                (with `labels` for supervised methods and `auto`) or a `DataLoader`; the first
+                `config.examples_per_task` are used.
 
         Raises:
-            `ValueError`: A task without examples or labels, examples for an unknown task.
-            `FileExistsError`: `config.output_dir` already holds files and overwriting was not asked.
-            `FloatingPointError`: A loss or a merged weight is not finite.
+            `ValueError` (bad examples), `FileExistsError` (`output_dir` holds files), `FloatingPointError`.
         """
         config, method, plan = self.config, self.method, self.plan
         if config.output_dir:
@@ -146,12 +137,8 @@ class SuperMerger:
         return self
 
     def apply_coefficients(self, coefficients: Coefficients) -> SuperMerger:
-        """Merge with a given coefficient table (e.g. `Coefficients.load("merged/coefficients.json")`), its rows
-        and groups matched to this merge's sources and groups by name.
-
-        Raises:
-            `ValueError`: Another merge's table, another transform, or values out of the transform's range.
-        """
+        """Merge with a coefficient table (e.g. `Coefficients.load("merged/coefficients.json")`), its rows and
+        groups matched by name; `ValueError` for another merge's table, transform, or out-of-range values."""
         if coefficients.transform != self.config.transform:
             raise ValueError(f"The table's transform {coefficients.transform!r} is not this merge's "
                              f"{self.config.transform!r}.")
@@ -166,20 +153,15 @@ class SuperMerger:
     def evaluate(self, examples: Mapping[str, Any], *, finetunes: bool = False,
                  batch_size: int = 32) -> dict[str, dict[str, float]]:
         """Per task: mean loss, prediction entropy and (classification) accuracy of the merge, each task with its
-        own head; with `finetunes=True`, of each task's own fine-tune instead (no `fit` needed).
-
-        Args:
-            examples (`dict[str, Any]`): Per task name, examples in any form `fit` accepts (all are used).
-
-        Raises:
-            `RuntimeError`: Nothing merged yet (and `finetunes` is False).
-        """
+        own head, on `examples` (per task, in any form `fit` takes; all are used). With `finetunes=True`: of each
+        task's own fine-tune instead (no `fit` needed)."""
         if self.result is None and not finetunes:
             raise RuntimeError("Nothing merged yet: call `fit(examples)` first, or pass `finetunes=True`.")
-        data = self._prepare(examples, require_labels=False, limit=None)
+        data = self._prepare(examples, require_labels=False, limit=None,
+                             tasks=[t for t in self.plan.tasks if t in examples])
         fm = FunctionalMerge(self.plan, dtype=self.dtype, streaming=True)  # reads sources on demand, holds none
         out = {}
-        for task in tqdm([t for t in self.plan.tasks if data[t]], desc="Evaluating", leave=False):
+        for task in tqdm(list(data), desc="Evaluating", leave=False):
             c = one_hot(self.plan, task, fm.device) if finetunes else None
             out[task] = fm.evaluate(task, data[task], c=c, params=None if finetunes else self.result.merged,
                                     batch_size=batch_size)
@@ -222,18 +204,8 @@ class SuperMerger:
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     revision: str | None = None, commit_message: str | None = None) -> str:
-        """Save the merge (as `save_pretrained` does) and upload it to a Hub model repo, created if missing.
-
-        Args:
-            repo_id (`str`): Target repo.
-            private (`bool`, *optional*): Visibility of a repo that gets created.
-            token (`str` or `bool`, *optional*): Hub token with write access; never logged or written.
-            revision (`str`, *optional*): Branch to commit to (created if missing).
-            commit_message (`str`, *optional*): Commit message.
-
-        Returns:
-            `str`: The sha of the commit created.
-        """
+        """Save the merge (as `save_pretrained` does) and upload it to the Hub model repo `repo_id` (created with
+        `private` if missing) on branch `revision`; `token` is never logged or written. Returns the commit sha."""
         message = commit_message or f"Upload {self.config.method} merge of {', '.join(self.plan.tasks)}"
         return self._push(lambda folder: self.save_pretrained(folder), repo_id, message, private, token, revision)
 
@@ -254,12 +226,8 @@ class SuperMerger:
     @classmethod
     def from_pretrained(cls, merged_dir: str | Path, *, revision: str | None = None, token: str | bool | None = None,
                         accelerator: Accelerator | None = None) -> SuperMerger:
-        """Reload a merge written by `save_pretrained` from its config and coefficients (every level's for a
-        hierarchical merge; the chosen hyperparameters for a data-free one): the sources must still resolve.
-
-        Raises:
-            `FileNotFoundError`: `merged_dir` is not a supermerge_hf output.
-        """
+        """Reload a merge written by `save_pretrained` (a folder or Hub repo id) from its config and coefficients
+        (every level's if hierarchical; the `auto` choices if data-free); its sources must still resolve."""
         folder = resolve(merged_dir, revision=revision, token=token).path
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{str(merged_dir)!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")

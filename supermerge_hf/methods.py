@@ -1,14 +1,9 @@
-"""The registry of merge methods: what each method does, its typed hyperparameters, and the data-free math.
+"""The registry of merge methods: what each one does, its typed hyperparameters, and the data-free math.
 
-A data-free method is a pure function of the stacked task vectors of one tensor, `deltas  # (S, *shape)`,
-returning the merged delta `# (*shape)` (the caller adds the base). A learned method has no merge function: its
-entry declares the objective, the coefficient transform and the preprocessing that `learning.learn` runs.
-Each entry also declares its hyperparameters (`method_kwargs`), so a config is checked before anything loads.
-
-Conventions (the TIES/DARE steps and where peft 0.21, mergekit 0.1.5 and fusion-bench differ: `sparsify.py`):
-`weights` are per-source weights (`None` = 1; 1/S for `average`); λ (`lam`) multiplies the merged delta last
-(mergekit `lambda`, fusion-bench `scaling_factor`; peft has none); in `ties` / `dare_ties` the sign is elected on
-the unweighted deltas and the weights multiply inside the disjoint mean (as peft; mergekit weights first).
+A data-free method is a pure function of the task vectors of one tensor stacked over sources, `deltas  # (S,
+*shape)`, returning the merged delta `# (*shape)`; `weights` are per-source (`None` = 1), λ (`lam`) multiplies
+last, and in `ties` / `dare_ties` the sign is elected on the unweighted deltas (as peft; see `sparsify.py`). A
+learned method declares the objective, coefficient transform and preprocessing that `learning.learn` runs.
 """
 
 from __future__ import annotations
@@ -20,32 +15,23 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .sparsify import (
-    MajoritySignMethod,
-    TrimScope,
-    disjoint_mean,
-    drop_and_rescale,
-    elect_sign,
-    magnitude_thresholds,
-    trim,
-    trim_to_density,
-    weighted,
-)
+from .sparsify import (MajoritySignMethod, TrimScope, disjoint_mean, drop_and_rescale, elect_sign,
+                       magnitude_thresholds, trim, trim_to_density, weighted)
 
-MethodKind = Literal["data_free", "learned"]
 Objective = Literal["supervised", "entropy"]
 
 
 @dataclass(frozen=True)
 class Hyperparameter:
-    """A typed `method_kwargs` entry: `kind` is `float`, `str` or `list` (one float per source)."""
+    """A `method_kwargs` entry of type `kind` (`float`, `str`, or `list`: one float per source), with bounds or
+    choices; `auto` values are picked from a grid on the labelled examples."""
 
     kind: type
     default: Any
-    low: float | None = None  # inclusive bounds, checked for floats
+    low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
-    auto: bool = False  # accepts "auto": picked from a grid on the labelled examples
+    auto: bool = False
 
 
 LAM = Hyperparameter(float, 1.0, low=0.0, auto=True)
@@ -58,24 +44,22 @@ def _density(default: float) -> Hyperparameter:
     return Hyperparameter(float, default, low=1e-6, high=1.0, auto=True)
 
 
+def _number(value: Any) -> Any:
+    """A YAML string such as "1e-3" as the number it spells; anything else as it is."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method.
-
-    Args:
-        name (`str`): The name users type (`"ties"`).
-        description (`str`): One line for `supermerge methods` and model cards.
-        url (`str`): The paper.
-        merge (`Callable`, *optional*): The data-free merge function; `None` for a learned method.
-        hyperparameters (`dict[str, Hyperparameter]`): The accepted `method_kwargs`.
-        objective (`str`, *optional*): What a learned method minimises: `supervised` (the model's loss on
-            labelled examples) or `entropy` (of predictions on unlabelled inputs).
-        transform (`str`, *optional*): The coefficient transform a learned method forces (`"none"` with values
-            clamped to [0, 1] for AdaMerging); `None` takes the config's `transform`.
-        preprocess (`Callable`, *optional*): Applied to each tensor's stacked task vectors before learning,
-            called with the method's hyperparameters (AdaMerging++: TIES trimming).
-        random (`bool`): The merge function draws a random mask (takes `generator`).
-    """
+    """A registered merge method: `name` (as users type it), a one-line `description`, the paper's `url`, and
+    what it does: `merge` (a data-free function, else `None`), `hyperparameters` (the accepted `method_kwargs`),
+    `objective` (learned: `supervised` loss on labels, or `entropy` of predictions on unlabelled inputs),
+    `transform` (forced by the method: `"none"`, clamped to [0, 1], for AdaMerging; `None` takes the config's),
+    `preprocess` (applied to each tensor's stacked task vectors with the hyperparameters: AdaMerging++'s TIES
+    trimming) and `random` (the merge draws a mask from `generator`)."""
 
     name: str
     description: str
@@ -88,15 +72,11 @@ class MergeMethod:
     random: bool = False
 
     @property
-    def kind(self) -> MethodKind:
+    def kind(self) -> str:
         return "learned" if self.objective else "data_free"
 
     def check_kwargs(self, kwargs: Mapping[str, Any], num_sources: int) -> dict[str, Any]:
-        """`kwargs` checked against the declared hyperparameters, completed with the defaults.
-
-        Raises:
-            `ValueError`: An unknown name, a value of the wrong type or out of range (the message names the field).
-        """
+        """`kwargs` checked against the declared hyperparameters (`ValueError` naming the field), with defaults."""
         if not isinstance(kwargs, Mapping):
             raise ValueError(f"`method_kwargs` must be a mapping of hyperparameters, got {kwargs!r}.")
         unknown = sorted(set(kwargs) - set(self.hyperparameters))
@@ -109,6 +89,7 @@ class MergeMethod:
             if name not in kwargs or value == spec.default or (spec.auto and value == "auto"):
                 out[name] = value
             elif spec.kind is float:
+                value = _number(value)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"{where} must be a number{' or auto' if spec.auto else ''}, got {value!r}.")
                 if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
@@ -134,11 +115,7 @@ def register_method(name: str, *, description: str, url: str, hyperparameters: d
                     preprocess: Callable[..., Tensor] | None = None, random: bool = False):
     """Register a merge method: decorate its merge function (data-free), or call the decorator on `None` for a
     learned method with its `objective` (`register_method("mine", ..., objective="supervised")(None)`).
-
-    Raises:
-        `ValueError`: `name` is already registered.
-        `TypeError`: A data-free method without a merge function, or a learned one with one.
-    """
+    Raises `ValueError` for a taken name, `TypeError` for a merge function and an objective both or neither."""
 
     def register(merge: Callable[..., Tensor] | None) -> Callable[..., Tensor] | None:
         if name in METHODS:

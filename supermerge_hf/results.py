@@ -1,4 +1,4 @@
-"""What a merge produces, as values: the coefficient table, one learning run's result, and the whole merge."""
+"""What a merge produces, as values: the coefficient table, one learning run, and the whole merge."""
 
 from __future__ import annotations
 
@@ -27,51 +27,41 @@ def inverse_transform(c: torch.Tensor, kind: str) -> torch.Tensor:
 
 @dataclass
 class Coefficients:
-    """The coefficient table: `values[i, g]` = c(w[i, g]) for source i and group g.
+    """The coefficient table: `values[i, g]` = c(w[i, g]) `(S, G)` for source i and group g, and `raw` = w.
 
-    Example:
-        `coefficients["bbc", "encoder.layer.0.attention.self.query.weight"]`, `coefficients.to_dict()`.
+    Example: `coefficients["bbc", "encoder.layer.0.attention.self.query.weight"]`.
     """
 
     sources: list[str]
     groups: list[str]
-    values: torch.Tensor  # (S, G), transformed
-    raw: torch.Tensor  # (S, G), w itself
+    values: torch.Tensor
+    raw: torch.Tensor
     transform: str
 
     @classmethod
     def from_values(cls, sources: list[str], groups: list[str], values: torch.Tensor, transform: str) -> Coefficients:
-        """A table from transformed values, checked to be finite and (tanh) inside (-1, 1).
-
-        Raises:
-            `ValueError`: A value is not finite or out of the transform's range.
-        """
+        """A table from transformed values; `ValueError` if one is not finite or (tanh) outside (-1, 1)."""
         values = torch.as_tensor(values, dtype=torch.float32).cpu()
-        if not torch.isfinite(values).all() or (transform == "tanh" and values.abs().max() >= 1):
-            bad = values[~torch.isfinite(values) | ((values.abs() >= 1) if transform == "tanh" else False)]
-            raise ValueError(f"Coefficients must be finite{' and inside (-1, 1) for tanh' if transform == 'tanh' else ''};"
-                             f" got {bad[:5].tolist()}.")
+        bad = ~torch.isfinite(values) | ((values.abs() >= 1) if transform == "tanh" else False)
+        if bad.any():
+            limits = " and inside (-1, 1) for tanh" if transform == "tanh" else ""
+            raise ValueError(f"Coefficients must be finite{limits}; got {values[bad][:5].tolist()}.")
         return cls(list(sources), list(groups), values, inverse_transform(values, transform), transform)
 
     def aligned(self, sources: list[str], groups: list[str]) -> torch.Tensor:
-        """The values `(S, G)` with rows and columns in the order of `sources` and `groups`, matched by name.
-
-        Raises:
-            `ValueError`: A source or group of the merge is missing from this table.
-        """
+        """The values `(S, G)` with rows and columns matched by name to `sources` and `groups` (`ValueError` if
+        the table lacks one)."""
         missing = [s for s in sources if s not in self.sources] + [g for g in groups if g not in self.groups]
         if missing:
             raise ValueError(f"The coefficient table (sources {self.sources}) lacks {missing[:5]} of this merge "
                              f"(sources {sources}, {len(groups)} groups): it belongs to another merge.")
-        rows = [self.sources.index(s) for s in sources]
-        cols = [self.groups.index(g) for g in groups]
+        rows, cols = [self.sources.index(s) for s in sources], [self.groups.index(g) for g in groups]
         return self.values[rows][:, cols]
 
     def __getitem__(self, key: tuple[str, str]) -> float:
-        source, group = key
-        if source not in self.sources or group not in self.groups:
+        if key[0] not in self.sources or key[1] not in self.groups:
             raise KeyError(f"No coefficient for {key!r}: sources {self.sources}, {len(self.groups)} groups.")
-        return float(self.values[self.sources.index(source), self.groups.index(group)])
+        return float(self.values[self.sources.index(key[0]), self.groups.index(key[1])])
 
     def to_dict(self) -> dict[str, Any]:
         return {"sources": self.sources, "groups": self.groups, "transform": self.transform,
@@ -91,19 +81,16 @@ class Coefficients:
 
     def __repr__(self) -> str:
         width = max(len(s) for s in self.sources)
-        lines = [f"Coefficients({len(self.sources)} sources x {len(self.groups)} groups, transform={self.transform})"]
-        for source, row in zip(self.sources, self.values):
-            lines.append(f"  {source:<{width}}  mean {row.mean():+.3f}  min {row.min():+.3f}  max {row.max():+.3f}")
-        return "\n".join(lines)
+        rows = [f"  {s:<{width}}  mean {r.mean():+.3f}  min {r.min():+.3f}  max {r.max():+.3f}"
+                for s, r in zip(self.sources, self.values)]
+        return "\n".join([f"Coefficients({len(self.sources)} sources x {len(self.groups)} groups, "
+                          f"transform={self.transform})", *rows])
 
 
 @dataclass
 class LearnResult:
-    """One learning run: the coefficients of the selected step and of the last, the curve, the metrics.
-
-    `metrics[task]` = `{"examples": "holdout" | "train", "count": n, "finetune": {...}, "merged": {...}}`;
-    `merged` holds the merged tensors (dense) of the selected coefficients.
-    """
+    """One learning run: the selected step's coefficients and the last step's, the curve, per-task `metrics`
+    (`{"examples": "holdout" | "train", "count", "finetune", "merged"}`) and the `merged` tensors."""
 
     coefficients: Coefficients
     last_coefficients: Coefficients
@@ -115,11 +102,8 @@ class LearnResult:
 
 @dataclass
 class MergeResult:
-    """A finished merge: what `export.save_merge` writes and the card describes.
-
-    `levels` (hierarchical) holds per level and group the members and their `Coefficients`; `chosen` the
-    hyperparameters picked by `auto`.
-    """
+    """A finished merge, what `export.save_merge` writes: `levels` (hierarchical) holds each level's groups and
+    `Coefficients`, `chosen` the hyperparameters picked by `auto`."""
 
     config: SuperMergeConfig
     plan: MergePlan
@@ -137,19 +121,14 @@ class MergeResult:
 
     def merge_info(self) -> dict[str, Any]:
         """What the merge resolved and decided, saved in `supermerge_config.json`."""
-        return {"base_commit": self.base.commit,
+        return {"base_commit": self.base.commit, "task_specific": self.plan.task_specific,
                 "source_commits": {s.task: r.commit for s, r in zip(self.config.sources, self.sources)},
-                "task_specific": self.plan.task_specific, "num_merged_tensors": len(self.plan.merged),
                 "groups": len(self.plan.groups), "selected_step": self.selected_step, "chosen": self.chosen}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse to keep non-finite merged weights (never saved).
-
-    Raises:
-        `FloatingPointError`: A tensor holds NaN or Inf.
-    """
+    """`FloatingPointError` if a tensor holds NaN or Inf: such weights are never saved."""
     bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise FloatingPointError(f"{what} has non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}: a source "
-                                 "holds NaN/Inf or the learning diverged (lower `learning_rate`). Nothing was saved.")
+        raise FloatingPointError(f"{what} has non-finite values in {bad[:3]}: a source holds NaN/Inf or learning "
+                                 "diverged (lower `learning_rate`). Nothing was saved.")

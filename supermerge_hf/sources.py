@@ -1,13 +1,9 @@
-"""Sources of a merge, read from configs and safetensors headers: full fine-tunes and PEFT LoRA adapters.
+"""Sources of a merge, from configs and safetensors headers: full fine-tunes and PEFT LoRA adapters.
 
-Both kinds answer the same questions: `config`, `cls` (the task's model class), `param_names` and `shapes` (by
-canonical name: a model's parameter name without its `base_model_prefix`, so a bare `BertModel` base and
-`BertForSequenceClassification` sources name the body alike), `delta(name, base)` (the task vector of one
-tensor) and `read_tensor(name)` (a task-specific tensor, e.g. the head).
-
-A LoRA adapter's task vector of a targeted weight is s * B @ A (s = lora_alpha / r, or lora_alpha / sqrt(r) with
-rsLoRA; transposed for `fan_in_fan_out` layers such as GPT-2's Conv1D), method.md section 5; its saved
-`modules_to_save` are dense (saved - base); any other tensor of its task model is the base's.
+Both answer `config`, `cls` (the task's model class), `param_names` and `shapes` by canonical name (without the
+`base_model_prefix`, so a bare `BertModel` and a `BertForSequenceClassification` name the body alike),
+`delta(name, base)` (one tensor's task vector) and `read_tensor(name)` (e.g. a head). A LoRA task vector is
+s * B @ A (s = alpha / r, alpha / sqrt(r) with rsLoRA; transposed for Conv1D / Embedding), method.md section 5.
 """
 
 from __future__ import annotations
@@ -31,11 +27,9 @@ from .deltas import LowRankDelta
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-TASK_CLASSES = {  # PEFT task_type -> the Auto class whose model the adapter was trained on
-    "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
-    "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-}
+TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                "QUESTION_ANS": "AutoModelForQuestionAnswering"}  # PEFT task_type -> the model it was trained on
 HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight", "qa_outputs.weight")
 FACTOR_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}  # A -> B
 NOT_LOW_RANK = {  # LoraConfig fields that, when set, make the task vector something other than s * B @ A
@@ -80,7 +74,7 @@ def _meta_parameters(cls: type[PreTrainedModel], config: PretrainedConfig) -> tu
 
 @dataclass
 class ModelSpec:
-    """A full checkpoint folder described from its config and safetensors headers, without loading weights."""
+    """A full checkpoint folder, described from its config and headers."""
 
     folder: Path
     config: PretrainedConfig
@@ -111,11 +105,9 @@ class ModelSpec:
         return cls(folder, config, model_cls, checkpoint, param_names, shapes, keys)
 
     def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor `name` (canonical) in fresh memory, or written into `out`."""
         return self.checkpoint.read_tensor(self.keys[name], out=out)
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        """This source's task vector of one tensor (dense for a full fine-tune)."""
         return self.read_tensor(name).to(dtype=base.dtype, device=base.device) - base
 
     def build(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
@@ -147,12 +139,8 @@ def _same_base(declared: str | None, base: ModelSpec, base_name: str | None) -> 
 
 
 class LoraSpec:
-    """A LoRA adapter seen as a source of the base: its task model's tensors, low-rank deltas, saved modules.
-
-    Raises:
-        `IncompatibleSourceError`: Not a LoRA adapter, DoRA or trained biases (delta is not s * B A), an adapter
-            declared for another base, or factors whose product does not have the base weight's shape.
-    """
+    """A LoRA adapter as a source: low-rank deltas, dense saved modules (`modules_to_save`), the base's other
+    tensors. `IncompatibleSourceError` for other adapter types, deltas that are not s * B A, another base."""
 
     def __init__(self, folder: str | Path, base: ModelSpec, *, base_name: str | None = None) -> None:
         self.folder, self.base = Path(folder), base
@@ -229,11 +217,11 @@ class LoraSpec:
                                           f"shape {shape}, but the base has {self.shapes.get(weight)}.")
 
     def read_tensor(self, name: str) -> torch.Tensor:
-        """A saved (`modules_to_save`) tensor, e.g. the task's head; the base's for any other."""
+        """A saved module's tensor (e.g. the head), else the base's."""
         return self.checkpoint.read_tensor(self.saved[name]) if name in self.saved else self.base.read_tensor(name)
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | LowRankDelta | None:
-        """Low-rank for LoRA-targeted weights, dense for saved modules of the base, None elsewhere."""
+        """Low-rank for LoRA-targeted weights, dense for saved modules, None elsewhere."""
         if name in self.factors:
             a_key, b_key, scale, transposed = self.factors[name]
             return LowRankDelta(self.checkpoint.read_tensor(a_key), self.checkpoint.read_tensor(b_key), scale,
@@ -248,7 +236,7 @@ Source = ModelSpec | LoraSpec
 
 def load_source(folder: str | Path, base: ModelSpec, *, base_name: str | None = None,
                 allow_pickle: bool = False) -> Source:
-    """A source folder as a spec: a full fine-tune (`ModelSpec`) or a PEFT LoRA adapter (`LoraSpec`)."""
+    """A full fine-tune (`ModelSpec`) or a PEFT LoRA adapter (`LoraSpec`)."""
     if is_adapter(folder):
         return LoraSpec(folder, base, base_name=base_name)
     return ModelSpec.from_folder(folder, allow_pickle=allow_pickle)

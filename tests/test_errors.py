@@ -11,7 +11,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
 from supermerge_hf.checkpoint import PickleCheckpointError
-from supermerge_hf.task_vectors import IncompatibleSourceError
+from supermerge_hf.sources import IncompatibleSourceError
 
 from .conftest import BERT_CONFIG, family_examples
 
@@ -103,7 +103,7 @@ def test_non_finite_loss(bert_family, tmp_path):
     save_file(state, nan_head / "model.safetensors", metadata={"format": "pt"})
     sources = [{"task": "sst", "path": str(bert_family.sources["sst"])}, {"task": "nli", "path": str(nan_head)}]
     merger = SuperMerger(config_for(bert_family, sources, holdout_fraction=0.25))
-    with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 0 for task\(s\) \{'nli'"):
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 0 for task\(s\) \['nli'\]"):
         merger.fit(family_examples(bert_family))
     assert merger.coefficients is None
 

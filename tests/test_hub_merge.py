@@ -125,14 +125,14 @@ def test_later_source_commit_does_not_change_pinned_merge(hub_server: HubServer,
     assert new_sha != repos["sst"][1]
 
     again = SuperMerger(hub_config(repos), endpoint=hub_server.url, token=False).fit(examples)
-    assert again.merge_info()["source_commits"]["sst"] == repos["sst"][1]
-    assert again.merged_tensors.keys() == first.merged_tensors.keys()
-    assert all(torch.equal(again.merged_tensors[n], t) for n, t in first.merged_tensors.items())
+    assert again.result.merge_info()["source_commits"]["sst"] == repos["sst"][1]
+    assert again.result.merged.keys() == first.result.merged.keys()
+    assert all(torch.equal(again.result.merged[n], t) for n, t in first.result.merged.items())
     # the same recipe following `main` does pick up the new commit (so the pin is what kept the merge unchanged)
     latest = SuperMerger(hub_config({**repos, "sst": ("user/bert-sst", "main")}), endpoint=hub_server.url)
-    assert latest.merge_info()["source_commits"]["sst"] == new_sha
-    latest.apply_coefficients(first.coefficients.values)
-    assert not torch.equal(latest.merged_tensors["pooler.dense.weight"], first.merged_tensors["pooler.dense.weight"])
+    latest.apply_coefficients(first.coefficients)
+    assert latest.result.merge_info()["source_commits"]["sst"] == new_sha
+    assert not torch.equal(latest.result.merged["pooler.dense.weight"], first.result.merged["pooler.dense.weight"])
 
 
 def test_cli_merge_push_to_hub_keeps_token_secret(hub_server: HubServer, bert_family, tmp_path, caplog, capsys):

@@ -21,12 +21,14 @@ from transformers import (
 
 from supermerge_hf import SuperMergeConfig, SuperMerger, load_task_model
 from supermerge_hf.cli import main
-from supermerge_hf.demo_tasks import TaskData
-from supermerge_hf.finetune import finetune_lora_classifier
-from supermerge_hf.examples import as_examples
-from supermerge_hf.lora import LoraSpec, combined_factors
+from supermerge_hf.data import as_examples
+from supermerge_hf.demo.finetune import finetune_lora_classifier
+from supermerge_hf.demo.tasks import TaskData
+from supermerge_hf.export import combined_factors
+from supermerge_hf.functional import FunctionalMerge
 from supermerge_hf.methods import task_arithmetic, ties
-from supermerge_hf.task_vectors import IncompatibleSourceError, ModelSpec
+from supermerge_hf.results import Coefficients
+from supermerge_hf.sources import IncompatibleSourceError, LoraSpec, ModelSpec
 from tests.hub_server import hub_server_fixture  # noqa: F401  (fixture `hub_server`)
 
 from .conftest import BERT_CONFIG, classification_examples, family_examples, write_text_examples
@@ -62,6 +64,16 @@ def config(base: Path, sources: dict[str, Path], **kwargs) -> SuperMergeConfig:
     kwargs = {"steps": 3, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0} | kwargs
     return SuperMergeConfig(base=str(base), sources=[{"task": t, "path": str(p)} for t, p in sources.items()],
                             **kwargs)
+
+
+def table(merger: SuperMerger, values: torch.Tensor) -> Coefficients:
+    """A coefficient table of `values` `(S, G)` for this merger's sources and groups."""
+    return Coefficients.from_values(merger.plan.source_names, merger.plan.groups, values, merger.config.transform)
+
+
+def functional(merger: SuperMerger) -> FunctionalMerge:
+    """The merged model of a merger's plan as a function of the coefficients (float32, in memory)."""
+    return FunctionalMerge(merger.plan, dtype=torch.float32)
 
 
 def bert_examples(n: int = 8) -> dict[str, list[dict]]:
@@ -125,7 +137,7 @@ def test_delta_equals_peft(variant, request, tmp_path):
     ranks = set()
     for module, layer in layers.items():
         name = canonical[module + ".weight"]
-        delta = spec.delta(name, base.get_tensor(name))
+        delta = spec.delta(name, base.read_tensor(name))
         torch.testing.assert_close(delta.dense(), layer.get_delta_weight("default"), rtol=1e-6, atol=1e-7)
         ranks.add(delta.A.shape[0])
     if variant == "rank_and_alpha_pattern":
@@ -193,9 +205,8 @@ def test_svd_compressed_adapter_reports_its_error(bert_family, tmp_path):
         adapters[task] = tmp_path / task
     merger = SuperMerger(config(bert_family.base, adapters))
     S, G = merger.plan.num_sources, len(merger.plan.groups)
-    merger.apply_coefficients(torch.rand(S, G, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8)
-    full, _ = combined_factors(merger)
-    base = merger.functional.base
+    merger.apply_coefficients(table(merger, torch.rand(S, G, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8))
+    full, _ = combined_factors(merger.plan, merger.coefficients)
     for rank in (4, 32):
         merger.save_adapter(tmp_path / f"rank{rank}", rank=rank)
         report = json.loads((tmp_path / f"rank{rank}" / "supermerge_adapter.json").read_text())
@@ -204,7 +215,7 @@ def test_svd_compressed_adapter_reports_its_error(bert_family, tmp_path):
         peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(bert_family.base), tmp_path / f"rank{rank}")
         for module, layer in lora_layers(peft_model).items():
             name = module + ".weight"
-            delta = merger.merged_tensors[name] - base[name]  # (out, in), the exact merged delta
+            delta = merger.result.merged[name] - merger.plan.base.read_tensor(name)  # (out, in), the exact merged delta
             torch.testing.assert_close(full[name][1] @ full[name][0], delta, rtol=1e-4, atol=1e-5)
             singular = torch.linalg.svdvals(delta.double())  # (32,)
             best = float(singular[rank:].norm() / singular.norm())  # Eckart-Young: the best rank-k error
@@ -223,18 +234,19 @@ def test_lora_gradient_equals_dense_gradient(bert_family, bert_adapters, bert_de
     c = torch.rand(S, G, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8  # (S, G)
     batches = {t: as_examples(t, ex) for t, ex in bert_examples(6).items()}
     scale = {"sst": 1.0, "nli": 0.5}
-    grad_lora, losses_lora = lora.functional.coefficient_grad(c, batches, scale)
-    grad_dense, losses_dense = dense.functional.coefficient_grad(c, batches, scale)
+    fm_lora = functional(lora)
+    grad_lora, losses_lora = fm_lora.coefficient_grad(c, batches, scale)
+    grad_dense, losses_dense = functional(dense).coefficient_grad(c, batches, scale)
     torch.testing.assert_close(grad_lora, grad_dense, rtol=1e-4, atol=1e-6)
     assert grad_dense.abs().max() > 1e-3 and (grad_dense == 0).any()  # untargeted tensors: no gradient
-    assert len(lora.functional.lowrank) > 0  # the targeted layers ran in LoRA form
+    assert len(fm_lora.lowrank) > 0  # the targeted layers ran in LoRA form
     for task in batches:
         torch.testing.assert_close(losses_lora[task], losses_dense[task], rtol=1e-5, atol=0)
-    lora.apply_coefficients(c)
-    dense.apply_coefficients(c)
-    assert lora.merged_tensors.keys() == dense.merged_tensors.keys()
-    for name, tensor in lora.merged_tensors.items():
-        torch.testing.assert_close(tensor, dense.merged_tensors[name], rtol=1e-5, atol=1e-6)
+    lora.apply_coefficients(table(lora, c))
+    dense.apply_coefficients(table(dense, c))
+    assert lora.result.merged.keys() == dense.result.merged.keys()
+    for name, tensor in lora.result.merged.items():
+        torch.testing.assert_close(tensor, dense.result.merged[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["embedding", "fan_in_fan_out", "llama"])
@@ -250,13 +262,13 @@ def test_lora_layers_learn_without_a_dense_delta(variant, request, tmp_path):
         peft_model.merge_and_unload().save_pretrained(tmp_path / f"{task}-dense")
         adapters[task], dense[task] = tmp_path / task, tmp_path / f"{task}-dense"
     lora, full = SuperMerger(config(family.base, adapters)), SuperMerger(config(family.base, dense))
-    fm = lora.functional
+    fm = functional(lora)
     targeted = {n for n in lora.plan.merged if any(p is not None and not isinstance(p, torch.Tensor)
                                                    for p in fm.deltas[n].parts)}  # fmt: skip
     assert targeted and set(fm.lowrank) == targeted
     S, G = lora.plan.num_sources, len(lora.plan.groups)
     c = torch.rand(S, G, generator=torch.Generator().manual_seed(2)) * 1.6 - 0.8  # (S, G)
-    merged = fm.merged_params(c)
+    merged = fm.params(c)
     assert all(merged[n] is fm.base[n] for n in targeted)  # no dense delta of a LoRA layer is formed
     if lora_kwargs["task_type"] == "SEQ_CLS":
         batches = {t: as_examples(t, ex) for t, ex in bert_examples(6).items()}
@@ -265,7 +277,7 @@ def test_lora_layers_learn_without_a_dense_delta(variant, request, tmp_path):
         batches = {t: as_examples(t, examples[s]) for t, s in zip(adapters, family.sources)}
     scale = {"sst": 1.0, "nli": 0.5}
     grad_lora, losses_lora = fm.coefficient_grad(c, batches, scale)
-    grad_dense, losses_dense = full.functional.coefficient_grad(c, batches, scale)
+    grad_dense, losses_dense = functional(full).coefficient_grad(c, batches, scale)
     torch.testing.assert_close(grad_lora, grad_dense, rtol=1e-4, atol=1e-6)
     assert grad_lora.abs().max() > 1e-3
     for task in batches:
@@ -276,8 +288,8 @@ def test_bfloat16_learning_with_adapters(bert_family, bert_adapters):
     merger = SuperMerger(config(bert_family.base, bert_adapters, dtype="bfloat16")).fit(bert_examples())
     base = load_file(bert_family.base / "model.safetensors")
     targeted = {n for source in merger.plan.sources for n in source.factors}
-    assert 0 < len(targeted) < len(merger.merged_tensors)
-    for name, tensor in merger.merged_tensors.items():
+    assert 0 < len(targeted) < len(merger.result.merged)
+    for name, tensor in merger.result.merged.items():
         assert tensor.dtype == torch.bfloat16, name
         assert (name in targeted) != torch.equal(tensor, base[name].to(torch.bfloat16)), name
 
@@ -290,7 +302,7 @@ def test_full_finetune_and_adapter_merge(bert_family, bert_adapters, tmp_path):
     full = {k.removeprefix("bert."): v for k, v in load_file(sources["sst"] / "model.safetensors").items()}
     spec = merger.plan.sources[1]
     c = merger.coefficients.values  # (S, G)
-    for name, merged in merger.merged_tensors.items():
+    for name, merged in merger.result.merged.items():
         g = merger.plan.group_index[name]
         lora = spec.delta(name, base[name])
         expected = base[name] + c[0, g] * (full[name] - base[name])
@@ -298,7 +310,8 @@ def test_full_finetune_and_adapter_merge(bert_family, bert_adapters, tmp_path):
         torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-6)
     out = merger.save_pretrained(tmp_path / "merged")
     assert load_task_model(out, "nli").config.num_labels == 3 and load_task_model(out, "sst").config.num_labels == 2
-    with pytest.raises(ValueError, match="has dense task vectors .* cannot hold exactly"):
+    message = r"sources \['sst'\] are full fine-tunes, whose task vectors no adapter holds exactly"
+    with pytest.raises(ValueError, match=message):
         merger.save_adapter(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
@@ -340,10 +353,10 @@ def test_data_free_methods_with_adapters(method, bert_family, bert_adapters, ber
     dense = [{k.removeprefix("bert."): v for k, v in load_file(p / "model.safetensors").items()}
              for p in bert_dense.values()]
     merge = {"task_arithmetic": task_arithmetic, "ties": ties}[method]
-    for name, merged in merger.merged_tensors.items():
+    for name, merged in merger.result.merged.items():
         deltas = torch.stack([d[name] - base[name] for d in dense])  # (S, *shape), densified by PEFT
         torch.testing.assert_close(merged, base[name] + merge(deltas, **kwargs), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=f"this merge \\('{method}'\\) has none"):
+    with pytest.raises(ValueError, match=f"here '{method}' learns no coefficients"):
         merger.save_adapter("unused")
 
 
@@ -375,7 +388,7 @@ def test_cli_refuses_an_adapter_of_full_finetunes_before_learning(bert_family, b
     recipe = write_recipe(tmp_path, bert_family.base, {"sst": bert_family.sources["sst"], "nli": bert_adapters["nli"]})
     args = ["merge", str(recipe), "--output", str(tmp_path / "merged"), "--adapter-output", str(tmp_path / "adapter")]
     assert main(args) == 2
-    assert "needs LoRA adapters as sources; ['sst'] are full fine-tunes" in capsys.readouterr().err
+    assert "here sources ['sst'] are full fine-tunes" in capsys.readouterr().err
     assert main(["merge", str(recipe), "--output", str(tmp_path / "merged"), "--adapter-rank", "2"]) == 2
     assert "give that folder too" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
@@ -391,7 +404,7 @@ def test_finetune_lora_classifier_gives_a_cached_adapter_source(bert_family, tmp
     spec = LoraSpec(out, ModelSpec.from_folder(bert_family.base))
     assert spec.config.num_labels == 2 and sorted(spec.saved) == ["classifier.bias", "classifier.weight"]
     assert len(spec.factors) == 2 * 6 + 1  # per layer q, k, v and 3 dense; the pooler's dense
-    assert all(spec.checkpoint.get_tensor(b).abs().max() > 0 for _, b, *_ in spec.factors.values())  # trained
+    assert all(spec.checkpoint.read_tensor(b).abs().max() > 0 for _, b, *_ in spec.factors.values())  # trained
     mtime = (out / "adapter_model.safetensors").stat().st_mtime_ns
     assert finetune_lora_classifier(bert_family.base, task, out, steps=2, batch_size=4, r=2, lora_alpha=4) == out
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == mtime

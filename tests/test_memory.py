@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from supermerge_hf.memory import _malloc_trim
+from supermerge_hf.functional import _malloc_trim
 
 # Run in a fresh process whose glibc keeps every freed block (all allocations from the heap, no automatic trim),
 # the state a long merge reaches once glibc's mmap threshold has grown past the weight tensors' size.
 SCRIPT = """
 import json, os, torch
-from supermerge_hf.memory import release_memory
+from supermerge_hf.functional import release_memory
 
 def rss_mb():
     with open("/proc/self/statm") as f:

@@ -54,9 +54,11 @@ def test_unknown_method_lists_known_names():
 def test_register_twice_or_mismatched_kind_raises():
     with pytest.raises(ValueError, match="'ties' is already registered"):
         register_method("ties", description="", url="")(ties)
-    with pytest.raises(TypeError, match="learned method is registered with None"):
-        register_method("new_learned", description="", url="", kind="learned")(ties)
-    assert "new_learned" not in METHODS
+    with pytest.raises(TypeError, match=r"give a merge function \(data-free\) or an objective \(learned\), not both"):
+        register_method("new_learned", description="", url="", objective="supervised")(ties)
+    with pytest.raises(TypeError, match="not both"):  # a data-free method needs its merge function
+        register_method("new_data_free", description="", url="")(None)
+    assert "new_learned" not in METHODS and "new_data_free" not in METHODS
 
 
 def test_average():

@@ -11,7 +11,7 @@ from supermerge_hf import SuperMergeConfig, SuperMerger
 
 def main(config_path: str, examples_path: str, out_path: str) -> None:
     accelerator = Accelerator(cpu=True)
-    config = SuperMergeConfig.from_json_file(config_path)
+    config = SuperMergeConfig.from_file(config_path)
     examples = torch.load(examples_path)
     merger = SuperMerger(config, accelerator=accelerator).fit(examples)
     if accelerator.is_main_process:
