@@ -1,7 +1,7 @@
 """Task vectors of one tensor, over all sources: dense, low-rank (LoRA) or streamed from disk.
 
 `DeltaStack` gives the two operations learning needs (method.md sections 3 and 5), each written once: the merge
-base + sum_i c_i tau_i (`merge`) and the inner products <grad, tau_i> (`inner`).
+base + sum_i c_i tau_i (`merge`, never differentiated: the gradient of c comes from `inner`) and <grad, tau_i>.
 """
 
 from __future__ import annotations
@@ -79,14 +79,10 @@ class DeltaStack:
     def from_dense(cls, stacked: torch.Tensor) -> DeltaStack:
         return cls(tuple(stacked.shape[1:]), [], dtype=stacked.dtype, stacked=stacked)
 
+    @torch.no_grad()
     def merge(self, base: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """base + sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`.
-
-        Without `out`: differentiable in `c`. With `out` (no grad): written into `out`, holding nothing else of
-        this shape but the scratch of streamed parts.
-        """
-        if out is None:
-            return base + self._combine(c)
+        """base + sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`, written into `out` (or a new tensor)."""
+        out = torch.empty_like(base) if out is None else out
         if self.stacked is not None:  # (S, n)^T @ (S,) straight into `out`, then the base added in place
             torch.mv(self.stacked.view(len(c), -1).T, c.to(self.stacked.dtype), out=out.view(-1))
             return out.add_(base)
@@ -95,22 +91,6 @@ class DeltaStack:
             if part is not None and ci != 0.0:
                 out.add_(_as_dense(part, base), alpha=ci)
         return out
-
-    def _combine(self, c: torch.Tensor) -> torch.Tensor:
-        if self.stacked is not None:
-            return torch.tensordot(c.to(self.stacked.dtype), self.stacked, dims=1)  # (*shape)
-        out = None
-        low_rank = [(ci, p) for ci, p in zip(c, self.parts) if isinstance(p, LowRankDelta)]
-        if low_rank:  # one product [c_1 s_1 B_1, ..., c_K s_K B_K] @ [A_1; ...; A_K] (method.md section 5)
-            B = torch.cat([ci * p.scale * p.B for ci, p in low_rank], dim=1)  # (out, R)
-            out = B @ torch.cat([p.A for _, p in low_rank])  # (out, in)
-            out = out.T if low_rank[0][1].transpose else out  # one layer: all adapters orient it alike
-        for ci, part in zip(c, self.parts):
-            if part is not None and not isinstance(part, LowRankDelta):
-                term = ci * (part.dense().clone() if isinstance(part, StreamedDelta) else part)  # autograd keeps it
-                out = term if out is None else out + term
-        # no source changes it: a 0-dim zero (broadcasts, stays differentiable in c)
-        return out if out is not None else torch.zeros((), device=c.device) * c.sum()
 
     def inner(self, grad: torch.Tensor) -> torch.Tensor:
         """<grad, tau_i> for every source `(S,)` float32; streamed parts read one at a time."""

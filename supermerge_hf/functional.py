@@ -147,23 +147,18 @@ class FunctionalMerge:
         return self.scratch.read(self.plan.base, name, self.plan.base.shapes[name], 0)
 
     def params(self, c: torch.Tensor, *, dense: bool = False) -> dict[str, torch.Tensor]:
-        """Merged tensors for coefficients `c` `(S, G)`: differentiable if `c` requires grad, else written into
-        reused tensors (overwritten by the next call). LoRA layers keep the base weight (`forward(..., c)` adds
-        their update) unless `dense`: then all tensors are formed, in fresh tensors the caller owns."""
-        deltas = self.deltas if dense else self.dense_deltas
+        """Merged tensors for coefficients `c` `(S, G)`, written into reused tensors (overwritten by the next call).
+        LoRA layers keep the base weight (`forward(..., c)` adds their update) unless `dense`: then every tensor
+        is formed, in fresh tensors the caller owns."""
         out = {}
-        for name, stack in deltas.items():
-            coeffs = c[:, self.plan.group_index[name]]  # (S,)
+        for name, stack in (self.deltas if dense else self.dense_deltas).items():
             if stack.is_zero and self.base is not None:
                 out[name] = self.base[name]
-            elif c.requires_grad:
-                base = self.base_tensor(name)
-                out[name] = stack.merge(base if self.base is not None else base.clone(), coeffs)
-            else:
-                if name not in self._buffers:
-                    self._buffers[name] = torch.empty(stack.shape, dtype=self.dtype, device=self.device)
-                with torch.no_grad():
-                    out[name] = stack.merge(self.base_tensor(name), coeffs.detach(), out=self._buffers[name])
+                continue
+            if name not in self._buffers:
+                self._buffers[name] = torch.empty(stack.shape, dtype=self.dtype, device=self.device)
+            out[name] = stack.merge(self.base_tensor(name), c[:, self.plan.group_index[name]].detach(),
+                                    out=self._buffers[name])
         if dense:
             self._buffers = {}  # handed over to the caller: the next merge allocates anew
         return out

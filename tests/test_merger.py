@@ -96,7 +96,9 @@ def test_analytic_gradient_equals_autograd(bert_family, kind):
     w = (0.4 * torch.randn(S, G, generator=torch.Generator().manual_seed(0))).requires_grad_()
     scale = {"sst": 1.0, "nli": 0.5}
     # reference: autograd through theta_m(c(w)) and the S task vectors
-    merged = fm.params(transform(w, kind))
+    c = transform(w, kind)
+    merged = {n: fm.base[n] + torch.tensordot(c[:, merger.plan.group_index[n]], d.dense(), dims=1)
+              for n, d in fm.deltas.items()}
     loss = sum(scale[t] * fm.forward(t, merged, batch).loss for t, batch in examples.items())
     (reference,) = torch.autograd.grad(loss, [w])
     # analytic: one backward through the merged model, then <dL/dtheta_m, tau> and c'(w)
