@@ -47,9 +47,8 @@ def cosine_similarity(base: ModelSpec, specs: list[Source], names: list[str]) ->
     gram = torch.zeros(len(specs), len(specs), dtype=torch.float64)
     for name in names:
         theta = base.read_tensor(name).float()
-        parts = [s.delta(name, theta) for s in specs]
-        rows = [torch.zeros(theta.numel()) if p is None else
-                (p.dense() if isinstance(p, LowRankDelta) else p).flatten().float() for p in parts]
+        rows = [torch.zeros(theta.numel()) if p is None else (p.dense() if isinstance(p, LowRankDelta) else p)
+                .flatten().float() for p in (s.delta(name, theta) for s in specs)]
         for start in range(0, theta.numel(), SIMILARITY_CHUNK):
             chunk = torch.stack([r[start: start + SIMILARITY_CHUNK] for r in rows]).double()  # (K, chunk)
             gram += chunk @ chunk.T
@@ -61,33 +60,29 @@ def partition(similarity: torch.Tensor, group_size: int) -> list[list[int]]:
     """Average-linkage agglomerative grouping of the most similar units, no group larger than `group_size`."""
     groups = [[i] for i in range(similarity.shape[0])]
     while True:
-        best = None
-        for a in range(len(groups)):
-            for b in range(a + 1, len(groups)):
-                if len(groups[a]) + len(groups[b]) <= group_size:
-                    value = float(similarity[groups[a]][:, groups[b]].mean())
-                    if best is None or value > best[0]:
-                        best = (value, a, b)
-        if best is None:
+        pairs = [(float(similarity[groups[a]][:, groups[b]].mean()), a, b) for a in range(len(groups))
+                 for b in range(a + 1, len(groups)) if len(groups[a]) + len(groups[b]) <= group_size]
+        if not pairs:
             return groups
-        groups[best[1]] = groups[best[1]] + groups.pop(best[2])
+        _, a, b = max(pairs, key=lambda p: p[0])  # the first of equals, as a strict > scan
+        groups[a] = groups[a] + groups.pop(b)
 
 
 def group_units(units: list[Unit], level: int, config: SuperMergeConfig, plan: MergePlan) -> list[list[int]]:
     """The groups of one level: by similarity, as the user gave them (first level), or at random."""
-    options = config.hierarchical
-    if len(units) <= options.group_size:
+    size, grouping = config.hierarchical.group_size, config.hierarchical.grouping
+    if len(units) <= size:
         return [list(range(len(units)))]
-    if options.grouping == "explicit" and level == 0:
+    if grouping == "explicit" and level == 0:
         index = {u.name: i for i, u in enumerate(units)}
-        return [[index[t] for t in group] for group in options.groups]
-    if options.grouping == "random":
+        return [[index[t] for t in group] for group in config.hierarchical.groups]
+    if grouping == "random":
         order = list(range(len(units)))
         random.Random(config.seed + level).shuffle(order)
-        return [order[i: i + options.group_size] for i in range(0, len(order), options.group_size)]
+        return [order[i: i + size] for i in range(0, len(order), size)]
     similarity = cosine_similarity(plan.base, [u.spec for u in units], plan.merged)
     logger.info("Level %d: cosine similarity of %s:\n%s", level, [u.name for u in units], similarity)
-    return partition(similarity, options.group_size)
+    return partition(similarity, size)
 
 
 def _group_plan(plan: MergePlan, members: list[Unit]) -> MergePlan:
@@ -98,8 +93,7 @@ def _group_plan(plan: MergePlan, members: list[Unit]) -> MergePlan:
                       task_rows={t: i for i, u in enumerate(members) for t in u.tasks}, merged=plan.merged)
 
 
-def _next_unit(plan: MergePlan, members: list[Unit], merged: dict[str, torch.Tensor], folder: Path,
-               dtype: torch.dtype) -> Unit:
+def _next_unit(plan: MergePlan, members: list[Unit], merged: dict, folder: Path, dtype: torch.dtype) -> Unit:
     plan.base.build(merged, dtype).save_pretrained(folder)
     return Unit("(" + "+".join(u.name for u in members) + ")", ModelSpec.from_folder(folder),
                 [t for u in members for t in u.tasks], original=False)
@@ -109,18 +103,15 @@ def fit_hierarchical(plan: MergePlan, config: SuperMergeConfig, method: MergeMet
                      accelerator: Accelerator) -> tuple[LearnResult, list[dict[str, Any]]]:
     """Learn level by level: the last level's result (with each task's own fine-tune metrics) and per level and
     group `{"level", "group" (member names), "selected_step", "coefficients"}`."""
-    flat = dataclasses.replace(config, hierarchical=None)
-    dtype = getattr(torch, config.dtype)
-    units = [Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)]
-    levels, finetunes = [], {}
+    flat, dtype = dataclasses.replace(config, hierarchical=None), getattr(torch, config.dtype)
+    units, levels, finetunes = [Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)], [], {}
     with tempfile.TemporaryDirectory(prefix="supermerge-levels-") as workdir:
         for level in range(len(units)):
-            groups = group_units(units, level, config, plan)
-            last = len(groups) == 1
-            logger.info("Level %d: groups %s", level, [[units[i].name for i in g] for g in groups])
+            groups = [[units[i] for i in g] for g in group_units(units, level, config, plan)]
+            logger.info("Level %d: groups %s", level, [[u.name for u in g] for g in groups])
             next_units = []
-            for g, members in enumerate([[units[i] for i in idx] for idx in groups]):
-                if len(members) == 1 and not last:
+            for g, members in enumerate(groups):
+                if len(members) == 1 and len(groups) > 1:
                     next_units.append(members[0])
                     continue
                 sub = _group_plan(plan, members)
@@ -130,7 +121,7 @@ def fit_hierarchical(plan: MergePlan, config: SuperMergeConfig, method: MergeMet
                 finetunes |= {t: m["finetune"] for t, m in result.metrics.items() if m["finetune"] is not None}
                 levels.append({"level": level, "group": sub.source_names, "selected_step": result.selected_step,
                                "coefficients": result.coefficients})
-                if last:
+                if len(groups) == 1:
                     metrics = {t: m | {"finetune": finetunes[t]} for t, m in result.metrics.items()}
                     return dataclasses.replace(result, metrics=metrics), levels
                 next_units.append(_next_unit(plan, members, result.merged, Path(workdir) / f"{level}-{g}", dtype))
@@ -143,23 +134,18 @@ def fit_hierarchical(plan: MergePlan, config: SuperMergeConfig, method: MergeMet
 def rebuild(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,
             levels: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """The merged tensors of a hierarchical merge, from the flat plan and every level's saved coefficients."""
-    dtype = getattr(torch, config.dtype)
-    units = {t: Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)}
-    merged = {}
+    units, merged = {t: Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)}, {}
     with tempfile.TemporaryDirectory(prefix="supermerge-rebuild-") as workdir:
         for i, record in enumerate(levels):
             unknown = [name for name in record["group"] if name not in units]
             if unknown:
                 raise ValueError(f"Level {record['level']} merges {unknown}, which no earlier level produced.")
             members = [units.pop(name) for name in record["group"]]
-            sub = _group_plan(plan, members)
-            coefficients = record["coefficients"]
-            if isinstance(coefficients, dict):
-                coefficients = Coefficients.from_dict(coefficients)
-            fm = functional_merge(sub, config, method)
-            merged = fm.params(coefficients.aligned(sub.source_names, sub.groups), dense=True)
-            del fm
+            sub, table = _group_plan(plan, members), record["coefficients"]
+            table = Coefficients.from_dict(table) if isinstance(table, dict) else table
+            merged = functional_merge(sub, config, method).params(table.aligned(sub.source_names, sub.groups),
+                                                                  dense=True)
             if i + 1 < len(levels):
-                unit = _next_unit(plan, members, merged, Path(workdir) / str(i), dtype)
+                unit = _next_unit(plan, members, merged, Path(workdir) / str(i), getattr(torch, config.dtype))
                 units[unit.name] = unit
     return merged

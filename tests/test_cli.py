@@ -42,6 +42,8 @@ def test_readme_python_quickstart(bert_family, tmp_path, monkeypatch):
     assert isinstance(namespace["merger"].coefficients, Coefficients)
     assert namespace["sst_model"].config.num_labels == 2
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    for name, tensor in namespace["reloaded"].merged_tensors.items():
+        assert torch.equal(tensor, namespace["merger"].merged_tensors[name]), name
 
 
 def test_readme_commands_are_what_ci_runs():

@@ -232,3 +232,14 @@ def test_nan_in_a_source_is_never_saved(bert_family, tmp_path):
                                 method="task_arithmetic"))
     with pytest.raises(FloatingPointError, match="pooler.dense.bias"):
         merger.fit()
+
+
+def test_causal_lm_examples_of_different_lengths(llama_family):
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(4, 12, (10,), generator=g)]
+    examples = {t: [{"input_ids": (ids := torch.randint(1, 64, (n,), generator=g)), "labels": ids.clone()}
+                    for n in lengths] for t in llama_family.sources}
+    merger = SuperMerger(config(llama_family.base, llama_family.sources, holdout_fraction=0.3)).fit(examples)
+    assert merger.history[0]["holdout"] is not None and set(merger.metrics) == set(llama_family.sources)
+    metrics = merger.evaluate(examples)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics.values())

@@ -14,6 +14,7 @@ def main(config_path: str, examples_path: str, out_path: str) -> None:
     config = SuperMergeConfig.from_file(config_path)
     examples = torch.load(examples_path)
     merger = SuperMerger(config, accelerator=accelerator).fit(examples)
+    merger.save_pretrained()  # every process calls it; only the main process writes
     if accelerator.is_main_process:
         result = {"num_processes": accelerator.num_processes, "raw": merger.coefficients.raw.tolist()}
         with open(out_path, "w") as f:
