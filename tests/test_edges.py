@@ -243,3 +243,18 @@ def test_causal_lm_examples_of_different_lengths(llama_family):
     assert merger.history[0]["holdout"] is not None and set(merger.metrics) == set(llama_family.sources)
     metrics = merger.evaluate(examples)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics.values())
+
+
+def test_config_fields_are_typed(bert_family):
+    recipe = {"base": str(bert_family.base), "sources": bert_family.source_list()}
+    with pytest.raises(ValueError, match="`streaming` must be true or false, got 'false'"):
+        SuperMergeConfig.from_dict(recipe | {"streaming": "false"})
+    with pytest.raises(ValueError, match="`steps` must be an integer, got True"):
+        SuperMergeConfig.from_dict(recipe | {"steps": True})
+    assert SuperMergeConfig.from_dict(recipe | {"learning_rate": "1e-3"}).learning_rate == 1e-3
+    with pytest.raises(ValueError, match="`sources` must be a list"):
+        SuperMergeConfig.from_dict(recipe | {"sources": {"sst": str(bert_family.sources["sst"])}})
+    with pytest.raises(ValueError, match="a mapping of fields"):
+        SuperMergeConfig.from_dict([recipe])
+    with pytest.raises(ValueError, match="`method_kwargs` must be a mapping"):
+        SuperMergeConfig.from_dict(recipe | {"method": "ties", "method_kwargs": "x"})
