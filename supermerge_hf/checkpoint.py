@@ -32,18 +32,8 @@ def _weight_map(folder: Path, weights: str, index: str) -> dict[str, str] | None
 
 
 class Checkpoint:
-    """Read-only view of a model folder's weights: headers parsed once, tensors read on demand into fresh memory
-    (never memory-mapped, so none stays resident).
-
-    Args:
-        folder (`str` or `Path`): A folder with `model.safetensors` or `model.safetensors.index.json`.
-        allow_pickle (`bool`, defaults to `False`): Also accept `pytorch_model.bin` (read with `weights_only=True`).
-        weights (`str`, defaults to `"model.safetensors"`): Weights file name (`adapter_model.safetensors` for PEFT).
-
-    Raises:
-        `FileNotFoundError`: The folder holds no weights.
-        `PickleCheckpointError`: The folder holds only pickle weights and `allow_pickle` is False.
-    """
+    """Read-only view of a folder's weights (`weights`, or its sharded index; `pytorch_model.bin` only with
+    `allow_pickle`): headers parsed once, tensors read on demand into fresh memory, never memory-mapped."""
 
     def __init__(self, folder: str | Path, *, allow_pickle: bool = False, weights: str = SAFE_WEIGHTS) -> None:
         self.folder = Path(folder)

@@ -27,23 +27,10 @@ class ResolvedSource:
 def resolve(path_or_repo_id: str | Path, *, revision: str | None = None, token: str | bool | None = None,
             cache_dir: str | Path | None = None, endpoint: str | None = None,
             allow_pickle: bool = False) -> ResolvedSource:
-    """Resolve a local folder (returned as is) or a Hub repo id to a local folder pinned to a commit; of a repo only
-    the weights, config, tokenizer and adapter files are downloaded into the cache (or read from it offline).
-
-    Args:
-        path_or_repo_id (`str` or `Path`): A local folder, or a Hub repo id such as `"username/my-finetune"`.
-        revision (`str`, *optional*): Branch, tag or commit sha of a Hub repo; pin a sha to merge reproducibly.
-        token (`str` or `bool`, *optional*): Hub token; `None` reads the saved token, `False` sends none.
-        cache_dir (`str` or `Path`, *optional*): Hub cache folder. Defaults to `HF_HUB_CACHE`.
-        endpoint (`str`, *optional*): Hub endpoint. Defaults to `HF_ENDPOINT`.
-        allow_pickle (`bool`, defaults to `False`): Also download pickle `.bin` weights (they can run code on load).
-
-    Returns:
-        [`ResolvedSource`]: the local folder, with the commit sha for Hub repos.
-
-    Raises:
-        `FileNotFoundError`: A path is not a directory, a repo or revision is not found, or not cached offline.
-        `ValueError`: `revision` for a local folder, an invalid repo id, or only pickle weights without `allow_pickle`.
+    """A local folder (as is) or a Hub repo id as a local folder pinned to a commit: only its weights (pickle `.bin`
+    with `allow_pickle`), config, tokenizer and adapter files are downloaded into `cache_dir` (or read from it
+    offline). `token=None` reads the saved token, `False` sends none. Raises `FileNotFoundError` (no such folder,
+    repo, revision, or not cached offline) and `ValueError` (`revision` for a folder, an invalid id, pickle only).
     """
     local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
@@ -90,24 +77,8 @@ def resolve(path_or_repo_id: str | Path, *, revision: str | None = None, token: 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                 revision: str | None = None, commit_message: str | None = None, endpoint: str | None = None) -> str:
-    """Upload a local folder to a Hub model repo, creating the repo and the branch `revision` when missing.
-
-    Args:
-        folder (`str` or `Path`): Local folder to upload (e.g. the output of `save_pretrained`).
-        repo_id (`str`): Target repo id, such as `"username/my-merge"`.
-        private (`bool`, *optional*): Visibility of a created repo; `None` uses the namespace default.
-        token (`str` or `bool`, *optional*): Hub token with write access; `None` reads the saved token.
-        revision (`str`, *optional*): Branch to commit to. Defaults to the default branch.
-        commit_message (`str`, *optional*): Commit message. Defaults to `"Upload folder using huggingface_hub"`.
-        endpoint (`str`, *optional*): Hub endpoint. Defaults to `HF_ENDPOINT`.
-
-    Returns:
-        `str`: the sha of the commit created (pass it as `revision=` to `resolve` to pull exactly this upload).
-
-    Raises:
-        `FileNotFoundError`: `folder` is not a directory.
-        [`~huggingface_hub.errors.HfHubHTTPError`]: The Hub refuses a request (e.g. no write access).
-    """
+    """Upload a local folder to a Hub model repo, creating the repo (`private`) and the branch `revision` when
+    missing; returns the commit sha (pass it as `revision=` to `resolve` to pull exactly this upload)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"Cannot push {str(folder)!r} to {repo_id!r}: it is not a directory.")

@@ -29,14 +29,10 @@ def group_name(name: str, granularity: str) -> str:
 
 @dataclass
 class MergePlan:
-    """What a merge of `sources` into `base` touches.
-
-    `merged` lists, in the base's parameter order, the tensors that the base and every source share with the same
-    shape; `task_specific[task]` lists that task's other tensors (heads), kept for that task only; `groups` names
-    the coefficient groups and `group_index[name]` gives each merged tensor's group. A source is one task's
-    fine-tune, or (hierarchical levels) a group result carrying several tasks: `source_names` names the
-    coefficient rows, `task_specs[task]` is each task's own source (its architecture and head).
-    """
+    """What a merge touches: `merged` (tensors the base and every source share with one shape, in the base's
+    order), `task_specific[task]` (its other tensors, e.g. heads), the coefficient `groups` and each merged
+    tensor's `group_index`. A source (a row, named in `source_names`) is a fine-tune or, in a hierarchical
+    level, a group result carrying several tasks (`task_rows`); `task_specs[task]` is the task's own source."""
 
     base: ModelSpec
     sources: list[Source]
@@ -72,14 +68,9 @@ def _check_fit(base: ModelSpec, task: str, source: Source) -> None:
 def build_plan(base: ModelSpec, sources: list[Source], tasks: list[str], granularity: str, *,
                source_names: list[str] | None = None, task_specs: dict[str, Source] | None = None,
                task_rows: dict[str, int] | None = None, merged: list[str] | None = None) -> MergePlan:
-    """Check that every source fits the base and decide what is merged; reads headers only.
-
-    A head (a tensor outside the model body) whose shape differs between the base and a source is task-specific.
-    `merged` restricts the merged tensors (a hierarchical level merges what the flat plan merges).
-
-    Raises:
-        `IncompatibleSourceError`: A source has another `model_type`, or a body tensor with another shape.
-    """
+    """Check that every source fits the base and decide what is merged, from headers; a head whose shape differs
+    is task-specific, a body tensor that differs raises `IncompatibleSourceError`. `merged` restricts the merge
+    (a hierarchical level merges what the flat plan merges)."""
     task_specs = task_specs or dict(zip(tasks, sources))
     for task, source in task_specs.items():
         _check_fit(base, task, source)

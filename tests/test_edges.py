@@ -258,3 +258,10 @@ def test_config_fields_are_typed(bert_family):
         SuperMergeConfig.from_dict([recipe])
     with pytest.raises(ValueError, match="`method_kwargs` must be a mapping"):
         SuperMergeConfig.from_dict(recipe | {"method": "ties", "method_kwargs": "x"})
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_learning(bert_family, tmp_path):
+    (tmp_path / "merged").write_text("not a folder")
+    merger = SuperMerger(config(bert_family.base, bert_family.sources, output_dir=str(tmp_path / "merged")))
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        merger.fit(family_examples(bert_family, n=4))
