@@ -234,6 +234,7 @@ class SuperMerger:
         data = json.loads((folder / CONFIG_NAME).read_text())
         info = data.pop("merge_info", {})
         data["method_kwargs"] = data.get("method_kwargs", {}) | info.get("chosen", {})  # `auto` -> what was chosen
+        data["output_dir"] = None  # reloading writes nothing
         merger = cls(SuperMergeConfig.from_dict(data), token=token, accelerator=accelerator)
         if (folder / HIERARCHY_NAME).is_file():
             levels = json.loads((folder / HIERARCHY_NAME).read_text())

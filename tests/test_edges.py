@@ -181,12 +181,12 @@ def test_trust_remote_code_is_no_longer_a_silent_option(bert_family):
 
 def test_auto_choices_are_saved_and_rebuild_the_merge(bert_family, tmp_path):
     examples = family_examples(bert_family, n=8)
-    merger = SuperMerger(config(bert_family.base, bert_family.sources, method="ties",
+    merger = SuperMerger(config(bert_family.base, bert_family.sources, method="ties", output_dir=str(tmp_path / "m"),
                                 method_kwargs={"lam": "auto", "density": 0.5})).fit(examples)
-    out = merger.save_pretrained(tmp_path / "merged")
-    info = json.loads((tmp_path / "merged" / "supermerge_config.json").read_text())["merge_info"]
+    out = merger.save_pretrained()
+    info = json.loads((tmp_path / "m" / "supermerge_config.json").read_text())["merge_info"]
     assert info["chosen"] == merger.chosen and set(merger.chosen) == {"lam", "density"}
-    assert f"`lam` = {merger.chosen['lam']}" in (tmp_path / "merged" / "README.md").read_text()
+    assert f"`lam` = {merger.chosen['lam']}" in (tmp_path / "m" / "README.md").read_text()
     rebuilt = SuperMerger.from_pretrained(out)
     for name, tensor in merger.merged_tensors.items():
         assert torch.equal(rebuilt.merged_tensors[name], tensor), name
