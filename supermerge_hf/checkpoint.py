@@ -118,6 +118,7 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        tmp.chmod(path.parent.stat().st_mode & 0o777)  # mkdtemp makes it 0700: take the parent folder's mode
         old = path.parent / f".{path.name}.old-{tmp.name}"
         if path.exists():
             path.rename(old)

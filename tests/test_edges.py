@@ -265,3 +265,11 @@ def test_an_output_path_that_is_a_file_is_refused_before_learning(bert_family, t
     merger = SuperMerger(config(bert_family.base, bert_family.sources, output_dir=str(tmp_path / "merged")))
     with pytest.raises(FileExistsError, match="is a file, not a folder"):
         merger.fit(family_examples(bert_family, n=4))
+
+
+def test_output_folder_takes_its_parent_folders_mode(bert_family, tmp_path):
+    (tmp_path / "out").mkdir(mode=0o755)
+    (tmp_path / "out").chmod(0o755)
+    merger = SuperMerger(config(bert_family.base, bert_family.sources, method="task_arithmetic")).fit()
+    merger.save_pretrained(tmp_path / "out" / "merged")
+    assert (tmp_path / "out" / "merged").stat().st_mode & 0o777 == 0o755
