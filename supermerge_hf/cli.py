@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 import logging
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,7 @@ def run_methods(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supermerge", description="Merge fine-tunes of one base model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at DEBUG level (default: INFO).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('supermerge_hf')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     recipe = argparse.ArgumentParser(add_help=False)  # what merge and estimate share
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)

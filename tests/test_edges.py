@@ -273,3 +273,13 @@ def test_output_folder_takes_its_parent_folders_mode(bert_family, tmp_path):
     merger = SuperMerger(config(bert_family.base, bert_family.sources, method="task_arithmetic")).fit()
     merger.save_pretrained(tmp_path / "out" / "merged")
     assert (tmp_path / "out" / "merged").stat().st_mode & 0o777 == 0o755
+
+
+def test_cli_version(capsys):
+    from importlib.metadata import version
+
+    from supermerge_hf.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"supermerge {version('supermerge_hf')}"
