@@ -115,6 +115,8 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     path = Path(path)
     check_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp

@@ -16,6 +16,7 @@ from .demo import add_arguments as add_demo_arguments
 from .estimate import parse_memory
 from .methods import METHODS
 
+logger = logging.getLogger("supermerge_hf")
 DATA_ENTRY = "`data: {path: FILE.jsonl, text_field: ..., label_field: ...}`"
 RECIPE_HELP = """\
 A recipe is a YAML file holding a SuperMergeConfig (fields below); each source may also have a `data` entry: the
@@ -34,15 +35,33 @@ SuperMergeConfig fields:""" + inspect.cleandoc(SuperMergeConfig.__doc__ or "").p
     "\n\nEach source: " + inspect.cleandoc(SourceConfig.__doc__ or ""))  # fields documented once, in config.py
 
 
+def _beside(recipe: Path, value: str) -> str:
+    """A model path of the recipe: the folder relative to the recipe if it exists there (or starts with "."),
+    else a Hub repo id."""
+    local = recipe.parent / value
+    if local.exists() or value.startswith("."):
+        logger.info("%r in %s: the local folder %s", value, recipe.name, local)
+        return str(local)
+    logger.info("%r in %s: no such folder beside the recipe, read as a Hub repo id", value, recipe.name)
+    return value
+
+
 def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str, Any]]]:
     """Split a recipe into the config and, per task, its `data` entry; raises `FileNotFoundError` for a missing recipe
-    or examples file, `ValueError` for a `data` entry without `path`."""
+    or examples file, `ValueError` for invalid YAML, a recipe of another shape, a `data` entry without `path`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Recipe {str(path)!r} does not exist.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"Recipe {str(path)!r} is not valid YAML: {err}") from None
+    sources = raw.get("sources", []) if isinstance(raw, dict) else None
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise ValueError(f"Recipe {str(path)!r} must be a mapping of config fields whose `sources` is a list of "
+                         "{task, path} entries (see `supermerge merge --help`).")
     data = {}
-    for source in raw.get("sources", []):
+    for source in sources:
         spec = source.pop("data", None)
         if spec is not None:
             if not isinstance(spec, dict) or "path" not in spec:
@@ -51,11 +70,12 @@ def read_recipe(path: str | Path) -> tuple[SuperMergeConfig, dict[str, dict[str,
             if not file.is_file():
                 raise FileNotFoundError(f"Examples file {str(file)!r} of task {source.get('task')!r} does not exist.")
             data[source["task"]] = spec | {"path": file}
-        if str(source.get("path", "")).startswith("."):  # paths in the recipe are relative to it
-            source["path"] = str(path.parent / source["path"])
-    for key in ("base", "output_dir"):
-        if isinstance(raw.get(key), str) and raw[key].startswith("."):
-            raw[key] = str(path.parent / raw[key])
+        if isinstance(source.get("path"), str):
+            source["path"] = _beside(path, source["path"])
+    if isinstance(raw.get("base"), str):
+        raw["base"] = _beside(path, raw["base"])
+    if isinstance(raw.get("output_dir"), str):  # relative to the recipe
+        raw["output_dir"] = str(path.parent / raw["output_dir"])
     return SuperMergeConfig.from_dict(raw), data
 
 

@@ -52,6 +52,15 @@ def as_examples(task: str, data: Any, *, limit: int | None = None, require_label
     return examples
 
 
+def check_labels(task: str, examples: list[Example], num_labels: int) -> None:
+    """`ValueError` for a class label outside [0, num_labels) (-100, which the loss ignores, is allowed)."""
+    labels = torch.cat([ex["labels"].flatten() for ex in examples if "labels" in ex] or [torch.zeros(0)])
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_labels))]
+    if len(bad):
+        raise ValueError(f"Task {task!r} has labels {sorted(set(bad.tolist()))[:5]} outside 0..{num_labels - 1}, the "
+                         "classes of its fine-tune: fix the labels or their label2id mapping.")
+
+
 def make_splits(data: Mapping[str, list[Example]], fraction: float, seed: int):
     """One seeded (train, holdout) split per task, made once in task order (every hierarchical level uses the same),
     and the generator that then draws the batches; holdout is empty when too few examples or `fraction` is 0."""

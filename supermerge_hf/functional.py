@@ -32,18 +32,22 @@ def load_task_vectors(plan: MergePlan, *, dtype: torch.dtype, device: torch.devi
     base, deltas = ({} if not streaming else None), {}
     all_full = all(type(s) is ModelSpec for s in plan.sources)
     for name in plan.merged:
-        theta_p = plan.base.read_tensor(name).to(device=device, dtype=dtype)  # (*shape)
+        theta_p = _finite(plan.base.read_tensor(name), plan.base, name).to(device=device, dtype=dtype)  # (*shape)
         if streaming:
             parts = [StreamedDelta(s, plan.base, name, shapes[name], scratch) if isinstance(s, ModelSpec)
                      else s.delta(name, theta_p) for s in plan.sources]
         elif all_full:  # each fine-tune read straight into its row of one (S, *shape) stack, base subtracted
             stacked = torch.empty((len(plan.sources), *theta_p.shape), dtype=dtype, device=device)
             for row, source in zip(stacked, plan.sources):
-                source.read_tensor(name, out=row).sub_(theta_p)
+                _finite(source.read_tensor(name, out=row), source, name).sub_(theta_p)
             base[name], deltas[name] = theta_p, DeltaStack.from_dense(stacked)
             continue
         else:
             parts = [s.delta(name, theta_p) for s in plan.sources]
+        for source, part in zip(plan.sources, parts):
+            for tensor in (part.A, part.B) if isinstance(part, LowRankDelta) else [part]:
+                if isinstance(tensor, torch.Tensor):
+                    _finite(tensor, source, name)
         if not streaming:
             base[name] = theta_p
         parts = [p.to(device=device, dtype=dtype) if isinstance(p, (torch.Tensor, LowRankDelta)) else p for p in parts]
@@ -51,6 +55,13 @@ def load_task_vectors(plan: MergePlan, *, dtype: torch.dtype, device: torch.devi
     if preprocess is not None:
         deltas = {n: DeltaStack.from_dense(preprocess(d.dense())) for n, d in deltas.items()}
     return base, deltas, scratch
+
+
+def _finite(tensor: torch.Tensor, source: Source, name: str) -> torch.Tensor:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise FloatingPointError(f"{source.folder} holds NaN or Inf in {name!r}: nothing can be merged from it. Fix "
+                                 "or re-save that checkpoint, or leave the source out.")
+    return tensor
 
 
 class LowRankLayer:

@@ -166,8 +166,11 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
     if not holdout:
         best_w, best_step = last_w, config.steps
     logger.info("Selected step %d of %d (hold-out score %s)", best_step, config.steps, best_score)
-    table = lambda w: Coefficients(plan.source_names, plan.groups, transform(w, config.transform).cpu(), w.cpu(),  # noqa: E731
-                                   config.transform)
+
+    def table(w: torch.Tensor) -> Coefficients:
+        return Coefficients(plan.source_names, plan.groups, transform(w, config.transform).cpu(), w.cpu(),
+                            config.transform)
+
     examples = {t: splits[t][1] or splits[t][0] for t in tasks}
     finetunes = {t: fm.evaluate(t, examples[t], c=one_hot(plan, t, fm.device))
                  for t in (tasks if finetune_tasks is None else finetune_tasks)}

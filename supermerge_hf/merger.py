@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from .checkpoint import check_output_dir
 from .config import CONFIG_NAME, SuperMergeConfig
-from .data import as_examples, make_splits
+from .data import as_examples, check_labels, make_splits
 from .estimate import Estimate, estimate
 from .export import HIERARCHY_NAME, check_adapter_export, save_combined_adapter, save_merge
 from .functional import FunctionalMerge
@@ -94,8 +94,21 @@ class SuperMerger:
         unknown = sorted(set(examples) - set(self.plan.tasks))
         if unknown:
             raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.plan.tasks}.")
-        return {task: as_examples(task, examples.get(task, []), limit=limit, require_labels=require_labels)
+        data = {task: as_examples(task, examples.get(task, []), limit=limit, require_labels=require_labels)
                 for task in (self.plan.tasks if tasks is None else tasks)}
+        for task, exs in data.items():  # class labels checked against the fine-tune's classes, before any weight
+            spec = self.plan.task_specs[task]
+            if spec.cls.__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+                check_labels(task, exs, spec.config.num_labels)
+        return data
+
+    def _check_output(self, folder: str | Path) -> None:
+        """Refuse an output folder that is, or holds, the base or a source: replacing it would destroy an input."""
+        out = Path(folder).expanduser().resolve()
+        inputs = [r.path.resolve() for r in [self.resolved_base, *self.resolved_sources]]
+        if any(p == out or p.is_relative_to(out) for p in inputs):
+            raise ValueError(f"The output folder {str(folder)!r} is or holds an input of this merge (the base or a "
+                             "source): writing there would replace it. Choose another folder.")
 
     def fit(self, examples: Mapping[str, Any] | None = None) -> SuperMerger:
         """Learn the coefficients (learned methods) or compute the merge (data-free methods).
@@ -110,6 +123,7 @@ class SuperMerger:
         """
         config, method, plan = self.config, self.method, self.plan
         if config.output_dir:
+            self._check_output(config.output_dir)
             check_output_dir(config.output_dir, overwrite=config.overwrite_output_dir)
         data = None
         if self.needs_examples:
@@ -186,6 +200,7 @@ class SuperMerger:
         if not save_directory:
             raise ValueError("No output folder: pass `save_directory` or set `config.output_dir`.")
         overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
+        self._check_output(save_directory)
         if self.accelerator is not None and not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()  # one writer: the main process
             return str(save_directory)
@@ -200,6 +215,7 @@ class SuperMerger:
         if self.result is None:
             raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
         check_adapter_export(self.plan, self.config, self.method)
+        self._check_output(save_directory)
         return str(save_combined_adapter(self.result, save_directory, rank=rank, overwrite=overwrite))
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
@@ -242,7 +258,8 @@ class SuperMerger:
                 level["coefficients"] = Coefficients.from_dict(level["coefficients"])
             merged = rebuild(merger.plan, merger.config, merger.method, levels)
             merger.result = MergeResult(merger.config, merger.plan, merger.resolved_base, merger.resolved_sources,
-                                        {n: t.cpu() for n, t in merged.items()}, coefficients=levels[-1]["coefficients"],
+                                        {n: t.cpu() for n, t in merged.items()},
+                                        coefficients=levels[-1]["coefficients"],
                                         selected_step=info.get("selected_step"), levels=levels)
         elif (folder / COEFFICIENTS_NAME).is_file():
             merger.apply_coefficients(Coefficients.load(folder / COEFFICIENTS_NAME))

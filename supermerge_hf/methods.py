@@ -98,7 +98,7 @@ class MergeMethod:
             elif spec.kind is list:
                 if (not isinstance(value, (list, tuple)) or len(value) != num_sources
                         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-                    raise ValueError(f"{where} must be a list of {num_sources} numbers (one per source), got {value!r}.")
+                    raise ValueError(f"{where} must be a list of {num_sources} numbers, one per source; got {value!r}.")
                 out[name] = [float(v) for v in value]
             elif value not in spec.choices:
                 raise ValueError(f"{where} must be one of {list(spec.choices)}, got {value!r}.")
@@ -195,7 +195,8 @@ def dare_linear(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1
 
 
 @register_method("dare_ties", url="https://arxiv.org/abs/2311.03099", random=True,
-                 hyperparameters={"weights": WEIGHTS, "lam": LAM, "density": _density(0.5), "majority_sign_method": SIGN},
+                 hyperparameters={"weights": WEIGHTS, "lam": LAM, "density": _density(0.5),
+                                  "majority_sign_method": SIGN},
                  description="Random drop and rescale (DARE), then sign election and disjoint mean.")
 def dare_ties(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0, density: float = 0.5,
               majority_sign_method: MajoritySignMethod = "total", generator: torch.Generator | None = None,

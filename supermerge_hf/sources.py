@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import Checkpoint
 from .deltas import LowRankDelta
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -96,12 +99,21 @@ class ModelSpec:
             key = next((k for k in (param, name, f"{meta.base_model_prefix}.{name}") if k in checkpoint), None)
             if key is None:
                 missing.append(param)
+            elif checkpoint.shape(key) != shapes[name]:
+                raise IncompatibleSourceError(f"{folder}: tensor {key!r} has shape {checkpoint.shape(key)} in the file "
+                                              f"but {shapes[name]} by its config.json: the weights and the config "
+                                              "belong to different models (e.g. another vocab_size).")
             else:
                 keys[name] = key
         if missing:
             raise IncompatibleSourceError(f"{folder} is missing {len(missing)} tensor(s) its {model_cls.__name__} "
                                           f"needs, e.g. {missing[:5]}. The checkpoint is incomplete or belongs to "
                                           "another architecture.")
+        buffers = {n for b, _ in meta.named_buffers() for n in (b, canonical(b, meta.base_model_prefix))}
+        extra = sorted(set(checkpoint.keys()) - set(keys.values()) - buffers)
+        if extra:
+            logger.warning("%s holds %d tensor(s) its %s does not have; they are not merged: %s", folder, len(extra),
+                           model_cls.__name__, extra[:5])
         return cls(folder, config, model_cls, checkpoint, param_names, shapes, keys)
 
     def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,7 +190,8 @@ class LoraSpec:
                 r = self.checkpoint.shape(key)[0]
                 alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
                 scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-                self.factors[weight] = (key, keys[module + FACTOR_SUFFIXES[suffix]], scale, self._transposed(meta, module))
+                b_key = keys[module + FACTOR_SUFFIXES[suffix]]
+                self.factors[weight] = (key, b_key, scale, self._transposed(meta, module))
                 self._check_shape(weight, r)
             elif ".lora_" in name:  # B factors are read with their A; anything else is not s * B @ A
                 if not name.endswith(tuple(FACTOR_SUFFIXES.values())):
