@@ -56,6 +56,11 @@ def _check_fit(base: ModelSpec, task: str, source: Source) -> None:
         raise IncompatibleSourceError(f"Source of task {task!r} ({source.folder}) is a {source.config.model_type!r} "
                                       f"model but the base is {base.config.model_type!r}: every source must be "
                                       "fine-tuned from the base.")
+    tied = [getattr(c, "tie_word_embeddings", None) for c in (base.config, source.config)]
+    if tied[0] != tied[1]:
+        raise IncompatibleSourceError(f"Source of task {task!r} ({source.folder}) has tie_word_embeddings={tied[1]} "
+                                      f"but the base has {tied[0]}: its output embedding is another tensor than the "
+                                      "base's. Re-save the source with the base's setting.")
     has_body = any(param != name for name, param in source.param_names.items())
     for name, shape in source.shapes.items():
         head = has_body and source.param_names[name] == name  # outside the body (`bert.`, `model.`): a head

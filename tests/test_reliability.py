@@ -111,3 +111,14 @@ def test_unknown_extra_tensor_is_reported(bert_family, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         SuperMerger(one_source(bert_family, tmp_path / "sst"))
     assert "does not have; they are not merged: ['extra.scale']" in caplog.text
+
+
+def test_tied_source_of_an_untied_base_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    small = dict(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(**small, tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
+    GPT2LMHeadModel(GPT2Config(**small, tie_word_embeddings=True)).save_pretrained(tmp_path / "tied")
+    with pytest.raises(IncompatibleSourceError, match="tie_word_embeddings=True but the base has False"):
+        SuperMerger(SuperMergeConfig(base=str(tmp_path / "base"), sources=[{"task": "a", "path": str(tmp_path / "tied")}]))
