@@ -107,7 +107,7 @@ def run_merge(args: argparse.Namespace) -> None:
             spec = dict(data[task])
             label2id = merger.plan.task_specs[task].config.label2id  # a LoRA adapter folder has no config.json
             examples[task] = read_examples(spec.pop("path"), tokenizer, label2id=label2id, **spec)
-    merger.fit(examples)
+    merger.fit(examples, resume=args.resume)
     print(f"Merged model written to {merger.save_pretrained()}")
     if merger.coefficients is not None:
         print(merger.coefficients)
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("--output", help="Output folder (overrides the recipe's output_dir).")
     merge.add_argument("--overwrite", action="store_true", help="Replace an output folder that already holds files.")
+    merge.add_argument("--resume", action="store_true", help="Continue a stopped run from the learning state saved "
+                       "every `checkpoint_every` steps (a fresh start when there is none).")
     merge.add_argument("--steps", type=int, help="Number of coefficient-learning steps (overrides the recipe).")
     merge.add_argument("--seed", type=int, help="Random seed (overrides the recipe).")
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="Also push the merged model to this Hub repo.")

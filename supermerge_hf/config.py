@@ -105,6 +105,8 @@ class SuperMergeConfig:
         l2_to_init (`float`): Weight of an L2 pull of w towards its initial value.
         hierarchical (`HierarchicalConfig`, *optional*): Merge level by level (a dict is accepted).
         streaming (`bool`): Re-read full fine-tunes tensor by tensor each step (memory ~ one merged model).
+        checkpoint_every (`int`): Save the learning state every N steps beside `output_dir`, so that
+            `fit(..., resume=True)` (CLI: `--resume`) continues a killed run; 0 (default) never.
         seed (`int`, defaults to 42): Seed of the example split, the batch order and every random choice.
         dtype (`str`, defaults to `"float32"`): dtype the merge runs and is saved in.
         allow_pickle (`bool`): Allow reading pickle `.bin` checkpoints (only files you trust).
@@ -133,6 +135,7 @@ class SuperMergeConfig:
     l2_to_init: float = 0.0
     hierarchical: HierarchicalConfig | None = None
     streaming: bool = False
+    checkpoint_every: int = 0
     seed: int = 42
     dtype: DType = "float32"
     allow_pickle: bool = False
@@ -173,6 +176,9 @@ class SuperMergeConfig:
             raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}.")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"`holdout_fraction` must be in [0, 1), got {self.holdout_fraction!r}.")
+        if self.checkpoint_every < 0 or (self.checkpoint_every and (not self.output_dir or self.hierarchical)):
+            raise ValueError(f"`checkpoint_every` ({self.checkpoint_every}) must be >= 0, and needs `output_dir` "
+                             "(the state is kept beside it) and a flat merge (not `hierarchical`).")
         if self.l2_to_init < 0:
             raise ValueError(f"`l2_to_init` must be >= 0, got {self.l2_to_init!r}.")
         if self.loss_combination == "normalized" and method.objective != "supervised":

@@ -100,14 +100,14 @@ class BatchSampler:
 
     def __init__(self, num_examples: int, batch_size: int, generator: torch.Generator) -> None:
         self.num_examples, self.batch_size, self.generator = num_examples, batch_size, generator
-        self._order: list[int] = []
+        self.order: list[int] = []
 
     def next(self) -> list[int]:
         out = []
         while len(out) < min(self.batch_size, self.num_examples):
-            if not self._order:
-                self._order = torch.randperm(self.num_examples, generator=self.generator).tolist()
-            out.append(self._order.pop(0))
+            if not self.order:
+                self.order = torch.randperm(self.num_examples, generator=self.generator).tolist()
+            out.append(self.order.pop(0))
         return out
 
 
@@ -143,7 +143,8 @@ def read_examples(path: str | Path, tokenizer, *, text_field: str = "text", labe
     for i, row in enumerate(rows):
         for field_name in (text_field, label_field, text_pair_field):
             if field_name and field_name not in row:
-                raise ValueError(f"{path}:{i + 1} has no field {field_name!r} (fields: {sorted(row)}).")
+                raise ValueError(f"{path}:{i + 1} has no field {field_name!r} (fields: {sorted(row)}): name the "
+                                 "right one with text_field= / label_field= (a recipe's `data:` entry takes the same).")
         label = row[label_field]
         if isinstance(label, str) and not label.lstrip("-").isdigit():
             if label not in (label2id or {}):

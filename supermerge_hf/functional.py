@@ -34,6 +34,9 @@ def load_task_vectors(plan: MergePlan, *, dtype: torch.dtype, device: torch.devi
     for name in plan.merged:
         theta_p = _finite(plan.base.read_tensor(name), plan.base, name).to(device=device, dtype=dtype)  # (*shape)
         if streaming:
+            for source in plan.sources:  # each full fine-tune read once here, to refuse NaN/Inf before learning
+                if isinstance(source, ModelSpec):
+                    _finite(source.read_tensor(name), source, name)
             parts = [StreamedDelta(s, plan.base, name, shapes[name], scratch) if isinstance(s, ModelSpec)
                      else s.delta(name, theta_p) for s in plan.sources]
         elif all_full:  # each fine-tune read straight into its row of one (S, *shape) stack, base subtracted

@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,12 +102,13 @@ def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[st
 
 def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits: Splits,
           generator: torch.Generator, *, accelerator: Accelerator, finetune_tasks: list[str] | None = None,
-          ) -> LearnResult:
+          checkpoint: Path | None = None) -> LearnResult:
     """Learn the coefficients of `plan` with Adam through Accelerate, keeping the step with the best hold-out score.
 
     `splits[task]` = (train, holdout); `generator` draws the batches. Each process takes a slice of every global
     batch, its loss weighted by its share (so P processes = one). `finetune_tasks`: the tasks whose own source is
-    a row of the plan (all, if flat), for the fine-tune metrics.
+    a row of the plan (all, if flat), for the fine-tune metrics. With `checkpoint` (a file) the state is written
+    there atomically every `config.checkpoint_every` steps, and learning continues from it when it exists.
     """
     acc, tasks, objective = accelerator, plan.tasks, method.objective
     fm = functional_merge(plan, config, method, device=acc.device)
@@ -132,9 +135,22 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
         logger.debug("step %d: train %s %s, hold-out %s", step, metric, losses, held)
         return value
 
-    best_score, best_w, best_step = record(0, None), raw.w.detach().clone(), 0
+    start = 1
+    if checkpoint is not None and checkpoint.is_file():  # resume: w, Adam, the batch order and the selection so far
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            raw.w.copy_(state["w"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        for t, order in state["orders"].items():
+            samplers[t].order = order
+        history[:] = state["history"]
+        best_score, best_w, best_step, start = state["best_score"], state["best_w"].to(acc.device), *state["steps"]
+        logger.info("Resuming from step %d (%s)", start - 1, checkpoint)
+    else:
+        best_score, best_w, best_step = record(0, None), raw.w.detach().clone(), 0
     P, rank = acc.num_processes, acc.process_index
-    bar = tqdm(range(1, config.steps + 1), desc=f"Learning {method.name} coefficients",
+    bar = tqdm(range(start, config.steps + 1), desc=f"Learning {method.name} coefficients",
                disable=not acc.is_local_main_process)
     for step in bar:
         c = module()  # (S, G), through DDP so that the gradient of w is averaged over processes
@@ -162,6 +178,12 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
             value = record(step, mean)
             if value is not None and value < best_score:
                 best_score, best_w, best_step = value, raw.w.detach().clone(), step
+        if checkpoint is not None and step % config.checkpoint_every == 0 and acc.is_main_process:
+            state = {"w": raw.w.detach().cpu(), "optimizer": optimizer.state_dict(), "history": history,
+                     "generator": generator.get_state(), "orders": {t: s.order for t, s in samplers.items()},
+                     "best_score": best_score, "best_w": best_w.cpu(), "steps": (best_step, step + 1)}
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)  # a kill leaves the previous state whole
     last_w = raw.w.detach().clone()
     if not holdout:
         best_w, best_step = last_w, config.steps

@@ -110,13 +110,15 @@ class SuperMerger:
             raise ValueError(f"The output folder {str(folder)!r} is or holds an input of this merge (the base or a "
                              "source): writing there would replace it. Choose another folder.")
 
-    def fit(self, examples: Mapping[str, Any] | None = None) -> SuperMerger:
+    def fit(self, examples: Mapping[str, Any] | None = None, *, resume: bool = False) -> SuperMerger:
         """Learn the coefficients (learned methods) or compute the merge (data-free methods).
 
         Args:
             examples (`dict[str, Any]`): Per task name, a `datasets.Dataset`, a list of dicts of model inputs
                 (with `labels` for supervised methods and `auto`) or a `DataLoader`; the first
                 `config.examples_per_task` are used.
+            resume (`bool`): Continue from the state saved every `config.checkpoint_every` steps by a run that was
+                stopped (a fresh start when there is none).
 
         Raises:
             `ValueError` (bad examples), `FileExistsError` (`output_dir` holds files), `FloatingPointError`.
@@ -144,7 +146,16 @@ class SuperMerger:
         if config.hierarchical:
             result, levels = fit_hierarchical(plan, config, method, splits, accelerator=self.accelerator)
         else:
-            result, levels = learn(plan, config, method, splits, generator, accelerator=self.accelerator), []
+            state = None
+            if config.checkpoint_every:  # beside the output, like its temporary folder
+                state = Path(config.output_dir).parent / f".{Path(config.output_dir).name}.learning.pt"
+                if not resume and state.is_file() and self.accelerator.is_main_process:
+                    state.unlink()
+                self.accelerator.wait_for_everyone()
+            result, levels = learn(plan, config, method, splits, generator, accelerator=self.accelerator,
+                                   checkpoint=state), []
+            if state is not None and state.is_file() and self.accelerator.is_main_process:
+                state.unlink()  # learning is done: nothing to resume
         self.result = MergeResult(**resolved, merged=result.merged, coefficients=result.coefficients,
                                   last_coefficients=result.last_coefficients, history=result.history,
                                   selected_step=result.selected_step, metrics=result.metrics, levels=levels)

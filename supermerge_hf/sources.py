@@ -107,8 +107,9 @@ class ModelSpec:
                 keys[name] = key
         if missing:
             raise IncompatibleSourceError(f"{folder} is missing {len(missing)} tensor(s) its {model_cls.__name__} "
-                                          f"needs, e.g. {missing[:5]}. The checkpoint is incomplete or belongs to "
-                                          "another architecture.")
+                                          f"needs, e.g. {missing[:5]}: it is incomplete or of another architecture. "
+                                          "Re-save the whole fine-tuned model with `save_pretrained`, or give the "
+                                          "adapter folder if it is a PEFT adapter.")
         buffers = {n for b, _ in meta.named_buffers() for n in (b, canonical(b, meta.base_model_prefix))}
         extra = sorted(set(checkpoint.keys()) - set(keys.values()) - buffers)
         if extra:

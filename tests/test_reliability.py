@@ -87,11 +87,12 @@ def test_temporary_folders_of_killed_saves_are_cleaned_up(bert_family, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "merged"]
 
 
-def test_nan_in_a_source_is_refused_when_read_naming_source_and_tensor(bert_family, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_nan_in_a_source_is_refused_when_read_naming_source_and_tensor(bert_family, tmp_path, streaming):
     copy_with(bert_family.sources["sst"], tmp_path / "sst", lambda s: s["bert.encoder.layer.0.output.dense.bias"]
               .__setitem__(0, float("inf")))
     sources = [{"task": "sst", "path": str(tmp_path / "sst")}, {"task": "nli", "path": str(bert_family.sources["nli"])}]
-    cfg = SuperMergeConfig(base=str(bert_family.base), sources=sources, method="ties")
+    cfg = SuperMergeConfig(base=str(bert_family.base), sources=sources, method="ties", streaming=streaming)
     with pytest.raises(FloatingPointError, match=r"sst holds NaN or Inf in 'encoder.layer.0.output.dense.bias'"):
         SuperMerger(cfg).fit()
 
@@ -122,3 +123,33 @@ def test_tied_source_of_an_untied_base_is_refused(tmp_path):
     GPT2LMHeadModel(GPT2Config(**small, tie_word_embeddings=True)).save_pretrained(tmp_path / "tied")
     with pytest.raises(IncompatibleSourceError, match="tie_word_embeddings=True but the base has False"):
         SuperMerger(SuperMergeConfig(base=str(tmp_path / "base"), sources=[{"task": "a", "path": str(tmp_path / "tied")}]))
+
+
+def test_a_killed_run_resumes_to_the_same_merge(bert_family, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from supermerge_hf.functional import FunctionalMerge
+
+    cfg = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), steps=6, eval_every=2,
+                           batch_size=4, holdout_fraction=0.25, checkpoint_every=2, output_dir=str(tmp_path / "m"))
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    examples = family_examples(bert_family, n=12)
+    torch.save(examples, tmp_path / "examples.pt")
+    script = Path(__file__).parent / "scripts" / "killed_learning.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "config.json"), str(tmp_path / "examples.pt"),
+                           "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL during step 5: the state of step 4 is on disk
+    assert (tmp_path / ".m.learning.pt").is_file() and not (tmp_path / "m").exists()
+    steps, original = [], FunctionalMerge.coefficient_grad
+    monkeypatch.setattr(FunctionalMerge, "coefficient_grad", lambda *a, **k: steps.append(1) or original(*a, **k))
+    resumed = SuperMerger(cfg).fit(examples, resume=True)
+    assert len(steps) == 2  # steps 5 and 6 only: learning went on from the saved state
+    monkeypatch.undo()
+    assert not (tmp_path / ".m.learning.pt").exists()
+    whole = SuperMerger(SuperMergeConfig.from_dict(cfg.to_dict() | {"output_dir": str(tmp_path / "w")})).fit(examples)
+    assert torch.equal(resumed.coefficients.raw, whole.coefficients.raw)
+    assert resumed.selected_step == whole.selected_step and resumed.history == whole.history
+    for name, tensor in whole.merged_tensors.items():
+        assert torch.equal(resumed.merged_tensors[name], tensor), name
