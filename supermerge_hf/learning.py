@@ -81,7 +81,7 @@ def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[st
     lams = LAMBDA_GRID if lam == "auto" else (lam,)
     best, grid = None, {}
     for d in DENSITY_GRID if density == "auto" else (density,):
-        options = kwargs if d is None else kwargs | {"density": d}
+        options = kwargs | ({} if d is None else {"density": d})  # a new dict per density
         if method.random:
             options["generator"] = torch.Generator().manual_seed(seed)
         if options.get("trim_scope") == "task":

@@ -43,7 +43,7 @@ class SuperMerger:
         ```python
         merger = SuperMerger(config)
         merger.fit({"sst2": sst2_examples, "rte": rte_examples})
-        print(merger.evaluate(test_examples))
+        metrics = merger.evaluate(test_examples)  # per task: loss, accuracy
         merger.save_pretrained("merged")
         ```
     """
