@@ -60,6 +60,14 @@ def draw_labelled(task: TaskData, seed: int, k: int) -> list[dict]:
     return pool[:k]
 
 
+def draw_unlabelled(task: TaskData, seed: int, k: int) -> list[dict]:
+    """The rest of the pool after `draw_labelled`'s k, for the methods that read inputs without labels (their
+    labels are dropped by `run_cell`; the test split is never part of it)."""
+    pool = list(task.pool)
+    random.Random(f"{task.name}/{seed}").shuffle(pool)
+    return pool[k:]
+
+
 def cell_name(method: str, seed: int, settings: Settings) -> str:
     return f"{method}-k{settings.examples_per_task}-seed{seed}"
 
@@ -96,6 +104,8 @@ def run_cell(method: str, seed: int, settings: Settings, tasks: dict[str, TaskDa
                   for t in settings.tasks},  # fmt: skip
         test={t: tokenize_examples(tokenizer, test_text[t]) for t in settings.tasks},
         test_text=test_text,
+        unlabelled={t: [{k: v for k, v in ex.items() if k != "labels"} for ex in tokenize_examples(
+            tokenizer, draw_unlabelled(tasks[t], seed, settings.examples_per_task))] for t in settings.tasks},
     )
     outcome = RUNNERS[method](cell)
     return {

@@ -24,9 +24,12 @@ from supermerge_hf import SuperMergeConfig, SuperMerger
 from supermerge_hf.demo.finetune import evaluate_accuracy
 
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "adamerging", "supermerge",
-                "supermerge_none", "supermerge_block", "individual", "multitask"]  # fmt: skip
+                "supermerge_none", "supermerge_block", "supermerge_distill", "supermerge_both",
+                "supermerge_row_distill", "individual",
+                "multitask"]  # fmt: skip
 # memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
 MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
+DISTILL = {"objective": "distill", "temperature": 2.0}  # the distillation cells' method_kwargs
 QUICK_METHODS = ["pretrained", "average", "task_arithmetic", "ties", "supermerge", "individual"]
 QUICK = {"tasks": ["bbc", "spam"], "seeds": [0], "test_size": 100, "finetune_steps": 30, "learn_steps": 10}
 
@@ -75,6 +78,7 @@ class Cell:
     labelled: dict[str, list[dict]]  # tokenised, `labels` included: the only labels a method may read
     test: dict[str, list[dict]]  # tokenised test examples, `labels` included, for evaluation only
     test_text: dict[str, list[dict]]  # the same, as {"text", "label"}, for models evaluated as plain HF models
+    unlabelled: dict[str, list[dict]] = field(default_factory=dict)  # the rest of the pool, inputs only
 
     @property
     def tasks(self) -> list[str]:
@@ -123,11 +127,12 @@ def test_accuracy(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {task: m["accuracy"] for task, m in metrics.items()}
 
 
-def merge_and_evaluate(cell: Cell, **overrides) -> Outcome:
-    """Merge with `SuperMerger` (fit on the cell's labelled examples) and evaluate every task's test split."""
+def merge_and_evaluate(cell: Cell, *, unlabelled: bool = False, **overrides) -> Outcome:
+    """Merge with `SuperMerger` (fit on the cell's labelled examples, and with `unlabelled` the rest of the pool's
+    inputs) and evaluate every task's test split."""
     start = time.perf_counter()
     merger = SuperMerger(make_config(cell, **overrides))
-    merger.fit(cell.labelled)
+    merger.fit(cell.labelled, unlabelled=cell.unlabelled if unlabelled else None)
     seconds = time.perf_counter() - start
     details = {"chosen": merger.chosen, "selected_step": merger.selected_step, "history": merger.history}
     if merger.coefficients is not None:  # "tasks": the key of the committed cells (make_results.py reads it)
@@ -190,6 +195,25 @@ def run_supermerge_none(cell: Cell) -> Outcome:
 @runner("supermerge_block")
 def run_supermerge_block(cell: Cell) -> Outcome:
     return merge_and_evaluate(cell, method="supermerge", granularity="block", transform="tanh")
+
+
+@runner("supermerge_distill")
+def run_supermerge_distill(cell: Cell) -> Outcome:
+    # Beyond the paper (method.md section 9): each fine-tune's outputs on its task's inputs (the 32 labelled ones
+    # and the rest of the pool, labels unread) are the target; the labelled hold-out still selects the step.
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs=DISTILL)
+
+
+@runner("supermerge_both")
+def run_supermerge_both(cell: Cell) -> Outcome:
+    # half the labels' cross-entropy, half the distillation loss
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs=DISTILL | {"objective": "both"})
+
+
+@runner("supermerge_row_distill")
+def run_supermerge_row_distill(cell: Cell) -> Outcome:
+    # one coefficient per row of each block matrix (method.md section 9, "in between"), learned by distillation
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", granularity="row", method_kwargs=DISTILL)
 
 
 @runner("supermerge_hier2")

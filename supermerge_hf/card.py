@@ -1,12 +1,18 @@
 """The model card of a merge: Hub metadata (`base_model_relation: merge`), recipe, commits, metrics, coefficients."""
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from transformers.models.auto import modeling_auto
+
+from .config import LOCAL, SuperMergeConfig
+from .hub import ResolvedSource
 
 from .plan import block_name
 from .results import Coefficients, MergeResult
@@ -15,25 +21,38 @@ logger = logging.getLogger(__name__)
 
 HEATMAP_NAME = "coefficients.png"
 MAX_TABLE_GROUPS = 40  # above this the full table is only in coefficients.json
+AUTO_MAPPINGS = {"AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                 "AutoModelForSeq2SeqLM": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                 "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                 "AutoModelForTokenClassification": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+                 "AutoModelForMaskedLM": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES}
 
 
 def _source_cell(path: str, repo_id: str | None) -> str:
-    return f"[`{repo_id}`](https://huggingface.co/{repo_id})" if repo_id else f"`{path}` (local folder)"
+    if repo_id:
+        return f"[`{repo_id}`](https://huggingface.co/{repo_id})"
+    return "a local folder (not published)" if path == LOCAL else f"`{path}` (local folder, relative to this one)"
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Per task, its fine-tune vs the merge (`LearnResult.metrics`) as a Markdown table; the split and count of the
+    examples in the second column."""
+    keys = [k for k in ("loss", "accuracy", "entropy") if any(k in m["merged"] for m in metrics.values())]
+    head = " | ".join(f"{k} fine-tune | {k} merged" for k in keys)
+    lines = [f"| task | examples | {head} |", "|---|---|" + "---|---|" * len(keys)]
+    for task, m in metrics.items():
+        cells = [f"{m[side][k]:.4f}" if k in (m[side] or {}) else "-" for k in keys for side in ("finetune", "merged")]
+        lines.append(f"| {task} | {m['examples']} ({m['count']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _metrics_section(metrics: dict[str, Any]) -> str:
     if not metrics:
         return ""
-    keys = [k for k in ("loss", "accuracy", "entropy") if any(k in m["merged"] for m in metrics.values())]
-    head = " | ".join(f"{k} fine-tune | {k} merged" for k in keys)
-    lines = ["## Metrics before and after merging", "",
-             "Each task's own fine-tune against the merge, on examples of that task (`holdout`: kept aside from "
-             "learning; `train`: no hold-out was configured).", "",
-             f"| task | examples | {head} |", "|---|---|" + "---|---|" * len(keys)]
-    for task, m in metrics.items():
-        cells = [f"{m[side][k]:.4f}" if k in (m[side] or {}) else "-" for k in keys for side in ("finetune", "merged")]
-        lines.append(f"| {task} | {m['examples']} ({m['count']}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n"
+    return ("## Metrics before and after merging\n\nEach task's own fine-tune against the merge, on the few labelled "
+            "examples of that task given for learning: the `holdout` ones kept aside from learning (or, with no "
+            "hold-out configured, the `train` ones it learned on), as many as the count in brackets. A check that "
+            "the merge kept each task, not a test result.\n\n" + metrics_table(metrics) + "\n\n")
 
 
 def heatmap_table(coefficients: Coefficients) -> tuple[list[str], torch.Tensor]:
@@ -91,7 +110,45 @@ def _coefficients_section(coefficients: Coefficients, heatmap: bool) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def build_model_card(result: MergeResult, save_directory: str | Path, *, name: str) -> ModelCard:
+def published_path(path: str, resolved: ResolvedSource, save_directory: Path, hub: bool) -> str:
+    """How a source is written into a saved merge: a Hub id as it is; a local folder relative to the output folder
+    (`../base`), or, for a merge pushed to the Hub, `LOCAL` (never a path of this machine)."""
+    if resolved.repo_id:
+        return path
+    if hub:
+        return LOCAL
+    relative = os.path.relpath(resolved.path, Path(save_directory).absolute())
+    return relative if relative.startswith("..") else f"./{relative}"
+
+
+def published_config(result: MergeResult, save_directory: str | Path, *, hub: bool = False) -> SuperMergeConfig:
+    """The config as saved with a merge: its paths made `published_path`s, the `merge_info`, and no run-time
+    options (`output_dir`, `checkpoint_every`)."""
+    cfg, out = result.config, Path(save_directory)
+    sources = [dataclasses.replace(s, path=published_path(s.path, r, out, hub))
+               for s, r in zip(cfg.sources, result.sources)]
+    return dataclasses.replace(cfg, base=published_path(cfg.base, result.base, out, hub), sources=sources,
+                               output_dir=None, checkpoint_every=0, merge_info=result.merge_info())
+
+
+def auto_class_name(cls: type) -> str:
+    """The `transformers` Auto class that loads `cls` (e.g. `AutoModelForCausalLM` for `LlamaForCausalLM`)."""
+    for auto, names in AUTO_MAPPINGS.items():
+        if any(cls.__name__ in (n if isinstance(n, tuple) else (n,)) for n in names.values()):
+            return auto
+    return "AutoModel"
+
+
+def _sources_table(cfg: SuperMergeConfig, result: MergeResult) -> str:
+    entries = [("base", cfg.base, cfg.base_revision, result.base)] + [
+        (s.task, s.path, s.revision, r) for s, r in zip(cfg.sources, result.sources)]
+    rows = [f"| {task} | {_source_cell(path, r.repo_id)} | {revision or '-'} | {r.commit or '-'} |"
+            for task, path, revision, r in entries]
+    return ("## Sources\n\nThe commit is the exact revision merged (Hub repos).\n\n| task | source | revision | commit "
+            "|\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
+
+
+def build_model_card(result: MergeResult, save_directory: str | Path, *, name: str, hub: bool = False) -> ModelCard:
     """The model card of a merge; writes its coefficient heatmap (with matplotlib) into `save_directory`. Metadata:
     the Hub sources as `base_model`, `base_model_relation: merge`, `tags: [merge, supermerge, <method>]`; body: the
     sources and their commits, what `auto` chose, metrics before and after merging, coefficients, recipe, loading.
@@ -100,15 +157,12 @@ def build_model_card(result: MergeResult, save_directory: str | Path, *, name: s
         result (`MergeResult`): A finished merge.
         save_directory (`str` or `Path`): The (existing) folder the card is saved into.
         name (`str`): The name to load the merge by (the final folder name, or the repo id when pushed).
+        hub (`bool`): For a merge pushed to the Hub: local sources are named by task only, never by path.
     """
-    cfg = result.config
+    cfg = published_config(result, save_directory, hub=hub)
     hub_ids = [r.repo_id for r in result.sources if r.repo_id] or None
     data = ModelCardData(base_model=hub_ids, base_model_relation="merge", library_name="transformers",
                          tags=["merge", "supermerge", cfg.method])
-    entries = [("base", cfg.base, cfg.base_revision, result.base)] + [
-        (s.task, s.path, s.revision, r) for s, r in zip(cfg.sources, result.sources)]
-    rows = [f"| {task} | {_source_cell(path, r.repo_id)} | {revision or '-'} | {r.commit or '-'} |"
-            for task, path, revision, r in entries]
     coef = result.coefficients
     heatmap = coef is not None and write_heatmap(coef, Path(save_directory) / HEATMAP_NAME) is not None
     coefficients = "" if coef is None else _coefficients_section(coef, heatmap)
@@ -120,13 +174,31 @@ def build_model_card(result: MergeResult, save_directory: str | Path, *, name: s
         f'```python\nfrom supermerge_hf import load_task_model\n\nmodel = load_task_model("{name}", '
         f'"{heads[0]}")\n```\n')
     recipe = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "merge_info"}, sort_keys=False)  # no token
+    auto = auto_class_name(result.plan.base.cls)
     return ModelCard(
         f"---\n{data.to_yaml()}\n---\n\n# Merge of {', '.join(cfg.tasks)}\n\n"
         f"This model merges {len(cfg.sources)} fine-tunes of {_source_cell(cfg.base, result.base.repo_id)} with "
         f"[supermerge_hf](https://arxiv.org/abs/2412.10416) (method: `{cfg.method}`, granularity: "
-        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + chosen + "## Sources\n\nThe commit is the "
-        "exact revision merged (Hub repos).\n\n| task | source | revision | commit |\n|---|---|---|---|\n"
-        + "\n".join(rows) + "\n\n" + _metrics_section(result.metrics) + coefficients
-        + f"## Recipe\n\n```yaml\n{recipe}```\n\n## Loading\n\n```python\nfrom transformers import "
-        f'AutoModel\n\nmodel = AutoModel.from_pretrained("{name}")\n```\n{heads_section}'
+        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + chosen + _sources_table(cfg, result)
+        + _metrics_section(result.metrics) + coefficients
+        + f"## Recipe\n\n```yaml\n{recipe}```\n\n## Loading\n\n```python\nfrom transformers import {auto}\n\n"
+        f'model = {auto}.from_pretrained("{name}")\n```\n{heads_section}'
+    )
+
+
+def build_adapter_card(result: MergeResult, save_directory: str | Path, *, name: str, rank: int | None,
+                       hub: bool = False) -> ModelCard:
+    """The card of the combined LoRA adapter: its base as `base_model`, the merged sources, and how to load it."""
+    cfg = published_config(result, save_directory, hub=hub)
+    data = ModelCardData(base_model=result.base.repo_id, base_model_relation="adapter", library_name="peft",
+                         tags=["merge", "supermerge", "lora"])
+    auto = auto_class_name(result.plan.base.cls)
+    size = "of the exact rank (the sum of the source ranks)" if rank is None else f"compressed to rank {rank} by SVD"
+    return ModelCard(
+        f"---\n{data.to_yaml()}\n---\n\n# LoRA adapter: merge of {', '.join(cfg.tasks)}\n\n"
+        f"One PEFT LoRA adapter of {_source_cell(cfg.base, result.base.repo_id)} that equals the `{cfg.method}` merge "
+        f"of {len(cfg.sources)} LoRA adapters, {size} (per-module errors: `supermerge_adapter.json`). Heads are not "
+        "part of it.\n\n" + _sources_table(cfg, result)
+        + f"## Loading\n\n```python\nfrom peft import PeftModel\nfrom transformers import {auto}\n\n"
+        f'base = {auto}.from_pretrained("{cfg.base}")\nmodel = PeftModel.from_pretrained(base, "{name}")\n```\n'
     )

@@ -87,6 +87,16 @@ class Checkpoint:
             f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))  # reshape: 0-dim tensors too
         return target if out is None or direct else out.copy_(target)
 
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype holding most of the weights (from the headers only); `None` if none is floating."""
+        counts: dict[torch.dtype, int] = {}
+        for name in self.weight_map:
+            dtype = (self._pickle[name].dtype if self._pickle is not None
+                     else _DTYPES[self._header(self.weight_map[name])[0][name]["dtype"]])
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + 1
+        return max(counts, key=counts.get) if counts else None
+
     def nbytes(self) -> int:
         """Total bytes of the weights, from the headers only."""
         if self._pickle is not None:
@@ -107,6 +117,14 @@ def check_output_dir(path: str | Path, *, overwrite: bool) -> None:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"Output folder {str(path)!r} already holds files. Choose another folder, or pass "
                               "overwrite=True (CLI: --overwrite) to replace it.")
+
+
+def check_not_an_input(folder: str | Path, inputs: list[Path]) -> None:
+    """`ValueError` for an output folder that is, or holds, one of `inputs`: replacing it would destroy an input."""
+    out = Path(folder).expanduser().resolve()
+    if any(p.resolve() == out or p.resolve().is_relative_to(out) for p in inputs):
+        raise ValueError(f"The output folder {str(folder)!r} is or holds an input of this merge (the base or a "
+                         "source): writing there would replace it. Choose another folder.")
 
 
 @contextlib.contextmanager

@@ -9,17 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
 import yaml
 
 from .hub import resolve
 from .methods import get_method
 
 CONFIG_NAME = "supermerge_config.json"
+LOCAL = "<local folder, not published>"  # a source's path in a merge saved for the Hub
 
-Granularity = Literal["tensor", "block", "task"]
+Granularity = Literal["tensor", "block", "task", "row"]
 Transform = Literal["tanh", "none"]
 LossCombination = Literal["sum", "mean", "normalized"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 Grouping = Literal["similarity", "explicit", "random"]
 
 
@@ -91,7 +93,8 @@ class SuperMergeConfig:
         method (`str`, defaults to `"supermerge"`): A name from `supermerge_hf.METHODS`.
         method_kwargs (`dict`): The method's hyperparameters (`supermerge methods` lists them), checked here and
             completed with their defaults; `"auto"` picks `lam` / `density` on the examples.
-        granularity (`str`, defaults to `"tensor"`): What shares a coefficient: `tensor`, `block` or `task`.
+        granularity (`str`, defaults to `"tensor"`): What shares a coefficient: `tensor`, `block`, `task`, or `row`
+            (each row of a transformer block's matrices; its other tensors one each).
         transform (`str`, *optional*): c(w), `tanh` or `none`; defaults to the method's (AdaMerging: `none`).
         init_coefficient (`float`, defaults to 0.3): c(w) for every entry at the start of learning.
         init_from_task_arithmetic (`bool`): Start instead from the task-arithmetic λ with the lowest train loss.
@@ -108,11 +111,16 @@ class SuperMergeConfig:
         checkpoint_every (`int`): Save the learning state every N steps beside `output_dir`, so that
             `fit(..., resume=True)` (CLI: `--resume`) continues a killed run; 0 (default) never.
         seed (`int`, defaults to 42): Seed of the example split, the batch order and every random choice.
-        dtype (`str`, defaults to `"float32"`): dtype the merge runs and is saved in.
+        dtype (`str`, defaults to `"auto"`): dtype the merge is saved in: `auto` keeps the sources' (the base's when
+            they differ) and learns in float32; `float32`, `bfloat16` or `float16` also learns in it.
         allow_pickle (`bool`): Allow reading pickle `.bin` checkpoints (only files you trust).
         output_dir (`str`, *optional*): Where `save_pretrained` writes when no folder is given.
         overwrite_output_dir (`bool`): Replace an existing, non-empty output folder.
         max_shard_size (`str`, defaults to `"5GB"`): Largest safetensors shard written.
+        tokenizer_source (`str`, defaults to `"base"`): Whose tokenizer, and generation config, the merge ships:
+            `base` or a task's source (which must keep the base's vocabulary size).
+        chat_template (`str`, *optional*): The tokenizer's chat template: `base` or a task (that model's), a
+            built-in name (`chatml`), a `.jinja` file or the template text; default: the tokenizer source's.
         merge_info (`dict`): Written by the merger: commits, task-specific tensors, selected step, `auto` choices.
     """
 
@@ -137,11 +145,13 @@ class SuperMergeConfig:
     streaming: bool = False
     checkpoint_every: int = 0
     seed: int = 42
-    dtype: DType = "float32"
+    dtype: DType = "auto"
     allow_pickle: bool = False
     output_dir: str | None = None
     overwrite_output_dir: bool = False
     max_shard_size: str = "5GB"
+    tokenizer_source: str = "base"
+    chat_template: str | None = None
     merge_info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -186,6 +196,8 @@ class SuperMergeConfig:
                              f"{self.method!r} learns without labels. Use 'sum' or 'mean'.")
         if self.hierarchical is not None:
             self._check_hierarchical(method.kind)
+        if self.tokenizer_source not in ["base", *self.tasks]:
+            raise ValueError(f"`tokenizer_source` {self.tokenizer_source!r} must be `base` or a task {self.tasks}.")
 
     def _check_hierarchical(self, kind: str) -> None:
         options = self.hierarchical
@@ -201,8 +213,17 @@ class SuperMergeConfig:
             raise ValueError("`hierarchical.groups` is only read with grouping='explicit'.")
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype learning runs in: float32 for `dtype: auto`, else `dtype`."""
+        return torch.float32 if self.dtype == "auto" else getattr(torch, self.dtype)
+
+    @property
     def tasks(self) -> list[str]:
         return [s.task for s in self.sources]
+
+    @property
+    def paths(self) -> list[str]:
+        return [s.path for s in self.sources]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,8 +256,12 @@ class SuperMergeConfig:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None,
                         token: str | bool | None = None) -> SuperMergeConfig:
-        """Load `supermerge_config.json` from a local folder or a Hub repo id (`FileNotFoundError` if none)."""
-        path = resolve(path_or_repo_id, revision=revision, token=token).path / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path_or_repo_id!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")
-        return cls.from_file(path)
+        """Load `supermerge_config.json` from a local folder or a Hub repo id (`FileNotFoundError` if none); the
+        local paths a merge saved relative to its folder (`./x`, `../x`) are resolved against that folder."""
+        folder = resolve(path_or_repo_id, revision=revision, token=token).path
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{str(path_or_repo_id)!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")
+        config = cls.from_file(folder / CONFIG_NAME)
+        located = [str(folder / p) if p.startswith(("./", "../")) else p for p in [config.base, *config.paths]]
+        return dataclasses.replace(config, base=located[0], sources=[
+            dataclasses.replace(s, path=p) for s, p in zip(config.sources, located[1:])])

@@ -4,7 +4,7 @@ import csv
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,7 +43,8 @@ def as_examples(task: str, data: Any, *, limit: int | None = None, require_label
                         f"got {type(data).__name__}.")
     examples = examples[:limit] if limit else examples
     if not examples:
-        raise ValueError(f"Task {task!r} has no examples: give at least one labelled example per task.")
+        raise ValueError(f"Task {task!r} has no examples: give at least one {'labelled ' * require_labels}example "
+                         "per task.")
     if require_labels and any("labels" not in ex for ex in examples):
         raise ValueError(f"Task {task!r} has examples without `labels`: the supervised loss needs a `labels` field in "
                          "every example (rename your label column to `labels`).")
@@ -61,26 +62,43 @@ def check_labels(task: str, examples: list[Example], num_labels: int) -> None:
                          "classes of its fine-tune: fix the labels or their label2id mapping.")
 
 
-def make_splits(data: Mapping[str, list[Example]], fraction: float, seed: int):
-    """One seeded (train, holdout) split per task, made once in task order (every hierarchical level uses the same),
-    and the generator that then draws the batches; holdout is empty when too few examples or `fraction` is 0."""
+class Split(NamedTuple):
+    """One task's examples: `train` and `holdout` (labelled: the supervised loss, the step selection) and
+    `unlabelled` (inputs only, labels dropped: the train inputs, then the unlabelled inputs given; what the
+    objectives without labels learn from; the hold-out never enters it)."""
+
+    train: list[Example]
+    holdout: list[Example]
+    unlabelled: list[Example]
+
+
+def make_splits(data: Mapping[str, list[Example]], fraction: float, seed: int, *,
+                unlabelled: Mapping[str, list[Example]] | None = None) -> tuple[dict[str, Split], torch.Generator]:
+    """One seeded `Split` per task, made once in task order (every hierarchical level uses the same), and the
+    generator that then draws the batches; holdout is empty when too few examples or `fraction` is 0."""
     generator = torch.Generator().manual_seed(seed)
     splits = {}
     for task, examples in data.items():
         n_holdout = int(round(fraction * len(examples)))
-        if n_holdout == 0 or n_holdout >= len(examples):
-            splits[task] = examples, []
-            continue
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        splits[task] = [examples[i] for i in order[n_holdout:]], [examples[i] for i in order[:n_holdout]]
+        train, holdout = examples, []
+        if 0 < n_holdout < len(examples):
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            train, holdout = [examples[i] for i in order[n_holdout:]], [examples[i] for i in order[:n_holdout]]
+        inputs = [{k: v for k, v in ex.items() if k != "labels"} for ex in [*train, *(unlabelled or {}).get(task, [])]]
+        splits[task] = Split(train, holdout, inputs)
     return splits, generator
 
 
 def collate(examples: list[Example], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Stack examples into a batch, right-padding sequences (`input_ids` with the pad id, `labels` with -100); adds
-    an `attention_mask` when the examples have none, so results do not depend on the padding."""
-    if "input_ids" in examples[0] and "attention_mask" not in examples[0]:
-        examples = [ex | {"attention_mask": torch.ones_like(ex["input_ids"])} for ex in examples]
+    an `attention_mask` to examples that have none, so results do not depend on the padding."""
+    if any("input_ids" in ex and "attention_mask" not in ex for ex in examples):
+        examples = [ex if "attention_mask" in ex else ex | {"attention_mask": torch.ones_like(ex["input_ids"])}
+                    for ex in examples]
+    if any(ex.keys() != examples[0].keys() for ex in examples):
+        raise ValueError(f"Examples of one task must have the same fields; got {sorted(examples[0])} and "
+                         f"{sorted(next(ex for ex in examples if ex.keys() != examples[0].keys()))}: give every "
+                         "example (labelled and unlabelled) the same model inputs.")
     batch = {}
     for key in examples[0]:
         values = [ex[key] for ex in examples]
@@ -111,7 +129,7 @@ class BatchSampler:
         return out
 
 
-def read_examples(path: str | Path, tokenizer, *, text_field: str = "text", label_field: str = "label",
+def read_examples(path: str | Path, tokenizer, *, text_field: str = "text", label_field: str | None = "label",
                   text_pair_field: str | None = None, label2id: Mapping[str, int] | None = None,
                   max_length: int = 128) -> list[Example]:
     """Read labelled text from a JSONL or CSV file and tokenise it with `tokenizer`.
@@ -120,13 +138,14 @@ def read_examples(path: str | Path, tokenizer, *, text_field: str = "text", labe
         path (`str` or `Path`): A `.jsonl` or `.csv` file.
         tokenizer: The tokenizer of the base model.
         text_field (`str`, defaults to `"text"`): The field holding the text.
-        label_field (`str`, defaults to `"label"`): The field holding the label: an integer or a label name.
+        label_field (`str`, defaults to `"label"`): The field holding the label: an integer or a label name;
+            `None` reads unlabelled inputs (for `SuperMerger.fit(..., unlabelled=)`).
         text_pair_field (`str`, *optional*): The field holding a second text (e.g. the hypothesis of NLI).
         label2id (`Mapping[str, int]`, *optional*): Label names to ids, e.g. the fine-tune's `config.label2id`.
         max_length (`int`, defaults to 128): Longer texts are truncated.
 
     Returns:
-        `list[dict[str, torch.Tensor]]`: the tokenised examples, with `labels`.
+        `list[dict[str, torch.Tensor]]`: the tokenised examples, with `labels` unless `label_field` is `None`.
 
     Raises:
         `ValueError`: Unknown file type, a missing field, or a label name not in `label2id`.
@@ -145,12 +164,13 @@ def read_examples(path: str | Path, tokenizer, *, text_field: str = "text", labe
             if field_name and field_name not in row:
                 raise ValueError(f"{path}:{i + 1} has no field {field_name!r} (fields: {sorted(row)}): name the "
                                  "right one with text_field= / label_field= (a recipe's `data:` entry takes the same).")
-        label = row[label_field]
+        label = row[label_field] if label_field else None
         if isinstance(label, str) and not label.lstrip("-").isdigit():
             if label not in (label2id or {}):
                 raise ValueError(f"{path}:{i + 1}: label {label!r} is not one of {sorted(label2id or {})}.")
             label = label2id[label]
         pair = row[text_pair_field] if text_pair_field else None
-        encoded = tokenizer(row[text_field], pair, truncation=True, max_length=max_length)
-        examples.append({k: torch.tensor(v) for k, v in encoded.items()} | {"labels": torch.tensor(int(label))})
+        encoded = {k: torch.tensor(v) for k, v in tokenizer(row[text_field], pair, truncation=True,
+                                                            max_length=max_length).items()}
+        examples.append(encoded if label is None else encoded | {"labels": torch.tensor(int(label))})
     return examples

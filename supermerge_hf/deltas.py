@@ -81,21 +81,30 @@ class DeltaStack:
 
     @torch.no_grad()
     def merge(self, base: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """base + sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`, written into `out` (or a new tensor)."""
+        """base + sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`, or `(S, R)`: one per row (`R` =
+        shape[0]), written into `out` (or a new tensor)."""
         out = torch.empty_like(base) if out is None else out
-        if self.stacked is not None:  # (S, n)^T @ (S,) straight into `out`, then the base added in place
+        if self.stacked is not None and c.dim() == 1:  # (S, n)^T @ (S,) straight into `out`, then the base
             torch.mv(self.stacked.view(len(c), -1).T, c.to(self.stacked.dtype), out=out.view(-1))
             return out.add_(base)
         out.copy_(base)
-        for ci, part in zip(c.tolist(), self.parts):
-            if part is not None and ci != 0.0:
+        for ci, part in zip(c.to(self.dtype) if c.dim() == 2 else c.tolist(), self.parts):
+            if part is None:
+                continue
+            if c.dim() == 2:  # (R,) -> (R, 1, ...): row r of tau_i scaled by c[i, r]
+                out.add_(_as_dense(part, base) * ci.view(-1, *[1] * (out.dim() - 1)))
+            elif ci != 0.0:
                 out.add_(_as_dense(part, base), alpha=ci)
         return out
 
-    def inner(self, grad: torch.Tensor) -> torch.Tensor:
-        """<grad, tau_i> for every source `(S,)` float32; streamed parts read one at a time."""
-        if self.stacked is not None:
+    def inner(self, grad: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
+        """<grad, tau_i> for every source `(S,)` float32, or per row `(S, R)`; streamed parts read one at a time."""
+        if self.stacked is not None and not per_row:
             return self.stacked.flatten(1).float() @ grad.flatten().float()  # (S,)
+        if per_row:  # (S, R): one source at a time, no (S, *shape) temporary
+            rows = grad.flatten(1).float()  # (R, n)
+            return torch.stack([torch.zeros(len(rows), device=grad.device) if p is None
+                                else (_as_dense(p).flatten(1).float() * rows).sum(-1) for p in self.parts])
         values = [torch.zeros((), device=grad.device) if p is None else p.inner(grad.float()).float()
                   if isinstance(p, LowRankDelta) else torch.dot(_as_dense(p).flatten().float(), grad.flatten().float())
                   for p in self.parts]

@@ -74,3 +74,12 @@ def format_estimates(estimates: list[Estimate], max_memory_mb: float | None = No
         mode = pick_mode(estimates, max_memory_mb)
         lines.append(f"With --max-memory {max_memory_mb:.0f} MB: " + (f"use {mode}." if mode else "no mode fits."))
     return "\n".join(lines)
+
+
+def check_memory(estimates: list[Estimate], mode: str, max_memory_mb: float) -> None:
+    """`ValueError`, before any weight is loaded, when the estimated peak of `mode` exceeds the limit."""
+    peak = next(max(e.host_mb, e.device_mb) for e in estimates if e.mode == mode)
+    if peak > max_memory_mb:
+        raise ValueError(f"A {mode} merge needs about {peak:.0f} MB, more than --max-memory {max_memory_mb:.0f} MB."
+                         f"\n{format_estimates(estimates, max_memory_mb)}\nSet `streaming: true` or "
+                         "`hierarchical: {group_size: 2}` in the recipe, or raise the limit.")

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PreTrainedModel
 
-from .card import build_model_card
-from .checkpoint import atomic_output_dir, copy_tokenizer
+from .card import build_adapter_card, build_model_card, published_config
+from .checkpoint import TOKENIZER_FILES, atomic_output_dir, copy_tokenizer
 from .config import SuperMergeConfig
 from .hub import resolve
 from .methods import MergeMethod
-from .plan import MergePlan
+from .plan import MergePlan, saved_dtype
 from .results import COEFFICIENTS_NAME, Coefficients, MergeResult, check_finite
 from .sources import LoraSpec, model_class
 
@@ -26,18 +26,20 @@ HEADS_DIR = "heads"
 HIERARCHY_NAME = "hierarchy.json"
 
 
-def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bool = False,
+               repo_id: str | None = None) -> Path:
     """Write a merge as a standard checkpoint folder, built in a temporary folder moved into place at the end:
     the merged model (in the config's dtype), the base's tokenizer, `supermerge_config.json` (with what was
     resolved and chosen), `coefficients.json`, `hierarchy.json` (every level's), `README.md` (the card) and
-    `heads/<task>/` (the task's config and own tensors: `load_task_model`). Raises `FileExistsError` for a
+    `heads/<task>/` (the task's config and own tensors: `load_task_model`). Local source paths are written
+    relative to the output, or not at all when it is for the Hub repo `repo_id`. Raises `FileExistsError` for a
     folder with files unless `overwrite`, and `FloatingPointError` (nothing written) for non-finite weights."""
     check_finite(result.merged, "The merge")
     plan, config = result.plan, result.config
     with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
-        plan.base.build(result.merged, getattr(torch, config.dtype)).save_pretrained(
+        plan.base.build(result.merged, saved_dtype(plan, config.dtype)).save_pretrained(
             tmp, max_shard_size=config.max_shard_size)
-        copy_tokenizer(plan.base.folder, tmp)
+        write_tokenizer(plan, config, tmp)
         for task, source in plan.task_specs.items():
             names = plan.task_specific[task]
             if names:
@@ -47,15 +49,89 @@ def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bo
                 tensors = {source.param_names[n]: source.read_tensor(n).contiguous() for n in names}
                 check_finite(tensors, f"The head of task {task!r}")
                 save_file(tensors, head_dir / "head.safetensors", metadata={"format": "pt"})
-        dataclasses.replace(config, merge_info=result.merge_info()).save_pretrained(tmp)
+        published_config(result, save_directory, hub=repo_id is not None).save_pretrained(tmp)
         if result.coefficients is not None:
             result.coefficients.save(tmp / COEFFICIENTS_NAME)
         if result.levels:
             levels = [level | {"coefficients": level["coefficients"].to_dict()} for level in result.levels]
             (tmp / HIERARCHY_NAME).write_text(json.dumps(levels, indent=1, allow_nan=False) + "\n")
-        build_model_card(result, tmp, name=Path(save_directory).name).save(tmp / "README.md")
+        card = build_model_card(result, tmp, name=repo_id or Path(save_directory).name, hub=repo_id is not None)
+        card.save(tmp / "README.md")
     logger.info("Saved the merge to %s", save_directory)
     return Path(save_directory)
+
+
+CHAT_TEMPLATES = {  # by name, as `chat_template` in a recipe
+    "chatml": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+              "{% endif %}",
+}
+
+
+def tokenizer_folder(plan: MergePlan, source: str) -> Path:
+    """The folder whose tokenizer and generation config a merge takes: the base's, or task `source`'s."""
+    return plan.base.folder if source == "base" else plan.task_specs[source].folder
+
+
+def read_chat_template(plan: MergePlan, value: str) -> str:
+    """`chat_template` of a config as Jinja text: a built-in name (`CHAT_TEMPLATES`), `base` or a task (that
+    model's own template), a `.jinja` file, or the template itself. `ValueError` (before any work) otherwise."""
+    from transformers import AutoTokenizer
+
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if value == "base" or value in plan.task_specs:
+        template = AutoTokenizer.from_pretrained(tokenizer_folder(plan, value)).chat_template
+        if not isinstance(template, str):
+            raise ValueError(f"chat_template={value!r}: that model's tokenizer has no (single) chat template. Name "
+                             f"another source, a built-in ({sorted(CHAT_TEMPLATES)}) or a .jinja file.")
+        return template
+    if Path(value).is_file():
+        return Path(value).read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template={value!r} is neither a built-in ({sorted(CHAT_TEMPLATES)}), `base`, a task "
+                     f"({sorted(plan.task_specs)}), an existing .jinja file nor a Jinja template.")
+
+
+def check_tokenizer(plan: MergePlan, config: SuperMergeConfig) -> None:
+    """`ValueError`, before any work, for a `tokenizer_source` without a tokenizer or with more tokens than the
+    merged embedding has rows, and for a `chat_template` that cannot be read."""
+    from transformers import AutoTokenizer
+
+    if config.tokenizer_source != "base":
+        folder = tokenizer_folder(plan, config.tokenizer_source)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"tokenizer_source={config.tokenizer_source!r}: {folder} has no tokenizer files. Save "
+                             "the tokenizer beside that fine-tune, or use tokenizer_source: base.")
+        tokens, rows = len(AutoTokenizer.from_pretrained(folder)), plan.base.config.get_text_config().vocab_size
+        if tokens > rows:
+            raise ValueError(f"tokenizer_source={config.tokenizer_source!r} has {tokens} tokens but the merged "
+                             f"embedding has the base's {rows} rows: its added tokens would have no embedding.")
+    if config.chat_template is not None:
+        read_chat_template(plan, config.chat_template)
+
+
+def write_tokenizer(plan: MergePlan, config: SuperMergeConfig, folder: Path) -> None:
+    """The tokenizer and generation config of `config.tokenizer_source` into `folder`, with `config.chat_template`."""
+    source = tokenizer_folder(plan, config.tokenizer_source)
+    copy_tokenizer(source, folder)
+    if (source / "generation_config.json").is_file():
+        shutil.copy2(source / "generation_config.json", folder / "generation_config.json")
+    if config.chat_template is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.chat_template = read_chat_template(plan, config.chat_template)
+        tokenizer.save_pretrained(folder)
+
+
+def load_levels(folder: Path) -> list[dict] | None:
+    """Every level of a hierarchical merge saved in `folder` (`hierarchy.json`), or `None` for a flat one."""
+    if not (folder / HIERARCHY_NAME).is_file():
+        return None
+    levels = json.loads((folder / HIERARCHY_NAME).read_text())
+    return [level | {"coefficients": Coefficients.from_dict(level["coefficients"])} for level in levels]
 
 
 def load_task_model(merged_dir: str | Path, task: str, *, revision: str | None = None,
@@ -91,7 +167,8 @@ def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: Merg
     reason = (f"sources {full} are full fine-tunes, whose task vectors no adapter holds exactly" if full else
               f"{method.name!r} learns no coefficients" if method.kind != "learned" else
               f"{method.name!r} trims the task vectors first" if method.preprocess else
-              "a hierarchical merge's group results are dense" if config.hierarchical else None)
+              "a hierarchical merge's group results are dense" if config.hierarchical else
+              "granularity 'row' scales rows of the dense task vectors" if config.granularity == "row" else None)
     if reason:
         raise ValueError(f"A combined LoRA adapter is sum_i c_i s_i B_i A_i of LoRA sources with learned "
                          f"coefficients; here {reason}. Save the dense merge with `save_pretrained` instead.")
@@ -131,7 +208,7 @@ def combined_factors(plan: MergePlan, coefficients: Coefficients, rank: int | No
 
 
 def save_combined_adapter(result: MergeResult, save_directory: str | Path, *, rank: int | None = None,
-                          overwrite: bool = False) -> Path:
+                          overwrite: bool = False, repo_id: str | None = None) -> Path:
     """Write the merge's LoRA part as one PEFT adapter of the base (PEFT's own format, written atomically):
     `PeftModel.from_pretrained(AutoModel.from_pretrained(base), save_directory)` equals the dense merge. Heads
     are not part of it (they stay per task in the dense merge's `heads/`)."""
@@ -146,8 +223,10 @@ def save_combined_adapter(result: MergeResult, save_directory: str | Path, *, ra
     config = LoraConfig(r=default, lora_alpha=default, target_modules=sorted(modules), fan_in_fan_out=fan_in_fan_out,
                         rank_pattern={m: r for m, r in ranks.items() if r != default},
                         alpha_pattern={m: r for m, r in ranks.items() if r != default},  # scaling alpha / r = 1
-                        base_model_name_or_path=result.config.base, init_lora_weights=False)
-    model = get_peft_model(plan.base.build({}, getattr(torch, result.config.dtype)), config)
+                        init_lora_weights=False)
+    model = get_peft_model(plan.base.build({}, saved_dtype(plan, result.config.dtype)), config)
+    base = published_config(result, save_directory, hub=repo_id is not None).base
+    model.peft_config["default"].base_model_name_or_path = base  # get_peft_model sets this machine's path
     with torch.no_grad():
         for module, (A, B) in modules.items():
             layer = model.base_model.model.get_submodule(module)
@@ -159,6 +238,8 @@ def save_combined_adapter(result: MergeResult, save_directory: str | Path, *, ra
                 layer.lora_B["default"].weight.copy_(B)
     with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        build_adapter_card(result, tmp, name=repo_id or Path(save_directory).name, rank=rank,
+                           hub=repo_id is not None).save(tmp / "README.md")
         (tmp / "supermerge_adapter.json").write_text(json.dumps(
             {"tasks": plan.tasks, "rank": rank, "modules": report}, indent=1) + "\n")
     return Path(save_directory)

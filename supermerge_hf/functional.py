@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .data import Example, collate
 from .deltas import DeltaStack, LowRankDelta, Scratch, StreamedDelta
+from .objectives import TEACHER, distillation_loss, entropy
 from .plan import MergePlan, load_task_specific
 from .sources import ModelSpec, Source
 
@@ -98,16 +99,6 @@ def skeleton(spec: Source, device: torch.device | str, dtype: torch.dtype) -> nn
     return model.to(dtype=dtype).eval()  # eval: dropout off while learning
 
 
-def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean Shannon entropy of the predicted distributions; over real tokens only when `mask` `(B, T)` is given."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)  # (..., C)
-    per_position = -(log_p.exp() * log_p).sum(-1)  # (...)
-    if mask is None or per_position.dim() != 2:
-        return per_position.mean()
-    mask = mask.to(per_position.device, per_position.dtype)  # (B, T)
-    return (per_position * mask).sum() / mask.sum().clamp(min=1)
-
-
 class FunctionalMerge:
     """theta_m(c) = theta_p + sum_i c_i * tau_i, run per task with that task's architecture and head.
 
@@ -136,7 +127,8 @@ class FunctionalMerge:
         layers = {}
         for name in self.plan.merged:
             parts = [(i, p) for i, p in enumerate(self.deltas[name].parts) if isinstance(p, LowRankDelta)]
-            modules = [self._owner(task, name) for task in self.models] if parts else [None]
+            row_groups = isinstance(self.plan.group_index[name], slice)  # per-row c: merged densely instead
+            modules = [self._owner(task, name) for task in self.models] if parts and not row_groups else [None]
             if all(m is not None for m in modules):
                 layers[name] = layer = LowRankLayer(parts, self.plan.group_index[name])
                 for module in modules:
@@ -216,12 +208,13 @@ class FunctionalMerge:
         return metrics
 
     def coefficient_grad(self, c: torch.Tensor, batches: Mapping[str, list[Example]], scale: Mapping[str, float],
-                         objective: str = "supervised") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         objective: str = "supervised", *, temperature: float = 1.0,
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`(dL/dc (S, G), {task: loss})` of L = sum_t scale[t] * loss_t, one backward per task through the merged
         model only: each merged tensor's gradient is folded into dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j],
         tau_ij> (method.md section 3) as backward produces it, then freed; LoRA layers get theirs by autograd
-        through c. `objective`: the model's loss, or `entropy` over real tokens (labels unread). Empty batches
-        are skipped."""
+        through c. `objective`: the model's loss, or (labels unread) `entropy` over real tokens or `distill`, the
+        KL from the logits each example carries in `teacher_logits` at `temperature`. Empty batches are skipped."""
         merged = self.params(c.detach())
         leaves = [n for n in merged if not self.dense_deltas[n].is_zero]  # all-zero task vectors: dL/dc = 0
         for name in leaves:
@@ -235,9 +228,12 @@ class FunctionalMerge:
             for task, batch in batches.items():
                 if not batch:
                     continue
-                if objective == "entropy":
+                if objective in ("entropy", "distill"):
                     batch = collate([{k: v for k, v in ex.items() if k != "labels"} for ex in batch], self.pad_id)
-                    loss = entropy(self.forward(task, merged, batch, c_lowrank).logits, batch.get("attention_mask"))
+                    teacher, mask = batch.pop(TEACHER, None), batch.get("attention_mask")
+                    logits = self.forward(task, merged, batch, c_lowrank).logits  # (B, C) or (B, T, V)
+                    loss = entropy(logits, mask) if objective == "entropy" else \
+                        distillation_loss(logits, teacher.to(logits.device), temperature, mask)
                 else:
                     loss = self.forward(task, merged, batch, c_lowrank).loss
                 if inputs:
@@ -254,9 +250,10 @@ class FunctionalMerge:
 
     def _fold_grad(self, name: str, grad_c: torch.Tensor):
         group, stack = self.plan.group_index[name], self.dense_deltas[name]
+        per_row = isinstance(group, slice)  # `row` granularity: one coefficient per row of the tensor
 
         def hook(tensor: torch.Tensor) -> None:
-            grad_c[:, group] += stack.inner(tensor.grad).to(grad_c.device)  # (S,)
+            grad_c[:, group] += stack.inner(tensor.grad, per_row=per_row).to(grad_c.device)  # (S,) or (S, R)
             tensor.grad = None
 
         return hook

@@ -103,7 +103,7 @@ def fit_hierarchical(plan: MergePlan, config: SuperMergeConfig, method: MergeMet
                      accelerator: Accelerator) -> tuple[LearnResult, list[dict[str, Any]]]:
     """Learn level by level: the last level's result (with each task's own fine-tune metrics) and per level and
     group `{"level", "group" (member names), "selected_step", "coefficients"}`."""
-    flat, dtype = dataclasses.replace(config, hierarchical=None), getattr(torch, config.dtype)
+    flat, dtype = dataclasses.replace(config, hierarchical=None), config.compute_dtype
     units, levels, finetunes = [Unit(t, s, [t]) for t, s in zip(plan.tasks, plan.sources)], [], {}
     with tempfile.TemporaryDirectory(prefix="supermerge-levels-") as workdir:
         for level in range(len(units)):
@@ -146,6 +146,6 @@ def rebuild(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,
             merged = functional_merge(sub, config, method).params(table.aligned(sub.source_names, sub.groups),
                                                                   dense=True)
             if i + 1 < len(levels):
-                unit = _next_unit(plan, members, merged, Path(workdir) / str(i), getattr(torch, config.dtype))
+                unit = _next_unit(plan, members, merged, Path(workdir) / str(i), config.compute_dtype)
                 units[unit.name] = unit
     return merged

@@ -75,6 +75,11 @@ def resolve(path_or_repo_id: str | Path, *, revision: str | None = None, token: 
     return ResolvedSource(path=path, commit=commit, repo_id=repo_id, revision=revision)
 
 
+def repo_url(repo_id: str, endpoint: str | None = None) -> str:
+    """The web address of a Hub model repo."""
+    return f"{(endpoint or constants.ENDPOINT).rstrip('/')}/{repo_id}"
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                 revision: str | None = None, commit_message: str | None = None, endpoint: str | None = None) -> str:
     """Upload a local folder to a Hub model repo, creating the repo (`private`) and the branch `revision` when

@@ -1,9 +1,11 @@
-"""Learning the coefficients (Adam on w through Accelerate, the exact cheap gradient, hold-out selection), and
-data-free merges with `auto` hyperparameters picked on examples. Every function returns its result."""
+"""Learning the coefficients (Adam on w through Accelerate, the exact cheap gradient, hold-out selection) on one
+or two objectives, and data-free merges with `auto` hyperparameters picked on examples. Every function returns
+its result."""
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -17,18 +19,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SuperMergeConfig
-from .data import BatchSampler, Example
+from .data import BatchSampler, Example, Split
+from .distill import attach_teachers
 from .functional import FunctionalMerge
-from .methods import MergeMethod
-from .plan import MergePlan
+from .methods import LAMBDA_GRID, MergeMethod
+from .plan import MergePlan, layer_depths
 from .results import Coefficients, LearnResult, check_finite, inverse_transform, transform
 from .sparsify import magnitude_thresholds
 
 logger = logging.getLogger(__name__)
 
-LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
-DENSITY_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
-Splits = dict[str, tuple[list[Example], list[Example]]]  # task -> (train, holdout)
+Splits = dict[str, Split]  # task -> (train, holdout, unlabelled)
 
 
 class CoefficientModule(nn.Module):
@@ -47,7 +48,7 @@ def functional_merge(plan: MergePlan, config: SuperMergeConfig, method: MergeMet
                      device: torch.device | str = "cpu") -> FunctionalMerge:
     """The plan's merged model as the method sees it (AdaMerging++: over TIES-trimmed task vectors)."""
     preprocess = functools.partial(method.preprocess, **config.method_kwargs) if method.preprocess else None
-    return FunctionalMerge(plan, dtype=getattr(torch, config.dtype), device=device, preprocess=preprocess,
+    return FunctionalMerge(plan, dtype=config.compute_dtype, device=device, preprocess=preprocess,
                            streaming=config.streaming)
 
 
@@ -67,30 +68,53 @@ def one_hot(plan: MergePlan, task: str, device: torch.device | str) -> torch.Ten
     return c
 
 
+def loss_weights(method: MergeMethod, kwargs: Mapping[str, Any]) -> dict[str, float]:
+    """What learning minimises, `{objective: weight}`: the method's objective, or what SuperMerge's `objective`
+    option says: `distill` alone, or `both` = (1 - distill_weight) supervised + distill_weight distill."""
+    choice = kwargs.get("objective", "labels")
+    if choice == "labels":
+        return {method.objective: 1.0}
+    weight = 1.0 if choice == "distill" else kwargs["distill_weight"]
+    return {k: v for k, v in {"supervised": 1.0 - weight, "distill": weight}.items() if v}
+
+
+def check_unlabelled(method: MergeMethod, kwargs: Mapping[str, Any]) -> None:
+    """`ValueError` unless learning reads inputs without labels (distillation, entropy): else they'd be ignored."""
+    if method.kind != "learned" or {"distill", "entropy"}.isdisjoint(loss_weights(method, kwargs)):
+        raise ValueError(f"`unlabelled` inputs are read only by objectives without labels (supermerge with "
+                         f"`method_kwargs` objective 'distill' or 'both', adamerging); {method.name!r} with "
+                         f"{dict(kwargs)} would ignore them. Drop them, or choose such an objective.")
+
+
 def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[str, Any], *, seed: int,
                     examples: Mapping[str, list[Example]] | None = None,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
-    """`(merged tensors, chosen hyperparameters, grid scores)` of a data-free method, `auto` values picked from a
-    grid on `examples` (λ multiplies last: each density costs one merge, each λ a scaling)."""
+    """`(merged tensors, chosen hyperparameters, grid scores)` of a data-free method, each `auto` value picked from
+    its hyperparameter's `grid` on `examples` (λ multiplies last: each other value costs one merge, each λ a
+    scaling). A method that `needs_depth` gets each tensor's `depth` (`plan.layer_depths`)."""
     kwargs = dict(kwargs)
-    lam, density = kwargs.pop("lam", 1.0), kwargs.pop("density", None)
-    if "auto" in (lam, density) and not examples:
+    lam = kwargs.pop("lam", 1.0)
+    searched = [k for k, v in kwargs.items() if v == "auto"]  # besides λ
+    reported = [k for k, spec in method.hyperparameters.items() if spec.auto]  # chosen or given
+    if (lam == "auto" or searched) and not examples:
         raise ValueError(f"{method.name}: `auto` hyperparameters are picked on labelled examples; pass examples.")
     if kwargs.get("weights") is not None:
         kwargs["weights"] = torch.tensor(kwargs["weights"])
-    lams = LAMBDA_GRID if lam == "auto" else (lam,)
+    lams = method.hyperparameters["lam"].grid if lam == "auto" else (lam,)
+    depths = layer_depths(fm.deltas) if method.needs_depth else None
     best, grid = None, {}
-    for d in DENSITY_GRID if density == "auto" else (density,):
-        options = kwargs | ({} if d is None else {"density": d})  # a new dict per density
+    for values in itertools.product(*(method.hyperparameters[k].grid for k in searched)):
+        options = kwargs | dict(zip(searched, values))  # a new dict per choice
         if method.random:
             options["generator"] = torch.Generator().manual_seed(seed)
         if options.get("trim_scope") == "task":
             options["threshold"] = magnitude_thresholds((s.dense() for s in fm.deltas.values()), options["density"])
-        delta = {n: method.merge(s.dense(), **options) for n, s in fm.deltas.items()}  # name -> (*shape)
+        delta = {n: method.merge(s.dense(), **options, **({} if depths is None else {"depth": depths[n]}))
+                 for n, s in fm.deltas.items()}  # name -> (*shape)
         for value in lams:
             merged = {n: fm.base_tensor(n) + value * delta[n] for n in fm.deltas}
-            chosen = {"lam": value} | ({"density": d} if d is not None else {})
-            if len(lams) == 1 and density != "auto":
+            chosen = {k: value if k == "lam" else options[k] for k in reported}
+            if len(lams) == 1 and not searched:
                 return merged, chosen, grid
             key = ",".join(f"{k}={v}" for k, v in chosen.items())
             grid[key] = score(fm, examples, params=merged)
@@ -105,29 +129,34 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
           checkpoint: Path | None = None) -> LearnResult:
     """Learn the coefficients of `plan` with Adam through Accelerate, keeping the step with the best hold-out score.
 
-    `splits[task]` = (train, holdout); `generator` draws the batches. Each process takes a slice of every global
+    `splits[task]` = (train, holdout, unlabelled): each step takes a batch of every task for each objective of
+    `loss_weights`, from `train` (supervised) or `unlabelled` (distill, entropy; the teachers' logits computed
+    first, `distill.attach_teachers`); `generator` draws the batches. Each process takes a slice of every global
     batch, its loss weighted by its share (so P processes = one). `finetune_tasks`: the tasks whose own source is
     a row of the plan (all, if flat), for the fine-tune metrics. With `checkpoint` (a file) the state is written
     there atomically every `config.checkpoint_every` steps, and learning continues from it when it exists.
     """
-    acc, tasks, objective = accelerator, plan.tasks, method.objective
+    acc, tasks, weights = accelerator, plan.tasks, loss_weights(method, config.method_kwargs)
     fm = functional_merge(plan, config, method, device=acc.device)
-    train = {t: s[0] for t, s in splits.items()}
+    pools = {o: {t: splits[t].train if o == "supervised" else splits[t].unlabelled for t in tasks} for o in weights}
+    if "distill" in pools:
+        attach_teachers(plan, pools["distill"], dtype=fm.dtype, device=acc.device)
+    train = {t: s.train for t, s in splits.items()}
     scale = loss_scale(plan, config, fm, train)
-    from_task_arithmetic = config.init_from_task_arithmetic and objective == "supervised"
+    from_task_arithmetic = config.init_from_task_arithmetic and method.objective == "supervised"
     init = task_arithmetic_init(plan, config, fm, train) if from_task_arithmetic else config.init_coefficient
     module = CoefficientModule(plan.num_sources, len(plan.groups), init=init, kind=config.transform)
     w0 = module.w.detach().clone().to(acc.device)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
     module, optimizer = acc.prepare(module, optimizer)
     raw = acc.unwrap_model(module)
-    samplers = {t: BatchSampler(len(train[t]), config.batch_size, generator) for t in tasks}
-    holdout = [t for t in tasks if splits[t][1]]
-    metric = "entropy" if objective == "entropy" else "loss"
+    samplers = {(o, t): BatchSampler(len(pools[o][t]), config.batch_size, generator) for o in weights for t in tasks}
+    holdout = [t for t in tasks if splits[t].holdout]
+    metric = "entropy" if method.objective == "entropy" else "loss"  # selection: on the labelled hold-out's loss
     history: list[dict[str, Any]] = []
 
     def record(step: int, losses: dict[str, float] | None) -> float | None:
-        held = {t: fm.evaluate(t, splits[t][1], c=raw().detach())[metric] for t in holdout} or None
+        held = {t: fm.evaluate(t, splits[t].holdout, c=raw().detach())[metric] for t in holdout} or None
         value = sum(scale[t] * v for t, v in held.items()) if held else None
         history.append({"step": step, "train": losses, "holdout": held, "score": value})
         if held:
@@ -142,8 +171,8 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
             raw.w.copy_(state["w"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        for t, order in state["orders"].items():
-            samplers[t].order = order
+        for key, order in state["orders"].items():
+            samplers[key].order = order
         history[:] = state["history"]
         best_score, best_w, best_step, start = state["best_score"], state["best_w"].to(acc.device), *state["steps"]
         logger.info("Resuming from step %d (%s)", start - 1, checkpoint)
@@ -154,13 +183,20 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
                disable=not acc.is_local_main_process)
     for step in bar:
         c = module()  # (S, G), through DDP so that the gradient of w is averaged over processes
-        batches, share = {}, {}
-        for t in tasks:
-            batch = [train[t][i] for i in samplers[t].next()]
-            bounds = [len(batch) * r // P for r in range(P + 1)]
-            batches[t] = batch[bounds[rank]: bounds[rank + 1]]
-            share[t] = len(batches[t]) * P / len(batch)  # DDP averages: P x my share of the global mean
-        grad_c, losses = fm.coefficient_grad(c, batches, {t: scale[t] * share[t] for t in tasks}, objective)
+        grad_c, mean = 0.0, dict.fromkeys(tasks, 0.0)
+        for objective, weight in weights.items():
+            batches, share = {}, {}
+            for t in tasks:
+                batch = [pools[objective][t][i] for i in samplers[objective, t].next()]
+                bounds = [len(batch) * r // P for r in range(P + 1)]
+                batches[t] = batch[bounds[rank]: bounds[rank + 1]]
+                share[t] = len(batches[t]) * P / len(batch)  # DDP averages: P x my share of the global mean
+            grad, losses = fm.coefficient_grad(c, batches, {t: weight * scale[t] * share[t] for t in tasks}, objective,
+                                               temperature=config.method_kwargs.get("temperature", 1.0))
+            grad_c = grad_c + grad  # (S, G)
+            zero = torch.zeros((), device=acc.device)  # a process with no example of a task still joins the reduce
+            for t in tasks:
+                mean[t] += weight * float(acc.reduce(losses.get(t, zero) * share[t], reduction="mean"))
         surrogate = (c * grad_c.to(c.dtype)).sum()  # d/dw = c'(w) * dL/dc: the exact chain rule
         if config.l2_to_init:
             surrogate = surrogate + config.l2_to_init * ((raw.w - w0) ** 2).sum()
@@ -170,8 +206,6 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
         if method.transform == "none":  # AdaMerging keeps its coefficients in [0, 1]
             with torch.no_grad():
                 raw.w.clamp_(0.0, 1.0)
-        zero = torch.zeros((), device=acc.device)  # a process with no example of a task still joins the reduce
-        mean = {t: float(acc.reduce(losses.get(t, zero) * share[t], reduction="mean")) for t in tasks}
         _check_finite(mean, step, config)
         bar.set_postfix({metric: f"{sum(mean.values()):.4f}"})
         if step % config.eval_every == 0 or step == config.steps:
@@ -180,7 +214,7 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
                 best_score, best_w, best_step = value, raw.w.detach().clone(), step
         if checkpoint is not None and step % config.checkpoint_every == 0 and acc.is_main_process:
             state = {"w": raw.w.detach().cpu(), "optimizer": optimizer.state_dict(), "history": history,
-                     "generator": generator.get_state(), "orders": {t: s.order for t, s in samplers.items()},
+                     "generator": generator.get_state(), "orders": {k: s.order for k, s in samplers.items()},
                      "best_score": best_score, "best_w": best_w.cpu(), "steps": (best_step, step + 1)}
             torch.save(state, checkpoint.with_suffix(".tmp"))
             os.replace(checkpoint.with_suffix(".tmp"), checkpoint)  # a kill leaves the previous state whole
@@ -193,12 +227,12 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
         return Coefficients(plan.source_names, plan.groups, transform(w, config.transform).cpu(), w.cpu(),
                             config.transform)
 
-    examples = {t: splits[t][1] or splits[t][0] for t in tasks}
+    examples = {t: splits[t].holdout or splits[t].train for t in tasks}
     finetunes = {t: fm.evaluate(t, examples[t], c=one_hot(plan, t, fm.device))
                  for t in (tasks if finetune_tasks is None else finetune_tasks)}
     merged = fm.params(transform(best_w, config.transform), dense=True)
     check_finite(merged, f"The {method.name} merge")
-    metrics = {t: {"examples": "holdout" if splits[t][1] else "train", "count": len(examples[t]),
+    metrics = {t: {"examples": "holdout" if splits[t].holdout else "train", "count": len(examples[t]),
                    "finetune": finetunes.get(t), "merged": fm.evaluate(t, examples[t], params=merged)} for t in tasks}
     return LearnResult(table(best_w), table(last_w), history, best_step, metrics,
                        {n: t.cpu() for n, t in merged.items()})

@@ -3,7 +3,7 @@ The only code that holds a `SuperMerger`; everything below it takes and returns 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -15,17 +15,17 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .checkpoint import check_output_dir
-from .config import CONFIG_NAME, SuperMergeConfig
+from .checkpoint import check_not_an_input, check_output_dir
+from .config import LOCAL, SuperMergeConfig
 from .data import as_examples, check_labels, make_splits
 from .estimate import Estimate, estimate
-from .export import HIERARCHY_NAME, check_adapter_export, save_combined_adapter, save_merge
+from .export import check_adapter_export, check_tokenizer, load_levels, save_combined_adapter, save_merge
 from .functional import FunctionalMerge
 from .hierarchy import fit_hierarchical, rebuild
-from .hub import push_folder, resolve
-from .learning import functional_merge, learn, merge_data_free, one_hot
+from .hub import push_folder, repo_url, resolve
+from .learning import functional_merge, learn, merge_data_free, one_hot, check_unlabelled
 from .methods import get_method
-from .plan import build_plan
+from .plan import build_plan, saved_dtype
 from .results import COEFFICIENTS_NAME, Coefficients, MergeResult, check_finite
 from .sources import ModelSpec, load_source
 
@@ -60,6 +60,7 @@ class SuperMerger:
         sources = [load_source(r.path, base, base_name=config.base, allow_pickle=config.allow_pickle)
                    for r in self.resolved_sources]
         self.plan = build_plan(base, sources, config.tasks, config.granularity)
+        check_tokenizer(self.plan, config)
         self.result: MergeResult | None = None
         logger.info("Merging %d sources: %d shared tensors in %d groups; task-specific tensors: %s",
                     self.plan.num_sources, len(self.plan.merged), len(self.plan.groups),
@@ -67,7 +68,8 @@ class SuperMerger:
 
     @property
     def dtype(self) -> torch.dtype:
-        return getattr(torch, self.config.dtype)
+        """The dtype learning runs in (`config.compute_dtype`); the saved one is `saved_dtype(plan, config.dtype)`."""
+        return self.config.compute_dtype
 
     @property
     def needs_examples(self) -> bool:
@@ -103,20 +105,20 @@ class SuperMerger:
         return data
 
     def _check_output(self, folder: str | Path) -> None:
-        """Refuse an output folder that is, or holds, the base or a source: replacing it would destroy an input."""
-        out = Path(folder).expanduser().resolve()
-        inputs = [r.path.resolve() for r in [self.resolved_base, *self.resolved_sources]]
-        if any(p == out or p.is_relative_to(out) for p in inputs):
-            raise ValueError(f"The output folder {str(folder)!r} is or holds an input of this merge (the base or a "
-                             "source): writing there would replace it. Choose another folder.")
+        check_not_an_input(folder, [r.path for r in [self.resolved_base, *self.resolved_sources]])
 
-    def fit(self, examples: Mapping[str, Any] | None = None, *, resume: bool = False) -> SuperMerger:
+    def fit(self, examples: Mapping[str, Any] | None = None, *, unlabelled: Mapping[str, Any] | None = None,
+            resume: bool = False) -> SuperMerger:
         """Learn the coefficients (learned methods) or compute the merge (data-free methods).
 
         Args:
             examples (`dict[str, Any]`): Per task name, a `datasets.Dataset`, a list of dicts of model inputs
                 (with `labels` for supervised methods and `auto`) or a `DataLoader`; the first
                 `config.examples_per_task` are used.
+            unlabelled (`dict[str, Any]`, *optional*): Per task name (any subset), more inputs in the same forms,
+                without labels (any given are ignored), all used: what `supermerge` with `objective: distill` or
+                `both` and `adamerging` learn from, beside the labelled examples' own inputs (the hold-out's
+                excepted). Never the test split.
             resume (`bool`): Continue from the state saved every `config.checkpoint_every` steps by a run that was
                 stopped (a fresh start when there is none).
 
@@ -127,6 +129,10 @@ class SuperMerger:
         if config.output_dir:
             self._check_output(config.output_dir)
             check_output_dir(config.output_dir, overwrite=config.overwrite_output_dir)
+        if unlabelled is not None:
+            check_unlabelled(method, config.method_kwargs)
+        extra = None if unlabelled is None else self._prepare(
+            unlabelled, require_labels=False, limit=None, tasks=[t for t in plan.tasks if t in unlabelled])
         data = None
         if self.needs_examples:
             labels = method.objective != "entropy"
@@ -142,7 +148,7 @@ class SuperMerger:
             self.result = MergeResult(**resolved, merged=merged, chosen=chosen, grid_scores=grid)
             return self
         self.accelerator = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        splits, generator = make_splits(data, config.holdout_fraction, config.seed)
+        splits, generator = make_splits(data, config.holdout_fraction, config.seed, unlabelled=extra)
         if config.hierarchical:
             result, levels = fit_hierarchical(plan, config, method, splits, accelerator=self.accelerator)
         else:
@@ -201,10 +207,13 @@ class SuperMerger:
         """The base's model class holding the merged weights (task-specific heads are not part of it)."""
         if self.result is None:
             raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
-        return self.plan.base.build(self.result.merged, self.dtype)
+        return self.plan.base.build(self.result.merged, saved_dtype(self.plan, self.config.dtype))
 
-    def save_pretrained(self, save_directory: str | Path | None = None, *, overwrite: bool | None = None) -> str:
-        """Write the merged model, tokenizer, heads, config, coefficients and model card (`export.save_merge`)."""
+    def save_pretrained(self, save_directory: str | Path | None = None, *, overwrite: bool | None = None,
+                        push_to_hub: bool = False, repo_id: str | None = None, **push_kwargs) -> str:
+        """Write the merged model, tokenizer, heads, config, coefficients and model card (`export.save_merge`);
+        with `push_to_hub`, write it for the Hub repo `repo_id` (default: the folder's name) and upload that
+        folder (`push_kwargs`: `private`, `token`, `revision`, `commit_message`, as `push_to_hub` takes)."""
         if self.result is None:
             raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
         save_directory = save_directory or self.config.output_dir
@@ -212,43 +221,56 @@ class SuperMerger:
             raise ValueError("No output folder: pass `save_directory` or set `config.output_dir`.")
         overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
         self._check_output(save_directory)
+        repo_id = (repo_id or Path(save_directory).name) if push_to_hub else None
         if self.accelerator is not None and not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()  # one writer: the main process
             return str(save_directory)
-        out = save_merge(self.result, save_directory, overwrite=overwrite)
+        out = save_merge(self.result, save_directory, overwrite=overwrite, repo_id=repo_id)
+        if push_to_hub:
+            self._upload(out, repo_id, **push_kwargs)
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
         return str(out)
 
-    def save_adapter(self, save_directory: str | Path, *, rank: int | None = None, overwrite: bool = False) -> str:
+    def save_adapter(self, save_directory: str | Path, *, rank: int | None = None, overwrite: bool = False,
+                     repo_id: str | None = None) -> str:
         """Write one PEFT LoRA adapter equal to the merge (all sources LoRA, flat, no preprocessing); `rank`
-        compresses it by SVD (per-module errors in `supermerge_adapter.json`). See `export.save_combined_adapter`."""
+        compresses it by SVD (per-module errors in `supermerge_adapter.json`); `repo_id`: written for that Hub
+        repo (no local paths). See `export.save_combined_adapter`."""
         if self.result is None:
             raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
         check_adapter_export(self.plan, self.config, self.method)
         self._check_output(save_directory)
-        return str(save_combined_adapter(self.result, save_directory, rank=rank, overwrite=overwrite))
+        return str(save_combined_adapter(self.result, save_directory, rank=rank, overwrite=overwrite,
+                                         repo_id=repo_id))
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     revision: str | None = None, commit_message: str | None = None) -> str:
-        """Save the merge (as `save_pretrained` does) and upload it to the Hub model repo `repo_id` (created with
-        `private` if missing) on branch `revision`; `token` is never logged or written. Returns the commit sha."""
-        message = commit_message or f"Upload {self.config.method} merge of {', '.join(self.plan.tasks)}"
-        return self._push(lambda folder: self.save_pretrained(folder), repo_id, message, private, token, revision)
+        """Save the merge for the Hub (as `save_pretrained(push_to_hub=True)` does, in a temporary folder) and
+        upload it to the model repo `repo_id` (created with `private` if missing) on branch `revision`; `token` is
+        never logged or written. Returns the commit sha."""
+        if self.result is None:
+            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
+        with tempfile.TemporaryDirectory() as tmp:
+            return self._upload(save_merge(self.result, Path(tmp) / "merge", repo_id=repo_id), repo_id,
+                                private=private, token=token, revision=revision, commit_message=commit_message)
 
     def push_adapter_to_hub(self, repo_id: str, *, rank: int | None = None, private: bool | None = None,
                             token: str | bool | None = None, revision: str | None = None) -> str:
         """Save the combined LoRA adapter (as `save_adapter` does) and upload it; see `push_to_hub`."""
-        message = f"Upload combined LoRA adapter of {', '.join(self.plan.tasks)}"
-        return self._push(lambda folder: self.save_adapter(folder, rank=rank), repo_id, message, private, token,
-                          revision)
-
-    def _push(self, save, repo_id: str, message: str, private, token, revision) -> str:
-        token = token if token is not None else self._hub["token"]
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save(Path(tmp) / repo_id.split("/")[-1])
-            return push_folder(folder, repo_id, private=private, token=token, revision=revision,
-                               commit_message=message, endpoint=self._hub["endpoint"])
+            folder = self.save_adapter(Path(tmp) / "adapter", rank=rank, repo_id=repo_id)
+            return self._upload(folder, repo_id, private=private, token=token, revision=revision,
+                                commit_message=f"Upload combined LoRA adapter of {', '.join(self.plan.tasks)}")
+
+    def _upload(self, folder: str | Path, repo_id: str, *, private: bool | None = None,
+                token: str | bool | None = None, revision: str | None = None,
+                commit_message: str | None = None) -> str:
+        message = commit_message or f"Upload {self.config.method} merge of {', '.join(self.plan.tasks)}"
+        sha = push_folder(folder, repo_id, private=private, token=token if token is not None else self._hub["token"],
+                          revision=revision, commit_message=message, endpoint=self._hub["endpoint"])
+        logger.info("Pushed the merge to %s", repo_url(repo_id, self._hub["endpoint"]))
+        return sha
 
     @classmethod
     def from_pretrained(cls, merged_dir: str | Path, *, revision: str | None = None, token: str | bool | None = None,
@@ -256,17 +278,15 @@ class SuperMerger:
         """Reload a merge written by `save_pretrained` (a folder or Hub repo id) from its config and coefficients
         (every level's if hierarchical; the `auto` choices if data-free); its sources must still resolve."""
         folder = resolve(merged_dir, revision=revision, token=token).path
-        if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{str(merged_dir)!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")
-        data = json.loads((folder / CONFIG_NAME).read_text())
-        info = data.pop("merge_info", {})
-        data["method_kwargs"] = data.get("method_kwargs", {}) | info.get("chosen", {})  # `auto` -> what was chosen
-        data["output_dir"] = None  # reloading writes nothing
-        merger = cls(SuperMergeConfig.from_dict(data), token=token, accelerator=accelerator)
-        if (folder / HIERARCHY_NAME).is_file():
-            levels = json.loads((folder / HIERARCHY_NAME).read_text())
-            for level in levels:
-                level["coefficients"] = Coefficients.from_dict(level["coefficients"])
+        config = SuperMergeConfig.from_pretrained(folder)
+        if LOCAL in [config.base, *config.paths]:
+            raise FileNotFoundError(f"{str(merged_dir)!r} was merged from local folders that were not published "
+                                    "(see its card): reload it on the machine that holds them.")
+        info = config.merge_info  # `auto` -> what was chosen; reloading writes nothing
+        config = dataclasses.replace(config, method_kwargs=config.method_kwargs | info.get("chosen", {}),
+                                     output_dir=None, merge_info={})
+        merger = cls(config, token=token, accelerator=accelerator)
+        if levels := load_levels(folder):
             merged = rebuild(merger.plan, merger.config, merger.method, levels)
             merger.result = MergeResult(merger.config, merger.plan, merger.resolved_base, merger.resolved_sources,
                                         {n: t.cpu() for n, t in merged.items()},

@@ -1,13 +1,15 @@
 """The registry of merge methods: what each one does, its typed hyperparameters, and the data-free math.
 
 A data-free method is a pure function of the task vectors of one tensor stacked over sources, `deltas  # (S,
-*shape)`, returning the merged delta `# (*shape)`; `weights` are per-source (`None` = 1), λ (`lam`) multiplies
-last, and in `ties` / `dare_ties` the sign is elected on the unweighted deltas (as peft; see `sparsify.py`). A
-learned method declares the objective, coefficient transform and preprocessing that `learning.learn` runs.
+*shape)`, returning the merged delta `# (*shape)`; `weights` are per-source (`None` = 1), λ (`lam`, the SVD-era
+papers' α) multiplies last, and in `ties` / `dare_ties` the sign is elected on the unweighted deltas (as peft; see
+`sparsify.py`); the spectral math of `tsv_m` / `iso_c` / `iso_cts` is in `spectral.py`. A learned method declares
+the objective, coefficient transform and preprocessing that `learning.learn` runs.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,14 +19,18 @@ from torch import Tensor
 
 from .sparsify import (MajoritySignMethod, TrimScope, disjoint_mean, drop_and_rescale, elect_sign,
                        magnitude_thresholds, trim, trim_to_density, weighted)
+from .spectral import iso_c_merge, iso_cts_merge, tsv_merge
 
 Objective = Literal["supervised", "entropy"]
+LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
+ISO_LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))  # Iso-C / Iso-CTS's α goes past 1 (authors: to 3)
+DENSITY_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
 
 
 @dataclass(frozen=True)
 class Hyperparameter:
     """A `method_kwargs` entry of type `kind` (`float`, `str`, or `list`: one float per source), with bounds or
-    choices; `auto` values are picked from a grid on the labelled examples."""
+    choices; if `auto`, the value `"auto"` picks one of `grid` on the labelled examples."""
 
     kind: type
     default: Any
@@ -32,16 +38,22 @@ class Hyperparameter:
     high: float | None = None
     choices: tuple[str, ...] = ()
     auto: bool = False
+    grid: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.auto and not self.grid:
+            raise ValueError(f"An `auto` hyperparameter needs the `grid` of values it picks from, got {self.grid!r}.")
 
 
-LAM = Hyperparameter(float, 1.0, low=0.0, auto=True)
+LAM = Hyperparameter(float, 1.0, low=0.0, auto=True, grid=LAMBDA_GRID)
+ISO_LAM = Hyperparameter(float, 1.0, low=0.0, auto=True, grid=ISO_LAMBDA_GRID)
 WEIGHTS = Hyperparameter(list, None)
 SIGN = Hyperparameter(str, "total", choices=("total", "frequency"))
 SCOPE = Hyperparameter(str, "tensor", choices=("tensor", "task"))
 
 
 def _density(default: float) -> Hyperparameter:
-    return Hyperparameter(float, default, low=1e-6, high=1.0, auto=True)
+    return Hyperparameter(float, default, low=1e-6, high=1.0, auto=True, grid=DENSITY_GRID)
 
 
 def _number(value: Any) -> Any:
@@ -59,7 +71,8 @@ class MergeMethod:
     `objective` (learned: `supervised` loss on labels, or `entropy` of predictions on unlabelled inputs),
     `transform` (forced by the method: `"none"`, clamped to [0, 1], for AdaMerging; `None` takes the config's),
     `preprocess` (applied to each tensor's stacked task vectors with the hyperparameters: AdaMerging++'s TIES
-    trimming) and `random` (the merge draws a mask from `generator`)."""
+    trimming), `random` (the merge draws a mask from `generator`) and `needs_depth` (the merge takes `depth`, the
+    tensor's layer depth in [0, 1] from `plan.layer_depths`)."""
 
     name: str
     description: str
@@ -70,6 +83,7 @@ class MergeMethod:
     transform: str | None = None
     preprocess: Callable[..., Tensor] | None = None
     random: bool = False
+    needs_depth: bool = False
 
     @property
     def kind(self) -> str:
@@ -112,7 +126,7 @@ METHODS: dict[str, MergeMethod] = {}
 
 def register_method(name: str, *, description: str, url: str, hyperparameters: dict[str, Hyperparameter] | None = None,
                     objective: Objective | None = None, transform: str | None = None,
-                    preprocess: Callable[..., Tensor] | None = None, random: bool = False):
+                    preprocess: Callable[..., Tensor] | None = None, random: bool = False, needs_depth: bool = False):
     """Register a merge method: decorate its merge function (data-free), or call the decorator on `None` for a
     learned method with its `objective` (`register_method("mine", ..., objective="supervised")(None)`).
     Raises `ValueError` for a taken name, `TypeError` for a merge function and an objective both or neither."""
@@ -123,7 +137,7 @@ def register_method(name: str, *, description: str, url: str, hyperparameters: d
         if (merge is None) != (objective is not None):
             raise TypeError(f"Method {name!r}: give a merge function (data-free) or an objective (learned), not both.")
         METHODS[name] = MergeMethod(name, description, url, merge, dict(hyperparameters or {}), objective, transform,
-                                    preprocess, random)
+                                    preprocess, random, needs_depth)
         return merge
 
     return register
@@ -206,6 +220,56 @@ def dare_ties(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0
     return lam * disjoint_mean(dropped, elect_sign(dropped, majority_sign_method), weights)  # (*shape)
 
 
+# ---- the SVD era: the spectral math on matrices, the (weighted) mean on other tensors, as the papers' code -----
+
+def _matrices_only(matrix_merge: Callable[[Tensor], Tensor], deltas: Tensor, weights: Tensor | None,
+                   lam: float) -> Tensor:
+    """λ `matrix_merge(w_s τ_s)` for a 2-D tensor (embeddings too, as the authors' code); λ mean_s w_s τ_s for any
+    other (biases, norms, scalars)."""
+    deltas = weighted(deltas, weights)  # (S, *shape)
+    return lam * (matrix_merge(deltas) if deltas.dim() == 3 else deltas.mean(dim=0))  # (*shape)
+
+
+@register_method("tsv_m", url="https://arxiv.org/abs/2412.00081", hyperparameters={"weights": WEIGHTS, "lam": LAM},
+                 description="Task Singular Vectors: each task's top singular directions, decorrelated, summed.")
+def tsv_m(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0) -> Tensor:
+    """λ [`spectral.tsv_merge`] of the weighted task vectors (the paper's α = λ = 1)."""
+    return _matrices_only(tsv_merge, deltas, weights, lam)
+
+
+@register_method("iso_c", url="https://arxiv.org/abs/2502.04959",
+                 hyperparameters={"weights": WEIGHTS, "lam": ISO_LAM},
+                 description="Isotropic merging in the common subspace: the summed task vectors, spectrum made flat.")
+def iso_c(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0) -> Tensor:
+    """λ σ̄ U Vᵀ of Σ_s w_s τ_s = U Σ Vᵀ ([`spectral.iso_c_merge`]); the paper picks λ (its α) on validation data."""
+    return _matrices_only(iso_c_merge, deltas, weights, lam)
+
+
+@register_method("iso_cts", url="https://arxiv.org/abs/2502.04959",
+                 hyperparameters={"weights": WEIGHTS, "lam": ISO_LAM,
+                                  "common_space_fraction": Hyperparameter(float, 0.8, low=0.0, high=1.0)},
+                 description="Iso-C with its weakest common directions replaced by each task's own.")
+def iso_cts(deltas: Tensor, *, weights: Tensor | None = None, lam: float = 1.0,
+            common_space_fraction: float = 0.8) -> Tensor:
+    """λ [`spectral.iso_cts_merge`] of the weighted task vectors; `common_space_fraction` of the rank is common."""
+    merge = functools.partial(iso_cts_merge, common_space_fraction=common_space_fraction)
+    return _matrices_only(merge, deltas, weights, lam)
+
+
+@register_method("lines", url="https://arxiv.org/abs/2410.17146", needs_depth=True,
+                 hyperparameters={"weights": WEIGHTS, "alpha": Hyperparameter(float, None, low=0.0),
+                                  "beta": Hyperparameter(float, 0.5, low=0.0, auto=True, grid=LAMBDA_GRID)},
+                 description="LiNeS: summed task vectors scaled by α + β·depth; shallow layers stay near the base.")
+def lines(deltas: Tensor, *, depth: float, weights: Tensor | None = None, alpha: float | None = None,
+          beta: float = 0.5) -> Tensor:
+    """(α + β (ℓ − 1) / (L − 1)) Σ_s w_s τ_s, `depth` = (ℓ − 1) / (L − 1) ([`plan.layer_depths`]); α defaults to
+    1 / S, the paper's α for summed task vectors, and `beta: auto` picks β on the labelled examples as it does."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"`depth` is (ℓ - 1) / (L - 1) for layer ℓ of L and must be in [0, 1], got {depth}.")
+    alpha = 1.0 / deltas.shape[0] if alpha is None else alpha
+    return task_arithmetic(deltas, weights=weights, lam=alpha + beta * depth)  # (*shape)
+
+
 # ---- learned methods (run by `learning.learn`) ---------------------------------------------------------------
 
 
@@ -222,5 +286,10 @@ register_method("adamerging_plus", url="https://arxiv.org/abs/2310.02575", objec
                 preprocess=ties_trimmed, hyperparameters={"density": Hyperparameter(float, 0.2, low=1e-6, high=1.0)},
                 description="AdaMerging++: AdaMerging applied to TIES-trimmed task vectors.")(None)
 register_method("supermerge", url="https://arxiv.org/abs/2412.10416", objective="supervised",
+                hyperparameters={"objective": Hyperparameter(str, "labels", choices=("labels", "distill", "both")),
+                                 "temperature": Hyperparameter(float, 1.0, low=0.05, high=100.0),
+                                 "distill_weight": Hyperparameter(float, 0.5, low=0.0, high=1.0)},
                 description="Per-tensor tanh coefficients learned with a supervised loss on a few labelled "
-                "examples.")(None)
+                "examples (`objective: labels`, the paper), or by distilling each fine-tune's outputs on its "
+                "task's inputs (`distill`; `both`: (1 - distill_weight) x labels + distill_weight x distill; "
+                "method.md section 9).")(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +23,23 @@ def block_name(name: str) -> str:
     return match[1] if match else name.split(".", 1)[0]
 
 
+def layer_depths(names: Iterable[str]) -> dict[str, float]:
+    """Each tensor's depth (ℓ − 1) / (L − 1) in [0, 1]: its block's index over the last index of its stack of
+    blocks (`encoder.layer`, `decoder.block`: each stack its own ramp); 0 outside numbered blocks (embeddings,
+    final norms, heads) and in a stack of one block, which LiNeS scales like the first block."""
+    blocks = {n: block_name(n).rpartition(".") for n in names}  # "encoder.layer.3" -> ("encoder.layer", ".", "3")
+    last: dict[str, int] = {}
+    for stack, _, index in blocks.values():
+        if index.isdigit():
+            last[stack] = max(last.get(stack, 0), int(index))
+    return {name: int(index) / last[stack] if index.isdigit() and last[stack] else 0.0
+            for name, (stack, _, index) in blocks.items()}
+
+
 def group_name(name: str, granularity: str) -> str:
-    """The coefficient group of one tensor: itself, its transformer block, or the whole task (`all`)."""
-    return name if granularity == "tensor" else "all" if granularity == "task" else block_name(name)
+    """The coefficient group of one tensor: itself (`tensor`, and `row` outside block matrices), its transformer
+    block, or the whole task (`all`)."""
+    return name if granularity in ("tensor", "row") else "all" if granularity == "task" else block_name(name)
 
 
 @dataclass
@@ -41,7 +56,7 @@ class MergePlan:
     merged: list[str] = field(default_factory=list)
     task_specific: dict[str, list[str]] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)
-    group_index: dict[str, int] = field(default_factory=dict)
+    group_index: dict[str, int | slice] = field(default_factory=dict)  # a slice: one group per row (`row`)
     source_names: list[str] = field(default_factory=list)
     task_specs: dict[str, Source] = field(default_factory=dict)
     task_rows: dict[str, int] = field(default_factory=dict)  # the source (row) that carries each task
@@ -88,9 +103,28 @@ def build_plan(base: ModelSpec, sources: list[Source], tasks: list[str], granula
         plan.task_specific[task] = [n for n in source.shapes if n not in merged_set]
     index: dict[str, int] = {}
     for name in merged:
-        plan.group_index[name] = index.setdefault(group_name(name, granularity), len(index))
+        rows = base.shapes[name][0] if granularity == "row" and _in_block_matrix(name, base.shapes[name]) else 0
+        if rows:  # `row`: a block's matrix has one group per row, `group_index` gives their slice
+            plan.group_index[name] = slice(len(index), len(index) + rows)
+            index.update({f"{name}[{r}]": len(index) + r for r in range(rows)})
+        else:
+            plan.group_index[name] = index.setdefault(group_name(name, granularity), len(index))
     plan.groups = list(index)
     return plan
+
+
+def _in_block_matrix(name: str, shape: tuple[int, ...]) -> bool:
+    """A matrix inside a numbered transformer block (not an embedding, head or final norm)."""
+    return len(shape) >= 2 and _BLOCK.match(name) is not None
+
+
+def saved_dtype(plan: MergePlan, dtype: str) -> torch.dtype:
+    """The dtype a merge is saved in: `dtype`, or for `auto` the full fine-tunes' common floating dtype (the base's
+    when they differ or when every source is an adapter), from the headers."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    full = {s.checkpoint.dtype() for s in plan.sources if isinstance(s, ModelSpec)}
+    return full.pop() if len(full) == 1 and None not in full else plan.base.checkpoint.dtype() or torch.float32
 
 
 def load_task_specific(plan: MergePlan, task: str, *, dtype: torch.dtype = torch.float32,

@@ -51,11 +51,12 @@ class Coefficients:
     def aligned(self, sources: list[str], groups: list[str]) -> torch.Tensor:
         """The values `(S, G)` with rows and columns matched by name to `sources` and `groups` (`ValueError` if
         the table lacks one)."""
-        missing = [s for s in sources if s not in self.sources] + [g for g in groups if g not in self.groups]
+        column = {g: i for i, g in enumerate(self.groups)}  # by dict: `row` granularity has ~10^4 groups
+        missing = [s for s in sources if s not in self.sources] + [g for g in groups if g not in column]
         if missing:
             raise ValueError(f"The coefficient table (sources {self.sources}) lacks {missing[:5]} of this merge "
                              f"(sources {sources}, {len(groups)} groups): it belongs to another merge.")
-        rows, cols = [self.sources.index(s) for s in sources], [self.groups.index(g) for g in groups]
+        rows, cols = [self.sources.index(s) for s in sources], [column[g] for g in groups]
         return self.values[rows][:, cols]
 
     def __getitem__(self, key: tuple[str, str]) -> float:

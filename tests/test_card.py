@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import dataclasses
+import os
 import re
 import struct
 import sys
@@ -69,7 +71,11 @@ def test_saved_card_header_metrics_and_heatmap(fitted, tmp_path):
 
     # the recipe block is the config (the merger's own outputs left out), and the loading snippet names the folder
     recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
-    assert SuperMergeConfig.from_dict(recipe) == fitted.config
+    published = SuperMergeConfig.from_dict(recipe)  # local paths relative to the merge, no output_dir
+    assert published.base == os.path.relpath(fitted.config.base, out) and published.base.startswith("../")
+    assert [s.path for s in published.sources] == [os.path.relpath(p, out) for p in fitted.config.paths]
+    assert dataclasses.replace(published, base=fitted.config.base, sources=fitted.config.sources) == \
+        dataclasses.replace(fitted.config, output_dir=None)
     assert 'AutoModel.from_pretrained("merged")' in text
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -21,7 +23,9 @@ def test_config_round_trips_json_yaml_and_folder(tmp_path):
     assert SuperMergeConfig.from_file(tmp_path / "c.json") == config
     config.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "supermerge_config.json").is_file()
-    assert SuperMergeConfig.from_pretrained(tmp_path / "saved") == config
+    loaded = SuperMergeConfig.from_pretrained(tmp_path / "saved")  # ./b: relative to the saved folder
+    assert loaded.paths == ["org/a", str(tmp_path / "saved" / "b")]
+    assert dataclasses.replace(loaded, sources=config.sources) == config
 
 
 def test_unknown_field_is_named():

@@ -46,3 +46,28 @@ def test_two_processes_match_one(bert_family, tmp_path):
     saved = SuperMerger.from_pretrained(tmp_path / "merged")  # written once, completely, by the main process
     torch.testing.assert_close(saved.coefficients.values, torch.tanh(distributed), rtol=0, atol=1e-6)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temporary folder left
+
+
+def test_two_process_cli_run_logs_each_event_once(bert_family, tmp_path):
+    """`torchrun --nproc_per_node 2 -m supermerge_hf.cli merge`: each log line and printed line appears once."""
+    import yaml
+
+    from .conftest import write_text_examples
+
+    sources = []
+    for i, (task, path) in enumerate(bert_family.sources.items()):
+        write_text_examples(tmp_path / f"{task}.jsonl", 12, bert_family.num_labels[task], seed=i)
+        sources.append({"task": task, "path": str(path), "data": {"path": f"{task}.jsonl"}})
+    recipe = {"base": str(bert_family.base), "sources": sources, "steps": 2, "batch_size": 4, "eval_every": 1,
+              "output_dir": "merged"}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "supermerge_hf.cli", "merge", str(tmp_path / "recipe.yaml")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    for event in ("Merging 2 sources", "Selected step", "Saved the merge to", "Merged model written to",
+                  "Each task's fine-tune vs the merge"):
+        assert output.count(event) == 1, (event, output[-3000:])
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -154,6 +154,10 @@ def test_cli_merge_push_to_hub_keeps_token_secret(hub_server: HubServer, bert_fa
     oid = hub_server.repos["user/cli-merge"].branches["main"]
     check_pushed_merge(hub_server, "user/cli-merge", oid, repos)
     assert (tmp_path / "merged" / "coefficients.png").is_file()
+    # written once, for the Hub (the card loads the repo id), then uploaded; the repo's address is printed
+    assert caplog.text.count("Saved the merge to") == 1
+    assert 'from_pretrained("user/cli-merge")' in (tmp_path / "merged" / "README.md").read_text()
+    assert f"Pushed to {hub_server.url}/user/cli-merge" in printed.out
     with pytest.raises(FileNotFoundError, match="private or gated"):
         resolve(repos["sst"][0], revision=repos["sst"][1], token=False, endpoint=hub_server.url,
                 cache_dir=tmp_path / "no_token_cache")

@@ -37,7 +37,8 @@ def expect(actual: torch.Tensor, expected: list[float]) -> None:
 
 def test_registry_lists_all_methods():
     learned = ["adamerging", "adamerging_plus", "supermerge"]
-    data_free = ["average", "dare_linear", "dare_ties", "magnitude_prune", "task_arithmetic", "ties"]
+    data_free = ["average", "dare_linear", "dare_ties", "iso_c", "iso_cts", "lines", "magnitude_prune",
+                 "task_arithmetic", "ties", "tsv_m"]
     assert sorted(METHODS) == sorted(learned + data_free)
     assert all(get_method(name).kind == "learned" and get_method(name).merge is None for name in learned)
     assert all(get_method(name).kind == "data_free" and callable(get_method(name).merge) for name in data_free)
@@ -47,7 +48,8 @@ def test_registry_lists_all_methods():
 
 
 def test_unknown_method_lists_known_names():
-    with pytest.raises(ValueError, match=r"Unknown merge method 'tie'\. Known methods: \['adamerging', .*'ties'\]"):
+    known = r"Known methods: \['adamerging', .*'ties', 'tsv_m'\]"
+    with pytest.raises(ValueError, match=r"Unknown merge method 'tie'\. " + known):
         get_method("tie")
 
 

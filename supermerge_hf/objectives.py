@@ -1,0 +1,32 @@
+"""The losses that learn coefficients without labels, as pure functions of logits: the entropy of the merge's
+predictions (AdaMerging) and output distillation from each task's fine-tune (method.md section 9)."""
+
+from __future__ import annotations
+
+import torch
+
+TEACHER = "teacher_logits"  # the example field that holds its fine-tune's logits (`distill.attach_teachers`)
+
+
+def _mean_over_real(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `(B,)` per-example or `(B, T)` per-token values, over real tokens only when `mask` `(B, T)` is given."""
+    if mask is None or per_position.dim() != 2:
+        return per_position.mean()
+    mask = mask.to(per_position.device, per_position.dtype)  # (B, T)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Shannon entropy of the predicted distributions; over real tokens only when `mask` `(B, T)` is given."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)  # (..., C)
+    return _mean_over_real(-(log_p.exp() * log_p).sum(-1), mask)
+
+
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T² KL(p_teacher^T || p^T), p^T = softmax(logits / T), averaged over examples (real tokens with `mask`).
+
+    The T² keeps the gradient's size independent of T (Hinton et al., 2015). `logits` and `teacher` `(..., C)`."""
+    log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)  # (..., C) the teacher
+    log_q = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., C) the merge
+    return temperature**2 * _mean_over_real((log_p.exp() * (log_p - log_q)).sum(-1), mask)
