@@ -25,7 +25,7 @@ from supermerge_hf.demo.finetune import evaluate_accuracy
 
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "adamerging", "supermerge",
                 "supermerge_none", "supermerge_block", "supermerge_distill", "supermerge_both",
-                "supermerge_row_distill", "individual",
+                "supermerge_row", "supermerge_row_distill", "individual",
                 "multitask"]  # fmt: skip
 # memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
 MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
@@ -208,6 +208,12 @@ def run_supermerge_distill(cell: Cell) -> Outcome:
 def run_supermerge_both(cell: Cell) -> Outcome:
     # half the labels' cross-entropy, half the distillation loss
     return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs=DISTILL | {"objective": "both"})
+
+
+@runner("supermerge_row")
+def run_supermerge_row(cell: Cell) -> Outcome:
+    # the same capacity learned from the 32 labels alone: what distillation adds to it
+    return merge_and_evaluate(cell, method="supermerge", granularity="row")
 
 
 @runner("supermerge_row_distill")

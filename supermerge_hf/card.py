@@ -124,11 +124,15 @@ def published_path(path: str, resolved: ResolvedSource, save_directory: Path, hu
 def published_config(result: MergeResult, save_directory: str | Path, *, hub: bool = False) -> SuperMergeConfig:
     """The config as saved with a merge: its paths made `published_path`s, the `merge_info`, and no run-time
     options (`output_dir`, `checkpoint_every`)."""
-    cfg, out = result.config, Path(save_directory)
+    cfg, out, info = result.config, Path(save_directory), result.merge_info()
     sources = [dataclasses.replace(s, path=published_path(s.path, r, out, hub))
                for s, r in zip(cfg.sources, result.sources)]
+    if info["extends"]:
+        merge, commit = info["extends"]["merge"], info["extends"]["commit"]
+        resolved = ResolvedSource(Path(merge), commit, merge if commit else None)
+        info["extends"] = info["extends"] | {"merge": published_path(merge, resolved, out, hub)}
     return dataclasses.replace(cfg, base=published_path(cfg.base, result.base, out, hub), sources=sources,
-                               output_dir=None, checkpoint_every=0, merge_info=result.merge_info())
+                               output_dir=None, checkpoint_every=0, merge_info=info)
 
 
 def auto_class_name(cls: type) -> str:
@@ -146,6 +150,19 @@ def _sources_table(cfg: SuperMergeConfig, result: MergeResult) -> str:
             for task, path, revision, r in entries]
     return ("## Sources\n\nThe commit is the exact revision merged (Hub repos).\n\n| task | source | revision | commit "
             "|\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
+
+
+def _lineage(cfg: SuperMergeConfig) -> str:
+    extends = cfg.merge_info.get("extends")
+    if not extends:
+        return ""
+    how = ("learned again from its coefficients, the new task's row starting fresh" if extends["form"] == "incremental"
+           else "that merge taken as one source (its task vector) beside the new fine-tune")
+    where = _source_cell(extends["merge"], extends["merge"] if extends["commit"] else None)
+    commit = f" at commit {extends['commit']}" if extends["commit"] else ""
+    new = [t for t in cfg.tasks if t not in extends["tasks"]]
+    return (f"## Lineage\n\nThis merge extends {where}{commit} (tasks {', '.join(extends['tasks'])}) with "
+            f"{', '.join(new)}: {how}.\n\n")
 
 
 def build_model_card(result: MergeResult, save_directory: str | Path, *, name: str, hub: bool = False) -> ModelCard:
@@ -179,7 +196,8 @@ def build_model_card(result: MergeResult, save_directory: str | Path, *, name: s
         f"---\n{data.to_yaml()}\n---\n\n# Merge of {', '.join(cfg.tasks)}\n\n"
         f"This model merges {len(cfg.sources)} fine-tunes of {_source_cell(cfg.base, result.base.repo_id)} with "
         f"[supermerge_hf](https://arxiv.org/abs/2412.10416) (method: `{cfg.method}`, granularity: "
-        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + chosen + _sources_table(cfg, result)
+        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + chosen + _lineage(cfg)
+        + _sources_table(cfg, result)
         + _metrics_section(result.metrics) + coefficients
         + f"## Recipe\n\n```yaml\n{recipe}```\n\n## Loading\n\n```python\nfrom transformers import {auto}\n\n"
         f'model = {auto}.from_pretrained("{name}")\n```\n{heads_section}'

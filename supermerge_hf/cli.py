@@ -1,114 +1,21 @@
-"""The `supermerge` command: `merge RECIPE.yaml`, `estimate RECIPE.yaml`, `demo`, `methods`."""
+"""The `supermerge` command: `merge RECIPE.yaml`, `add MERGED_DIR`, `estimate RECIPE.yaml`, `export`, `demo`,
+`methods`."""
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import os
 import sys
 from importlib.metadata import version
-from pathlib import Path
-from typing import Any
 
-import yaml
 
-from .config import SourceConfig, SuperMergeConfig
 from .demo import add_arguments as add_demo_arguments
 from .estimate import check_memory, configured_mode, parse_memory
 from .hub import repo_url
 from .methods import METHODS
+from .recipe import DATA_ENTRY, RECIPE_HELP, read_recipe
 
 logger = logging.getLogger("supermerge_hf")
-DATA_ENTRY = "`data: {path: FILE.jsonl, text_field: ..., label_field: ...}`"
-RECIPE_HELP = """\
-A recipe is a YAML file holding a SuperMergeConfig (fields below); each source may also have a `data` entry: the
-labelled examples of its task, a JSONL or CSV file tokenised with the base's tokenizer (keys: path, text_field,
-label_field, text_pair_field, max_length; labels are integers or names of the fine-tune's label2id). Relative paths
-are relative to the recipe file.
-
-  base: sentence-transformers/all-MiniLM-L6-v2
-  sources:
-    - {task: bbc, path: ./finetunes/bbc, data: {path: bbc.jsonl, text_field: text, label_field: label}}
-    - {task: tweets, path: org/minilm-tweets, revision: main, data: {path: tweets.csv, label_field: sentiment}}
-  granularity: tensor
-  output_dir: merged
-
-SuperMergeConfig fields:""" + inspect.cleandoc(SuperMergeConfig.__doc__ or "").partition("Args:")[2] + (
-    "\n\nEach source: " + inspect.cleandoc(SourceConfig.__doc__ or "") + " mergekit-style per-source `weight` and "
-    "`density` (or `parameters: {weight, density}`) become the method's `weights` list and `density`."
-    "\n\nMethods (`supermerge methods` lists their hyperparameters): " + ", ".join(sorted(METHODS)) + ".")
-# fields documented once, in config.py
-
-
-def _beside(recipe: Path, value: str) -> str:
-    """A model path of the recipe: the folder relative to the recipe if it exists there (or starts with "."),
-    else a Hub repo id."""
-    local = recipe.parent / value
-    if local.exists() or value.startswith("."):
-        logger.info("%r in %s: the local folder %s", value, recipe.name, local)
-        return str(local)
-    logger.info("%r in %s: no such folder beside the recipe, read as a Hub repo id", value, recipe.name)
-    return value
-
-
-def _fold_source_parameters(raw: dict[str, Any], sources: list[dict[str, Any]]) -> None:
-    """mergekit-style per-source `weight` / `density` (or `parameters: {weight, density}`) as the method's
-    `weights` list and its one `density`; `ValueError` where the method has no such hyperparameter."""
-    method = METHODS.get(raw.get("method", "supermerge"))
-    given = [s.pop("parameters", None) or {} for s in sources]
-    given = [g | {k: s.pop(k) for k in ("weight", "density") if k in s} for g, s in zip(given, sources)]
-    kwargs = raw.setdefault("method_kwargs", {}) or {}
-    for key, target in (("weight", "weights"), ("density", "density")):
-        if not any(key in g for g in given) or method is None:
-            continue
-        if target not in method.hyperparameters or target in kwargs:
-            raise ValueError(f"Per-source `{key}` is read by methods with a `{target}` hyperparameter "
-                             f"({sorted(n for n, m in METHODS.items() if target in m.hyperparameters)}), and not "
-                             f"beside `method_kwargs.{target}`; method {method.name!r} has "
-                             f"{sorted(method.hyperparameters) or 'none'}.")
-        values = [g.get(key, 1.0 if key == "weight" else None) for g in given]
-        if key == "density" and len(set(values)) != 1:
-            raise ValueError(f"Per-source densities {values} differ: {method.name!r} trims every source to one "
-                             "density; give the same `density` to every source, or `method_kwargs.density`.")
-        kwargs[target] = values if key == "weight" else values[0]
-    raw["method_kwargs"] = kwargs
-
-
-def read_recipe(path: str | Path, *, need_data: bool = True) -> tuple[SuperMergeConfig, dict[str, dict[str, Any]]]:
-    """Split a recipe into the config and, per task, its `data` entry; raises `FileNotFoundError` for a missing recipe
-    or (with `need_data`) examples file, `ValueError` for invalid YAML, a recipe of another shape, a `data` entry
-    without `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Recipe {str(path)!r} does not exist.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"Recipe {str(path)!r} is not valid YAML: {err}") from None
-    sources = raw.get("sources", []) if isinstance(raw, dict) else None
-    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
-        raise ValueError(f"Recipe {str(path)!r} must be a mapping of config fields whose `sources` is a list of "
-                         "{task, path} entries (see `supermerge merge --help`).")
-    data = {}
-    for source in sources:
-        spec = source.pop("data", None)
-        if spec is not None:
-            if not isinstance(spec, dict) or "path" not in spec:
-                raise ValueError(f"Source {source.get('task')!r} in {path} needs {DATA_ENTRY} with its examples.")
-            file = path.parent / spec["path"]  # an absolute path stays as it is
-            if need_data and not file.is_file():
-                raise FileNotFoundError(f"Examples file {str(file)!r} of task {source.get('task')!r} does not exist.")
-            data[source["task"]] = spec | {"path": file}
-        if isinstance(source.get("path"), str):
-            source["path"] = _beside(path, source["path"])
-    _fold_source_parameters(raw, sources)
-    if isinstance(raw.get("base"), str):
-        raw["base"] = _beside(path, raw["base"])
-    if isinstance(raw.get("output_dir"), str):  # relative to the recipe
-        raw["output_dir"] = str(path.parent / raw["output_dir"])
-    return SuperMergeConfig.from_dict(raw), data
-
-
 def _say(message: str) -> None:
     """Print once, from the main process of a multi-process run."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -124,11 +31,41 @@ def _accelerator(device: str | None):
     return None if device in (None, "auto") else Accelerator(cpu=device == "cpu")
 
 
-def run_merge(args: argparse.Namespace) -> None:
+def read_data(merger, data: dict[str, dict]) -> dict[str, list]:
+    """Each task's examples file (`data` entries: path and `read_examples` options), with the base's tokenizer."""
     from transformers import AutoTokenizer
 
-    from .card import metrics_table
     from .data import read_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
+    return {task: read_examples(spec["path"], tokenizer, label2id=merger.plan.task_specs[task].config.label2id,
+                                **{k: v for k, v in spec.items() if k != "path"}) for task, spec in data.items()}
+
+
+def report(merger, out: str) -> None:
+    from .card import metrics_table
+
+    _say(f"Merged model written to {out}")
+    if merger.metrics:
+        _say("Each task's fine-tune vs the merge, on its held-out labelled examples:\n" + metrics_table(merger.metrics))
+
+
+def run_add(args: argparse.Namespace) -> None:
+    from .merger import SuperMerger
+
+    task, _, path = args.source.partition("=")
+    if not task or not path:
+        raise ValueError(f"--source {args.source!r}: give TASK=PATH_OR_HUB_ID, e.g. --source austen=./austen.")
+    files = dict(item.partition("=")[::2] if "=" in item else (task, item) for item in args.data)
+    overrides = {"output_dir": args.output, "steps": args.steps, "overwrite_output_dir": args.overwrite,
+                 "save_examples": args.save_examples}
+    merger = SuperMerger.from_pretrained(args.merged_dir, token=args.token).add_source(
+        task, path, revision=args.revision, cheap=args.cheap, **{k: v for k, v in overrides.items() if v is not None})
+    merger.fit(read_data(merger, {t: {"path": f, "max_length": args.max_length} for t, f in files.items()}))
+    report(merger, merger.save_pretrained())
+
+
+def run_merge(args: argparse.Namespace) -> None:
     from .merger import SuperMerger
 
     config, data = read_recipe(args.recipe)
@@ -142,23 +79,15 @@ def run_merge(args: argparse.Namespace) -> None:
         check_memory(merger.estimate_memory(), configured_mode(config), parse_memory(args.max_memory))
     if args.adapter_output or args.adapter_rank is not None:
         check_adapter_output(merger, args.adapter_output, args.adapter_rank)
-    examples = {}
     if merger.needs_examples:
         missing = [t for t in config.tasks if t not in data]
         if missing:
             raise ValueError(f"Method {config.method!r} (with these method_kwargs) reads labelled examples: "
                              f"source(s) {missing} in {args.recipe} need {DATA_ENTRY}.")
-        tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
-        for task in config.tasks:
-            spec = dict(data[task])
-            label2id = merger.plan.task_specs[task].config.label2id  # a LoRA adapter folder has no config.json
-            examples[task] = read_examples(spec.pop("path"), tokenizer, label2id=label2id, **spec)
-    merger.fit(examples, resume=args.resume)
+    merger.fit(read_data(merger, data) if merger.needs_examples else {}, resume=args.resume)
     out = merger.save_pretrained(push_to_hub=bool(args.push_to_hub), repo_id=args.push_to_hub, private=args.private,
                                  token=args.token)
-    _say(f"Merged model written to {out}")
-    if merger.metrics:
-        _say("Each task's fine-tune vs the merge, on its held-out labelled examples:\n" + metrics_table(merger.metrics))
+    report(merger, out)
     if args.adapter_output:
         adapter = merger.save_adapter(args.adapter_output, rank=args.adapter_rank,
                                       overwrite=config.overwrite_output_dir)
@@ -245,12 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
                        "rank K by SVD; each module's relative error goes to DIR/supermerge_adapter.json.")
     merge.set_defaults(func=run_merge)
 
+    add = sub.add_parser("add", parents=[verbose], help="Add a fine-tune to a saved merge without starting over.",
+                         description="Learn a merge of MERGED_DIR's sources plus one more from its coefficients (the "
+                         "new row fresh), or with --cheap from MERGED_DIR as one source beside the new fine-tune.")
+    add.add_argument("merged_dir", help="A folder (or Hub repo id) written by `supermerge merge` or `add`.")
+    add.add_argument("--source", required=True, metavar="TASK=PATH", help="The new task and its fine-tune or adapter.")
+    add.add_argument("--revision", help="Revision of the new source when it is a Hub repo id.")
+    add.add_argument("--data", nargs="+", required=True, metavar="[TASK=]FILE", help="Labelled examples (JSONL/CSV "
+                     "with `text` and `label`): the new task's, and each old task's unless MERGED_DIR kept them.")
+    add.add_argument("--max-length", type=int, default=128, help="Token limit per example (default 128).")
+    add.add_argument("--output", required=True, help="The new merge's folder.")
+    add.add_argument("--overwrite", action="store_true", default=None, help="Replace an output that holds files.")
+    add.add_argument("--cheap", action="store_true", help="Merge MERGED_DIR as one source with the new one.")
+    add.add_argument("--steps", type=int, help="Coefficient-learning steps (default: MERGED_DIR's).")
+    add.add_argument("--save-examples", action="store_true", default=None, help="Keep the examples in the output.")
+    add.add_argument("--token", help="Hub token (default: the logged-in token). Never logged or written.")
+    add.set_defaults(func=run_add)
+
     estimate = sub.add_parser("estimate", parents=[recipe], help="Estimate peak memory of flat, hierarchical and "
                               "streaming runs.", description="Reads only configs and safetensors headers.")
     estimate.set_defaults(func=run_estimate)
 
-    add_demo_arguments(sub.add_parser("demo", parents=[verbose], help="Built-in job: merge MiniLM classifiers of two real offline "
-                                      "tasks.")).set_defaults(func=run_demo)
+    add_demo_arguments(sub.add_parser("demo", parents=[verbose], help="Built-in job: merge MiniLM classifiers of two "
+                                      "real offline tasks.")).set_defaults(func=run_demo)
     sub.add_parser("methods", parents=[verbose], help="List the merge methods and their hyperparameters.").set_defaults(
         func=run_methods)
     export = sub.add_parser("export", parents=[verbose], help="Write a saved merge as a `mergekit-yaml` recipe.")

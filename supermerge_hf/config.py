@@ -115,10 +115,16 @@ class SuperMergeConfig:
             they differ) and learns in float32; `float32`, `bfloat16` or `float16` also learns in it.
         allow_pickle (`bool`): Allow reading pickle `.bin` checkpoints (only files you trust).
         output_dir (`str`, *optional*): Where `save_pretrained` writes when no folder is given.
+        save_examples (`bool`): Keep the labelled examples learned from in the merged folder (`examples/`), so that
+            `add_source` (CLI: `supermerge add`) can learn from them again; off by default, examples may be private.
         overwrite_output_dir (`bool`): Replace an existing, non-empty output folder.
         max_shard_size (`str`, defaults to `"5GB"`): Largest safetensors shard written.
-        tokenizer_source (`str`, defaults to `"base"`): Whose tokenizer, and generation config, the merge ships:
-            `base` or a task's source (which must keep the base's vocabulary size).
+        tokenizer_source (`str`, defaults to `"base"`): The merged vocabulary and whose tokenizer (and generation
+            config) the merge ships: `base`, a task (its tokenizer, added tokens included) or `union` (the base's
+            plus every source's added tokens, first seen first; the base's generation config). Embedding and
+            output-embedding rows are matched by token: a token the base lacks starts from the mean of the rows
+            of the sources that have it, a token a source lacks keeps the base's row. Sources that changed the
+            vocabulary need their tokenizer beside them (adapters: their saved embeddings too).
         chat_template (`str`, *optional*): The tokenizer's chat template: `base` or a task (that model's), a
             built-in name (`chatml`), a `.jinja` file or the template text; default: the tokenizer source's.
         merge_info (`dict`): Written by the merger: commits, task-specific tensors, selected step, `auto` choices.
@@ -148,6 +154,7 @@ class SuperMergeConfig:
     dtype: DType = "auto"
     allow_pickle: bool = False
     output_dir: str | None = None
+    save_examples: bool = False
     overwrite_output_dir: bool = False
     max_shard_size: str = "5GB"
     tokenizer_source: str = "base"
@@ -196,8 +203,10 @@ class SuperMergeConfig:
                              f"{self.method!r} learns without labels. Use 'sum' or 'mean'.")
         if self.hierarchical is not None:
             self._check_hierarchical(method.kind)
-        if self.tokenizer_source not in ["base", *self.tasks]:
-            raise ValueError(f"`tokenizer_source` {self.tokenizer_source!r} must be `base` or a task {self.tasks}.")
+        ambiguous = self.tokenizer_source == "union" and "union" in self.tasks
+        if self.tokenizer_source not in ["base", "union", *self.tasks] or ambiguous:
+            raise ValueError(f"`tokenizer_source` {self.tokenizer_source!r} must be `base` or a task {self.tasks}, "
+                             "or `union` (then no task may be named `union`).")
 
     def _check_hierarchical(self, kind: str) -> None:
         options = self.hierarchical

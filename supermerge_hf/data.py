@@ -72,6 +72,23 @@ class Split(NamedTuple):
     unlabelled: list[Example]
 
 
+
+def prepare_examples(examples: Mapping[str, Any], tasks: list[str], label_counts: Mapping[str, int | None], *,
+                     require_labels: bool, limit: int | None) -> dict[str, list[Example]]:
+    """Per task of `tasks`, its examples (`as_examples`); `TypeError` for examples not given per task, `ValueError`
+    for a task not in `label_counts` (the merge's tasks) or a class label out of its fine-tune's range."""
+    if not isinstance(examples, Mapping):
+        raise TypeError(f"Examples are given per task name, as a dict; got {type(examples).__name__}.")
+    unknown = sorted(set(examples) - set(label_counts))
+    if unknown:
+        raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {list(label_counts)}.")
+    data = {task: as_examples(task, examples.get(task, []), limit=limit, require_labels=require_labels)
+            for task in tasks}
+    for task, exs in data.items():  # class labels checked against the fine-tune's classes, before any weight
+        if label_counts[task] is not None:
+            check_labels(task, exs, label_counts[task])
+    return data
+
 def make_splits(data: Mapping[str, list[Example]], fraction: float, seed: int, *,
                 unlabelled: Mapping[str, list[Example]] | None = None) -> tuple[dict[str, Split], torch.Generator]:
     """One seeded `Split` per task, made once in task order (every hierarchical level uses the same), and the

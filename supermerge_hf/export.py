@@ -6,24 +6,29 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PreTrainedModel
 
 from .card import build_adapter_card, build_model_card, published_config
-from .checkpoint import TOKENIZER_FILES, atomic_output_dir, copy_tokenizer
+from .checkpoint import atomic_output_dir, copy_tokenizer
 from .config import SuperMergeConfig
+from .hierarchy import rebuild
 from .hub import resolve
+from .learning import merge_with
 from .methods import MergeMethod
 from .plan import MergePlan, saved_dtype
 from .results import COEFFICIENTS_NAME, Coefficients, MergeResult, check_finite
 from .sources import LoraSpec, model_class
+from .vocab import UNION, has_tokenizer
 
 logger = logging.getLogger(__name__)
 
 HEADS_DIR = "heads"
 HIERARCHY_NAME = "hierarchy.json"
+EXAMPLES_DIR = "examples"
 
 
 def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bool = False,
@@ -52,6 +57,11 @@ def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bo
         published_config(result, save_directory, hub=repo_id is not None).save_pretrained(tmp)
         if result.coefficients is not None:
             result.coefficients.save(tmp / COEFFICIENTS_NAME)
+        for task, examples in (result.examples or {}).items():  # opt-in: `save_examples`
+            (tmp / EXAMPLES_DIR).mkdir(exist_ok=True)
+            (tmp / EXAMPLES_DIR / f"{task}.jsonl").write_text("".join(
+                json.dumps({k: v.tolist() if hasattr(v, "tolist") else v for k, v in ex.items()}) + "\n"
+                for ex in examples))
         if result.levels:
             levels = [level | {"coefficients": level["coefficients"].to_dict()} for level in result.levels]
             (tmp / HIERARCHY_NAME).write_text(json.dumps(levels, indent=1, allow_nan=False) + "\n")
@@ -69,8 +79,9 @@ CHAT_TEMPLATES = {  # by name, as `chat_template` in a recipe
 
 
 def tokenizer_folder(plan: MergePlan, source: str) -> Path:
-    """The folder whose tokenizer and generation config a merge takes: the base's, or task `source`'s."""
-    return plan.base.folder if source == "base" else plan.task_specs[source].folder
+    """The folder whose tokenizer and generation config a merge takes: the base's (for `union` too), or task
+    `source`'s."""
+    return plan.task_specs[source].folder if source in plan.task_specs else plan.base.folder
 
 
 def read_chat_template(plan: MergePlan, value: str) -> str:
@@ -95,19 +106,20 @@ def read_chat_template(plan: MergePlan, value: str) -> str:
 
 
 def check_tokenizer(plan: MergePlan, config: SuperMergeConfig) -> None:
-    """`ValueError`, before any work, for a `tokenizer_source` without a tokenizer or with more tokens than the
-    merged embedding has rows, and for a `chat_template` that cannot be read."""
+    """`ValueError`, before any work, for a task's `tokenizer_source` without a tokenizer or with more tokens than
+    the merged embedding has rows (`build_plan(..., tokenizer_source=...)` checks the vocabulary), and for a
+    `chat_template` that cannot be read."""
     from transformers import AutoTokenizer
 
-    if config.tokenizer_source != "base":
+    if config.tokenizer_source in plan.task_specs:
         folder = tokenizer_folder(plan, config.tokenizer_source)
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if not has_tokenizer(folder):
             raise ValueError(f"tokenizer_source={config.tokenizer_source!r}: {folder} has no tokenizer files. Save "
                              "the tokenizer beside that fine-tune, or use tokenizer_source: base.")
         tokens, rows = len(AutoTokenizer.from_pretrained(folder)), plan.base.config.get_text_config().vocab_size
         if tokens > rows:
             raise ValueError(f"tokenizer_source={config.tokenizer_source!r} has {tokens} tokens but the merged "
-                             f"embedding has the base's {rows} rows: its added tokens would have no embedding.")
+                             f"embedding has {rows} rows: its added tokens would have no embedding.")
     if config.chat_template is not None:
         read_chat_template(plan, config.chat_template)
 
@@ -115,7 +127,10 @@ def check_tokenizer(plan: MergePlan, config: SuperMergeConfig) -> None:
 def write_tokenizer(plan: MergePlan, config: SuperMergeConfig, folder: Path) -> None:
     """The tokenizer and generation config of `config.tokenizer_source` into `folder`, with `config.chat_template`."""
     source = tokenizer_folder(plan, config.tokenizer_source)
-    copy_tokenizer(source, folder)
+    if config.tokenizer_source == UNION and plan.vocabulary is not None:
+        plan.vocabulary.tokenizer.save_pretrained(folder)  # the base's tokenizer plus the sources' added tokens
+    else:
+        copy_tokenizer(source, folder)
     if (source / "generation_config.json").is_file():
         shutil.copy2(source / "generation_config.json", folder / "generation_config.json")
     if config.chat_template is not None:
@@ -126,12 +141,36 @@ def write_tokenizer(plan: MergePlan, config: SuperMergeConfig, folder: Path) -> 
         tokenizer.save_pretrained(folder)
 
 
+def load_examples(folder: Path) -> dict[str, list[dict]]:
+    """The labelled examples a merge kept (`save_examples`), per task; empty when it kept none."""
+    files = sorted((folder / EXAMPLES_DIR).glob("*.jsonl"))
+    return {f.stem: [json.loads(line) for line in f.read_text().splitlines() if line] for f in files}
+
+
 def load_levels(folder: Path) -> list[dict] | None:
     """Every level of a hierarchical merge saved in `folder` (`hierarchy.json`), or `None` for a flat one."""
     if not (folder / HIERARCHY_NAME).is_file():
         return None
     levels = json.loads((folder / HIERARCHY_NAME).read_text())
     return [level | {"coefficients": Coefficients.from_dict(level["coefficients"])} for level in levels]
+
+
+def load_result(folder: Path, info: dict[str, Any], method: MergeMethod, **resolved: Any) -> MergeResult | None:
+    """The merge that `folder` (written by `save_merge`, its `merge_info` = `info`) holds, rebuilt from its sources
+    (`resolved`: config, plan, base, sources): from every level's coefficients (hierarchical) or its coefficient
+    table; `None` for a data-free merge (recomputed by `fit` with the saved `auto` choices)."""
+    plan, config, extends = resolved["plan"], resolved["config"], info.get("extends")
+    if extends and extends["merge"].startswith(("./", "../")):  # the merge it extends, saved relative to it
+        extends = extends | {"merge": str(folder / extends["merge"])}
+    if levels := load_levels(folder):
+        merged = {n: t.cpu() for n, t in rebuild(plan, config, method, levels).items()}
+        return MergeResult(**resolved, merged=merged, coefficients=levels[-1]["coefficients"],
+                           selected_step=info.get("selected_step"), levels=levels, extends=extends)
+    if not (folder / COEFFICIENTS_NAME).is_file():
+        return None
+    table, merged = merge_with(plan, config, method, Coefficients.load(folder / COEFFICIENTS_NAME))
+    return MergeResult(**resolved, merged=merged, coefficients=table, selected_step=info.get("selected_step"),
+                       extends=extends)
 
 
 def load_task_model(merged_dir: str | Path, task: str, *, revision: str | None = None,
@@ -168,7 +207,8 @@ def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: Merg
               f"{method.name!r} learns no coefficients" if method.kind != "learned" else
               f"{method.name!r} trims the task vectors first" if method.preprocess else
               "a hierarchical merge's group results are dense" if config.hierarchical else
-              "granularity 'row' scales rows of the dense task vectors" if config.granularity == "row" else None)
+              "granularity 'row' scales rows of the dense task vectors" if config.granularity == "row" else
+              "the merged vocabulary is not the base's" if plan.vocabulary is not None else None)
     if reason:
         raise ValueError(f"A combined LoRA adapter is sum_i c_i s_i B_i A_i of LoRA sources with learned "
                          f"coefficients; here {reason}. Save the dense merge with `save_pretrained` instead.")

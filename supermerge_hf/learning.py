@@ -35,10 +35,11 @@ Splits = dict[str, Split]  # task -> (train, holdout, unlabelled)
 class CoefficientModule(nn.Module):
     """Holds w `(S, G)`; `forward()` returns c(w). The only module given to `accelerator.prepare`."""
 
-    def __init__(self, num_sources: int, num_groups: int, *, init: float, kind: str) -> None:
+    def __init__(self, num_sources: int, num_groups: int, *, init: float | torch.Tensor, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self.w = nn.Parameter(torch.full((num_sources, num_groups), float(inverse_transform(torch.tensor(init), kind))))
+        start = torch.as_tensor(init, dtype=torch.float32).expand(num_sources, num_groups)  # c: one value or (S, G)
+        self.w = nn.Parameter(inverse_transform(start, kind).clone())
 
     def forward(self) -> torch.Tensor:
         return transform(self.w, self.kind)  # (S, G)
@@ -126,17 +127,24 @@ def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[st
 
 def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits: Splits,
           generator: torch.Generator, *, accelerator: Accelerator, finetune_tasks: list[str] | None = None,
-          checkpoint: Path | None = None) -> LearnResult:
+          resume: bool = False, init: torch.Tensor | None = None) -> LearnResult:
     """Learn the coefficients of `plan` with Adam through Accelerate, keeping the step with the best hold-out score.
 
     `splits[task]` = (train, holdout, unlabelled): each step takes a batch of every task for each objective of
     `loss_weights`, from `train` (supervised) or `unlabelled` (distill, entropy; the teachers' logits computed
     first, `distill.attach_teachers`); `generator` draws the batches. Each process takes a slice of every global
     batch, its loss weighted by its share (so P processes = one). `finetune_tasks`: the tasks whose own source is
-    a row of the plan (all, if flat), for the fine-tune metrics. With `checkpoint` (a file) the state is written
-    there atomically every `config.checkpoint_every` steps, and learning continues from it when it exists.
+    a row of the plan (all, if flat), for the fine-tune metrics. With `config.checkpoint_every` the state is written
+    atomically beside `config.output_dir` every that many steps; with `resume`, learning continues from it. `init`:
+    the coefficients c `(S, G)` to start from (a task added to a merge), instead of the config's start.
     """
     acc, tasks, weights = accelerator, plan.tasks, loss_weights(method, config.method_kwargs)
+    checkpoint = None
+    if config.checkpoint_every:  # beside the output, like its temporary folder
+        checkpoint = Path(config.output_dir).parent / f".{Path(config.output_dir).name}.learning.pt"
+        if not resume and checkpoint.is_file() and acc.is_main_process:
+            checkpoint.unlink()
+        acc.wait_for_everyone()
     fm = functional_merge(plan, config, method, device=acc.device)
     pools = {o: {t: splits[t].train if o == "supervised" else splits[t].unlabelled for t in tasks} for o in weights}
     if "distill" in pools:
@@ -144,7 +152,8 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
     train = {t: s.train for t, s in splits.items()}
     scale = loss_scale(plan, config, fm, train)
     from_task_arithmetic = config.init_from_task_arithmetic and method.objective == "supervised"
-    init = task_arithmetic_init(plan, config, fm, train) if from_task_arithmetic else config.init_coefficient
+    if init is None:
+        init = task_arithmetic_init(plan, config, fm, train) if from_task_arithmetic else config.init_coefficient
     module = CoefficientModule(plan.num_sources, len(plan.groups), init=init, kind=config.transform)
     w0 = module.w.detach().clone().to(acc.device)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
@@ -218,6 +227,8 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
                      "best_score": best_score, "best_w": best_w.cpu(), "steps": (best_step, step + 1)}
             torch.save(state, checkpoint.with_suffix(".tmp"))
             os.replace(checkpoint.with_suffix(".tmp"), checkpoint)  # a kill leaves the previous state whole
+    if checkpoint is not None and checkpoint.is_file() and acc.is_main_process:
+        checkpoint.unlink()  # learning is done: nothing to resume
     last_w = raw.w.detach().clone()
     if not holdout:
         best_w, best_step = last_w, config.steps
@@ -236,6 +247,19 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
                    "finetune": finetunes.get(t), "merged": fm.evaluate(t, examples[t], params=merged)} for t in tasks}
     return LearnResult(table(best_w), table(last_w), history, best_step, metrics,
                        {n: t.cpu() for n, t in merged.items()})
+
+
+def merge_with(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,
+               coefficients: Coefficients) -> tuple[Coefficients, dict[str, torch.Tensor]]:
+    """The table aligned to the plan (rows and groups matched by name) and the merge it gives; `ValueError` for
+    another merge's table, transform, or out-of-range values."""
+    if coefficients.transform != config.transform:
+        raise ValueError(f"The table's transform {coefficients.transform!r} is not this merge's {config.transform!r}.")
+    values = coefficients.aligned(plan.source_names, plan.groups)
+    table = Coefficients.from_values(plan.source_names, plan.groups, values, config.transform)
+    merged = functional_merge(plan, config, method).params(table.values, dense=True)
+    check_finite(merged, "The merge")
+    return table, {n: t.cpu() for n, t in merged.items()}
 
 
 def task_arithmetic_init(plan: MergePlan, config: SuperMergeConfig, fm: FunctionalMerge,

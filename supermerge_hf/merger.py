@@ -16,17 +16,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .checkpoint import check_not_an_input, check_output_dir
-from .config import LOCAL, SuperMergeConfig
-from .data import as_examples, check_labels, make_splits
+from .config import LOCAL, SourceConfig, SuperMergeConfig
+from .data import make_splits, prepare_examples
 from .estimate import Estimate, estimate
-from .export import check_adapter_export, check_tokenizer, load_levels, save_combined_adapter, save_merge
+from .export import (check_adapter_export, check_tokenizer, load_examples, load_result, save_combined_adapter,
+                     save_merge)
 from .functional import FunctionalMerge
-from .hierarchy import fit_hierarchical, rebuild
+from .hierarchy import fit_extension, fit_hierarchical, growth
 from .hub import push_folder, repo_url, resolve
-from .learning import functional_merge, learn, merge_data_free, one_hot, check_unlabelled
+from .learning import check_unlabelled, functional_merge, learn, merge_data_free, merge_with, one_hot
 from .methods import get_method
 from .plan import build_plan, saved_dtype
-from .results import COEFFICIENTS_NAME, Coefficients, MergeResult, check_finite
+from .results import Coefficients, MergeResult, check_finite
 from .sources import ModelSpec, load_source
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class SuperMerger:
         self.plan = build_plan(base, sources, config.tasks, config.granularity)
         check_tokenizer(self.plan, config)
         self.result: MergeResult | None = None
+        self._origin, self._kept, self._grow = None, {}, None  # from_pretrained: (resolved, folder); add_source
         logger.info("Merging %d sources: %d shared tensors in %d groups; task-specific tensors: %s",
                     self.plan.num_sources, len(self.plan.merged), len(self.plan.groups),
                     {t: n for t, n in self.plan.task_specific.items() if n})
@@ -91,18 +93,13 @@ class SuperMerger:
 
     def _prepare(self, examples: Mapping[str, Any], *, require_labels: bool, limit: int | None,
                  tasks: list[str] | None = None) -> dict[str, list]:
-        if not isinstance(examples, Mapping):
-            raise TypeError(f"Examples are given per task name, as a dict; got {type(examples).__name__}.")
-        unknown = sorted(set(examples) - set(self.plan.tasks))
-        if unknown:
-            raise ValueError(f"Examples given for unknown task(s) {unknown}; the tasks are {self.plan.tasks}.")
-        data = {task: as_examples(task, examples.get(task, []), limit=limit, require_labels=require_labels)
-                for task in (self.plan.tasks if tasks is None else tasks)}
-        for task, exs in data.items():  # class labels checked against the fine-tune's classes, before any weight
-            spec = self.plan.task_specs[task]
-            if spec.cls.__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
-                check_labels(task, exs, spec.config.num_labels)
-        return data
+        return prepare_examples(examples, self.plan.tasks if tasks is None else tasks, self.plan.label_counts(),
+                                require_labels=require_labels, limit=limit)
+
+    def _done(self) -> MergeResult:
+        if self.result is None:
+            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
+        return self.result
 
     def _check_output(self, folder: str | Path) -> None:
         check_not_an_input(folder, [r.path for r in [self.resolved_base, *self.resolved_sources]])
@@ -136,7 +133,8 @@ class SuperMerger:
         data = None
         if self.needs_examples:
             labels = method.objective != "entropy"
-            data = self._prepare(examples or {}, require_labels=labels, limit=config.examples_per_task)
+            data = self._prepare(self._kept | dict(examples or {}), require_labels=labels,
+                                 limit=config.examples_per_task)
             if not labels:  # unsupervised methods never see a label, even one that was given
                 data = {t: [{k: v for k, v in ex.items() if k != "labels"} for ex in exs] for t, exs in data.items()}
         resolved = {"config": config, "plan": plan, "base": self.resolved_base, "sources": self.resolved_sources}
@@ -149,36 +147,46 @@ class SuperMerger:
             return self
         self.accelerator = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
         splits, generator = make_splits(data, config.holdout_fraction, config.seed, unlabelled=extra)
+        grow = self._grow or {}
         if config.hierarchical:
             result, levels = fit_hierarchical(plan, config, method, splits, accelerator=self.accelerator)
+        elif "levels" in grow:  # add_source(cheap=True): the deployed merge as one source
+            result, levels = fit_extension(plan, config, method, splits, ModelSpec.from_folder(grow["folder"]),
+                                           grow["levels"], accelerator=self.accelerator)
         else:
-            state = None
-            if config.checkpoint_every:  # beside the output, like its temporary folder
-                state = Path(config.output_dir).parent / f".{Path(config.output_dir).name}.learning.pt"
-                if not resume and state.is_file() and self.accelerator.is_main_process:
-                    state.unlink()
-                self.accelerator.wait_for_everyone()
             result, levels = learn(plan, config, method, splits, generator, accelerator=self.accelerator,
-                                   checkpoint=state), []
-            if state is not None and state.is_file() and self.accelerator.is_main_process:
-                state.unlink()  # learning is done: nothing to resume
+                                   resume=resume, init=grow.get("init")), []
         self.result = MergeResult(**resolved, merged=result.merged, coefficients=result.coefficients,
                                   last_coefficients=result.last_coefficients, history=result.history,
-                                  selected_step=result.selected_step, metrics=result.metrics, levels=levels)
+                                  selected_step=result.selected_step, metrics=result.metrics, levels=levels,
+                                  extends=grow.get("extends"), examples=data if config.save_examples else None)
         return self
+
+    def add_source(self, task: str, path: str, *, revision: str | None = None, cheap: bool = False,
+                   **overrides: Any) -> SuperMerger:
+        """A merger of this deployed merge (`from_pretrained`) plus task `task`'s fine-tune (`path`: a folder or Hub
+        id at `revision`) to `fit` on every task's examples (the old tasks' may be left out where the merge kept
+        them: `save_examples`). It learns from this merge's coefficients, the new row starting at
+        `init_coefficient`; `cheap=True` merges this merge as one source (its task vector) with the new fine-tune
+        instead: two rows to learn. `overrides`: config fields to change (e.g. `steps`, `output_dir`)."""
+        if self._origin is None or self.coefficients is None:
+            raise ValueError("`add_source` extends a saved learned merge: load it with "
+                             "`SuperMerger.from_pretrained(merged_dir)` first (a data-free merge has nothing learned).")
+        if task in self.config.tasks or (self.levels and not cheap):
+            raise ValueError(f"Cannot add task {task!r} to the merge of {self.config.tasks}: it is already merged, or "
+                             "the merge is hierarchical (add it with cheap=True, as one more level).")
+        sources = [*self.config.sources, SourceConfig(task, str(path), revision)]
+        config = dataclasses.replace(self.config, **overrides, sources=sources, hierarchical=None, merge_info={})
+        new = SuperMerger(config, accelerator=self.accelerator, **self._hub)
+        new._kept, new._grow = self._kept, growth(self.result, *self._origin, new.plan, cheap=cheap)
+        return new
 
     def apply_coefficients(self, coefficients: Coefficients) -> SuperMerger:
         """Merge with a coefficient table (e.g. `Coefficients.load("merged/coefficients.json")`), its rows and
         groups matched by name; `ValueError` for another merge's table, transform, or out-of-range values."""
-        if coefficients.transform != self.config.transform:
-            raise ValueError(f"The table's transform {coefficients.transform!r} is not this merge's "
-                             f"{self.config.transform!r}.")
-        values = coefficients.aligned(self.plan.source_names, self.plan.groups)
-        table = Coefficients.from_values(self.plan.source_names, self.plan.groups, values, self.config.transform)
-        merged = functional_merge(self.plan, self.config, self.method).params(table.values, dense=True)
-        check_finite(merged, "The merge")
-        self.result = MergeResult(self.config, self.plan, self.resolved_base, self.resolved_sources,
-                                  {n: t.cpu() for n, t in merged.items()}, coefficients=table)
+        table, merged = merge_with(self.plan, self.config, self.method, coefficients)
+        self.result = MergeResult(self.config, self.plan, self.resolved_base, self.resolved_sources, merged,
+                                  coefficients=table)
         return self
 
     def evaluate(self, examples: Mapping[str, Any], *, finetunes: bool = False,
@@ -205,8 +213,7 @@ class SuperMerger:
 
     def merge_and_unload(self) -> PreTrainedModel:
         """The base's model class holding the merged weights (task-specific heads are not part of it)."""
-        if self.result is None:
-            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
+        self._done()
         return self.plan.base.build(self.result.merged, saved_dtype(self.plan, self.config.dtype))
 
     def save_pretrained(self, save_directory: str | Path | None = None, *, overwrite: bool | None = None,
@@ -214,8 +221,7 @@ class SuperMerger:
         """Write the merged model, tokenizer, heads, config, coefficients and model card (`export.save_merge`);
         with `push_to_hub`, write it for the Hub repo `repo_id` (default: the folder's name) and upload that
         folder (`push_kwargs`: `private`, `token`, `revision`, `commit_message`, as `push_to_hub` takes)."""
-        if self.result is None:
-            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
+        self._done()
         save_directory = save_directory or self.config.output_dir
         if not save_directory:
             raise ValueError("No output folder: pass `save_directory` or set `config.output_dir`.")
@@ -237,8 +243,7 @@ class SuperMerger:
         """Write one PEFT LoRA adapter equal to the merge (all sources LoRA, flat, no preprocessing); `rank`
         compresses it by SVD (per-module errors in `supermerge_adapter.json`); `repo_id`: written for that Hub
         repo (no local paths). See `export.save_combined_adapter`."""
-        if self.result is None:
-            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
+        self._done()
         check_adapter_export(self.plan, self.config, self.method)
         self._check_output(save_directory)
         return str(save_combined_adapter(self.result, save_directory, rank=rank, overwrite=overwrite,
@@ -249,8 +254,7 @@ class SuperMerger:
         """Save the merge for the Hub (as `save_pretrained(push_to_hub=True)` does, in a temporary folder) and
         upload it to the model repo `repo_id` (created with `private` if missing) on branch `revision`; `token` is
         never logged or written. Returns the commit sha."""
-        if self.result is None:
-            raise RuntimeError("Nothing merged yet: call `fit(examples)` first.")
+        self._done()
         with tempfile.TemporaryDirectory() as tmp:
             return self._upload(save_merge(self.result, Path(tmp) / "merge", repo_id=repo_id), repo_id,
                                 private=private, token=token, revision=revision, commit_message=commit_message)
@@ -277,7 +281,8 @@ class SuperMerger:
                         accelerator: Accelerator | None = None) -> SuperMerger:
         """Reload a merge written by `save_pretrained` (a folder or Hub repo id) from its config and coefficients
         (every level's if hierarchical; the `auto` choices if data-free); its sources must still resolve."""
-        folder = resolve(merged_dir, revision=revision, token=token).path
+        origin = resolve(merged_dir, revision=revision, token=token)
+        folder = origin.path
         config = SuperMergeConfig.from_pretrained(folder)
         if LOCAL in [config.base, *config.paths]:
             raise FileNotFoundError(f"{str(merged_dir)!r} was merged from local folders that were not published "
@@ -286,15 +291,9 @@ class SuperMerger:
         config = dataclasses.replace(config, method_kwargs=config.method_kwargs | info.get("chosen", {}),
                                      output_dir=None, merge_info={})
         merger = cls(config, token=token, accelerator=accelerator)
-        if levels := load_levels(folder):
-            merged = rebuild(merger.plan, merger.config, merger.method, levels)
-            merger.result = MergeResult(merger.config, merger.plan, merger.resolved_base, merger.resolved_sources,
-                                        {n: t.cpu() for n, t in merged.items()},
-                                        coefficients=levels[-1]["coefficients"],
-                                        selected_step=info.get("selected_step"), levels=levels)
-        elif (folder / COEFFICIENTS_NAME).is_file():
-            merger.apply_coefficients(Coefficients.load(folder / COEFFICIENTS_NAME))
-            merger.result.selected_step = info.get("selected_step")
-        else:
+        merger.result = load_result(folder, info, merger.method, config=config, plan=merger.plan,
+                                    base=merger.resolved_base, sources=merger.resolved_sources)
+        if merger.result is None:  # data-free: computed again, with the saved `auto` choices
             merger.fit()
+        merger._origin, merger._kept = (origin, folder), load_examples(folder)
         return merger

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .sources import IncompatibleSourceError, ModelSpec, Source
+from .vocab import Vocabulary, align_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,20 @@ class MergePlan:
     source_names: list[str] = field(default_factory=list)
     task_specs: dict[str, Source] = field(default_factory=dict)
     task_rows: dict[str, int] = field(default_factory=dict)  # the source (row) that carries each task
+    vocabulary: Vocabulary | None = None  # the merged vocabulary, when it is not every model's own
 
     @property
     def num_sources(self) -> int:
         return len(self.sources)
 
+    def label_counts(self) -> dict[str, int | None]:
+        """Per task, the number of classes of its classifier fine-tune (`None` for other heads)."""
+        classifier = ("ForSequenceClassification", "ForTokenClassification")
+        return {t: s.config.num_labels if s.cls.__name__.endswith(classifier) else None
+                for t, s in self.task_specs.items()}
 
-def _check_fit(base: ModelSpec, task: str, source: Source) -> None:
+
+def _check_kind(base: ModelSpec, task: str, source: Source) -> None:
     if source.config.model_type != base.config.model_type:
         raise IncompatibleSourceError(f"Source of task {task!r} ({source.folder}) is a {source.config.model_type!r} "
                                       f"model but the base is {base.config.model_type!r}: every source must be "
@@ -76,28 +84,41 @@ def _check_fit(base: ModelSpec, task: str, source: Source) -> None:
         raise IncompatibleSourceError(f"Source of task {task!r} ({source.folder}) has tie_word_embeddings={tied[1]} "
                                       f"but the base has {tied[0]}: its output embedding is another tensor than the "
                                       "base's. Re-save the source with the base's setting.")
+
+
+def _check_shapes(base: ModelSpec, task: str, source: Source) -> None:
     has_body = any(param != name for name, param in source.param_names.items())
     for name, shape in source.shapes.items():
         head = has_body and source.param_names[name] == name  # outside the body (`bert.`, `model.`): a head
         if name in base.shapes and base.shapes[name] != shape and not head:
             raise IncompatibleSourceError(f"Shape mismatch for {name!r}: base {base.shapes[name]} vs source of task "
                                           f"{task!r} {shape} ({source.folder}). Sources must keep the base's shapes "
-                                          "(same config, same vocabulary); only heads may differ.")
+                                          "(same config, same vocabulary); only heads may differ. A source that added "
+                                      "tokens: save its tokenizer beside it and merge with tokenizer_source: union.")
 
 
 def build_plan(base: ModelSpec, sources: list[Source], tasks: list[str], granularity: str, *,
                source_names: list[str] | None = None, task_specs: dict[str, Source] | None = None,
-               task_rows: dict[str, int] | None = None, merged: list[str] | None = None) -> MergePlan:
+               task_rows: dict[str, int] | None = None, merged: list[str] | None = None,
+               tokenizer_source: str | None = None) -> MergePlan:
     """Check that every source fits the base and decide what is merged, from headers; a head whose shape differs
     is task-specific, a body tensor that differs raises `IncompatibleSourceError`. `merged` restricts the merge
-    (a hierarchical level merges what the flat plan merges)."""
+    (a hierarchical level merges what the flat plan merges). `tokenizer_source` (`base`, `union` or a task; flat
+    plans only) first aligns every model's vocabulary tensors to that vocabulary (`vocab.align_vocabulary`)."""
     task_specs = task_specs or dict(zip(tasks, sources))
     for task, source in task_specs.items():
-        _check_fit(base, task, source)
+        _check_kind(base, task, source)
+    vocabulary = None
+    if tokenizer_source is not None:
+        vocabulary, base, task_specs = align_vocabulary(base, task_specs, tokenizer_source)
+        sources = [task_specs[t] for t in tasks]
+    for task, source in task_specs.items():
+        _check_shapes(base, task, source)
     shared = [n for n in base.shapes if all(base.shapes[n] == s.shapes.get(n) for s in sources)]
     merged = [n for n in shared if n in merged] if merged is not None else shared
     plan = MergePlan(base, sources, tasks, granularity, merged=merged, source_names=source_names or list(tasks),
-                     task_specs=task_specs, task_rows=task_rows or {t: i for i, t in enumerate(tasks)})
+                     task_specs=task_specs, task_rows=task_rows or {t: i for i, t in enumerate(tasks)},
+                     vocabulary=vocabulary)
     merged_set = set(merged)
     for task, source in task_specs.items():
         plan.task_specific[task] = [n for n in source.shapes if n not in merged_set]

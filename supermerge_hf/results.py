@@ -104,7 +104,8 @@ class LearnResult:
 @dataclass
 class MergeResult:
     """A finished merge, what `export.save_merge` writes: `levels` (hierarchical) holds each level's groups and
-    `Coefficients`, `chosen` the hyperparameters picked by `auto`."""
+    `Coefficients`, `chosen` the hyperparameters picked by `auto`, `extends` the merge it added a task to (`merge`:
+    its folder or repo id, `commit`, `tasks`, `form`), `examples` the labelled examples kept with it (opt-in)."""
 
     config: SuperMergeConfig
     plan: MergePlan
@@ -119,12 +120,15 @@ class MergeResult:
     chosen: dict[str, float] = field(default_factory=dict)
     grid_scores: dict[str, float] = field(default_factory=dict)
     levels: list[dict[str, Any]] = field(default_factory=list)
+    extends: dict[str, Any] | None = None
+    examples: dict[str, list] | None = None
 
     def merge_info(self) -> dict[str, Any]:
         """What the merge resolved and decided, saved in `supermerge_config.json`."""
         return {"base_commit": self.base.commit, "task_specific": self.plan.task_specific,
                 "source_commits": {s.task: r.commit for s, r in zip(self.config.sources, self.sources)},
-                "groups": len(self.plan.groups), "selected_step": self.selected_step, "chosen": self.chosen}
+                "groups": len(self.plan.groups), "selected_step": self.selected_step, "chosen": self.chosen,
+                "extends": self.extends}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:

@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -86,6 +87,7 @@ class ModelSpec:
     param_names: dict[str, str]  # canonical name -> the model's own parameter name
     shapes: dict[str, tuple[int, ...]]  # canonical name -> shape in the model
     keys: dict[str, str]  # canonical name -> key in the checkpoint
+    rows: Any = None  # `vocab.VocabRows`: the vocabulary tensors seen re-indexed to the merged vocabulary
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, allow_pickle: bool = False) -> ModelSpec:
@@ -118,6 +120,8 @@ class ModelSpec:
         return cls(folder, config, model_cls, checkpoint, param_names, shapes, keys)
 
     def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.rows is not None and name in self.rows.names:
+            return self.rows.align(name, self.checkpoint.read_tensor(self.keys[name]), out=out)
         return self.checkpoint.read_tensor(self.keys[name], out=out)
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
@@ -126,6 +130,9 @@ class ModelSpec:
     def build(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
         """This checkpoint's model in `dtype`, with `tensors` (by canonical name) in place of its own."""
         model = self.cls.from_pretrained(self.folder, dtype=dtype)
+        if self.rows is not None:  # the merged vocabulary: other rows than the folder's
+            model.resize_token_embeddings(self.config.get_text_config().vocab_size, mean_resizing=False)
+            tensors = {n: self.read_tensor(n) for n in self.rows.names} | tensors
         with torch.no_grad():
             for name, tensor in tensors.items():
                 model.get_parameter(self.param_names[name]).copy_(tensor)
@@ -156,7 +163,7 @@ class LoraSpec:
     tensors. `IncompatibleSourceError` for other adapter types, deltas that are not s * B A, another base."""
 
     def __init__(self, folder: str | Path, base: ModelSpec, *, base_name: str | None = None) -> None:
-        self.folder, self.base = Path(folder), base
+        self.folder, self.base, self.rows = Path(folder), base, None
         self.adapter_config = cfg = json.loads((self.folder / ADAPTER_CONFIG).read_text())
         where = f"Adapter {str(self.folder)!r}"
         if cfg.get("peft_type") != "LORA":
@@ -232,7 +239,17 @@ class LoraSpec:
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """A saved module's tensor (e.g. the head), else the base's."""
-        return self.checkpoint.read_tensor(self.saved[name]) if name in self.saved else self.base.read_tensor(name)
+        if name not in self.saved:
+            return self.base.read_tensor(name)
+        tensor = self.checkpoint.read_tensor(self.saved[name])
+        return tensor if self.rows is None or name not in self.rows.names else self.rows.align(name, tensor)
+
+    def aligned(self, base: ModelSpec, config: PretrainedConfig, shapes: dict, rows: Any) -> LoraSpec:
+        """This adapter over `base` seen in the merged vocabulary (`vocab.align_vocabulary`): its `config` and
+        `shapes`, its saved vocabulary tensors re-indexed by `rows` (`None`: it saved none)."""
+        view = copy.copy(self)
+        view.base, view.config, view.shapes, view.rows = base, config, shapes, rows
+        return view
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | LowRankDelta | None:
         """Low-rank for LoRA-targeted weights, dense for saved modules, None elsewhere."""

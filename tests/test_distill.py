@@ -177,3 +177,16 @@ def test_adamerging_reads_unlabelled_inputs_too(bert_family):
     unlabelled = {"sst": [{"input_ids": [1, 2, 3, 4]}, {"input_ids": [5, 6, 7]}]}
     merger = SuperMerger(make_config(bert_family, method="adamerging", steps=1)).fit(examples, unlabelled=unlabelled)
     assert merger.coefficients is not None
+
+
+def test_hierarchical_distill_computes_each_teacher_once(llama_family, monkeypatch):
+    from supermerge_hf import distill
+
+    built, original = [], distill.FunctionalMerge
+    monkeypatch.setattr(distill, "FunctionalMerge", lambda plan, **k: built.append(plan.tasks) or original(plan, **k))
+    options = {"group_size": 2, "grouping": "explicit", "groups": [["code"], ["math", "chat"]]}
+    config = make_config(llama_family, hierarchical=options, method_kwargs={"objective": "distill"})
+    merger = SuperMerger(config).fit(family_examples(llama_family, n=6),
+                                     unlabelled={"code": inputs_of(lm_examples(3, seed=9))})
+    assert sorted(built) == [["chat"], ["code"], ["math"]]  # two levels, each task's own fine-tune once
+    assert len(merger.levels) == 2

@@ -179,7 +179,7 @@ def test_chat_template_from_a_jinja_file(chat_llama, tmp_path):
 
 @pytest.mark.parametrize(("options", "match"), [
     ({"chat_template": "nonsense"}, "neither a built-in"), ({"chat_template": "base"}, "no \\(single\\) chat template"),
-    ({"tokenizer_source": "big"}, "92 tokens but the merged embedding has the base's 64 rows"),
+    ({"tokenizer_source": "big"}, "92 tokens but .*embedding has 64 rows"),
     ({"tokenizer_source": "other"}, "must be `base` or a task")])
 def test_bad_tokenizer_options_are_refused_before_merging(chat_llama, tmp_path, options, match):
     with pytest.raises(ValueError, match=match):

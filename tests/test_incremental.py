@@ -1,0 +1,120 @@
+"""Adding a task to a deployed merge (issue 16): from its coefficients (incremental) or as one source (cheap)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from supermerge_hf import SuperMergeConfig, SuperMerger
+from supermerge_hf.cli import main
+
+from .conftest import classification_examples, family_examples, perturb, write_text_examples
+
+LEARN = dict(steps=3, eval_every=1, batch_size=4, examples_per_task=8, holdout_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def third(bert_family, tmp_path_factory) -> Path:
+    """A third fine-tune of the tiny BERT (task `pos`, 2 labels)."""
+    folder = tmp_path_factory.mktemp("pos") / "pos"
+    torch.manual_seed(5)
+    perturb(BertForSequenceClassification.from_pretrained(bert_family.base, num_labels=2), seed=5).save_pretrained(
+        folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deployed(bert_family, tmp_path_factory) -> Path:
+    """A saved SuperMerge of sst and nli that kept its examples."""
+    folder = tmp_path_factory.mktemp("deployed") / "merged"
+    config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), save_examples=True,
+                              **LEARN)
+    SuperMerger(config).fit(family_examples(bert_family, 8)).save_pretrained(folder)
+    return folder
+
+
+POS = {"pos": classification_examples(2, 8, seed=9)}
+
+
+def test_incremental_starts_from_the_saved_coefficients(deployed, third):
+    old = SuperMerger.from_pretrained(deployed)
+    new = old.add_source("pos", str(third), learning_rate=1e-9)  # ~ no step: what learning started from
+    assert new.config.tasks == ["sst", "nli", "pos"] and new.config.learning_rate == 1e-9
+    new.fit(POS)  # the old tasks' examples come from the merged folder (save_examples)
+    values = new.coefficients.values
+    torch.testing.assert_close(values[:2], old.coefficients.values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(values[2], torch.full_like(values[2], 0.3), rtol=0, atol=1e-6)
+
+
+def test_incremental_merge_saves_its_lineage_and_reloads(deployed, third, tmp_path):
+    new = SuperMerger.from_pretrained(deployed).add_source("pos", str(third)).fit(POS)
+    out = Path(new.save_pretrained(tmp_path / "grown"))
+    saved = json.loads((out / "supermerge_config.json").read_text())
+    extends = saved["merge_info"]["extends"]
+    assert extends["merge"].startswith("../") and extends["commit"] is None
+    assert extends["tasks"] == ["sst", "nli"] and extends["form"] == "incremental"
+    assert (out / extends["merge"]).resolve() == deployed.resolve()
+    card = (out / "README.md").read_text()
+    assert "## Lineage" in card and "(tasks sst, nli) with pos" in card
+    reloaded = SuperMerger.from_pretrained(out)
+    assert all(torch.equal(reloaded.merged_tensors[n], t) for n, t in new.merged_tensors.items())
+    # the deployed merge's `save_examples` carries over: the new task's examples are kept beside the old ones
+    assert sorted(p.name for p in (out / "examples").iterdir()) == ["nli.jsonl", "pos.jsonl", "sst.jsonl"]
+
+
+def test_cheap_form_merges_the_deployed_merge_as_one_source(deployed, third, bert_family, tmp_path):
+    from safetensors.torch import load_file
+
+    new = SuperMerger.from_pretrained(deployed).add_source("pos", str(third), cheap=True).fit(POS)
+    assert new.coefficients.sources == ["(sst+nli)", "pos"]
+    name = "encoder.layer.0.attention.self.query.weight"
+    base = load_file(bert_family.base / "model.safetensors")[name]
+    merged = load_file(deployed / "model.safetensors")[name]
+    pos = load_file(third / "model.safetensors")["bert." + name]
+    c = new.coefficients
+    expected = base + c["(sst+nli)", name] * (merged - base) + c["pos", name] * (pos - base)
+    torch.testing.assert_close(new.merged_tensors[name], expected, rtol=0, atol=1e-6)
+    out = Path(new.save_pretrained(tmp_path / "cheap"))
+    assert json.loads((out / "supermerge_config.json").read_text())["merge_info"]["extends"]["form"] == "cheap"
+    reloaded = SuperMerger.from_pretrained(out)  # level 0: the deployed merge's coefficients, level 1: these
+    assert all(torch.equal(reloaded.merged_tensors[n], t) for n, t in new.merged_tensors.items())
+
+
+def test_add_source_refusals(deployed, third, bert_family):
+    with pytest.raises(ValueError, match="already"):
+        SuperMerger.from_pretrained(deployed).add_source("sst", str(third))
+    fresh = SuperMerger(SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), **LEARN))
+    with pytest.raises(ValueError, match="from_pretrained"):
+        fresh.add_source("pos", str(third))
+    data_free = SuperMerger(SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(),
+                                             method="task_arithmetic")).fit()
+    with pytest.raises(ValueError, match="from_pretrained"):
+        data_free.add_source("pos", str(third))
+
+
+def test_examples_of_old_tasks_are_needed_when_the_merge_kept_none(bert_family, third, tmp_path):
+    config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), **LEARN)
+    SuperMerger(config).fit(family_examples(bert_family, 8)).save_pretrained(tmp_path / "m")
+    new = SuperMerger.from_pretrained(tmp_path / "m").add_source("pos", str(third))
+    with pytest.raises(ValueError, match="sst"):
+        new.fit(POS)
+    new.fit(family_examples(bert_family, 8) | POS)  # given again: fine
+    assert new.coefficients.sources == ["sst", "nli", "pos"]
+
+
+def test_cli_add(deployed, third, tmp_path, capsys):
+    write_text_examples(tmp_path / "pos.jsonl", 12, 2, seed=3)
+    code = main(["add", str(deployed), "--source", f"pos={third}", "--data", str(tmp_path / "pos.jsonl"),
+                 "--output", str(tmp_path / "grown"), "--steps", "2"])
+    assert code == 0, capsys.readouterr().err
+    config = SuperMergeConfig.from_pretrained(tmp_path / "grown")
+    assert config.tasks == ["sst", "nli", "pos"] and config.steps == 2
+    assert config.merge_info["extends"]["form"] == "incremental"
+    code = main(["add", str(deployed), "--source", f"pos={third}", "--data", str(tmp_path / "pos.jsonl"),
+                 "--output", str(tmp_path / "cheap"), "--cheap", "--steps", "2"])
+    assert code == 0
+    assert SuperMergeConfig.from_pretrained(tmp_path / "cheap").merge_info["extends"]["form"] == "cheap"
