@@ -170,7 +170,8 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
         history.append({"step": step, "train": losses, "holdout": held, "score": value})
         if held:
             _check_finite(held, step, config)
-        logger.debug("step %d: train %s %s, hold-out %s", step, metric, losses, held)
+        train = f"train {metric} {losses}" if losses else "before learning"  # step 0 has no train loss
+        logger.debug("step %d: %s, hold-out %s %s", step, train, metric, held)
         return value
 
     start = 1

@@ -129,6 +129,10 @@ def _check_plan(plan: MergePlan, method: str) -> None:
         raise ValueError(f"Sources {adapters} are LoRA adapters: this merge happened in adapter space, which a "
                          "mergekit recipe of full checkpoints does not express. Densify each adapter "
                          "(`merge_and_unload().save_pretrained(dir)`), merge those folders, then export.")
+    if plan.vocabulary is not None:
+        raise ValueError("This merge re-indexed the embedding rows to another vocabulary (tokenizer_source union "
+                         "or a task with added tokens), which a recipe of per-tensor weights does not redo. Use the "
+                         "saved merged model instead.")
     if plan.granularity == "row":
         raise ValueError("This merge has one coefficient per row of each block matrix (granularity 'row'); a "
                          "mergekit recipe gives one weight per tensor. Use the saved merged model instead.")

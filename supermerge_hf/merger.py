@@ -60,7 +60,8 @@ class SuperMerger:
         base = ModelSpec.from_folder(self.resolved_base.path, allow_pickle=config.allow_pickle)
         sources = [load_source(r.path, base, base_name=config.base, allow_pickle=config.allow_pickle)
                    for r in self.resolved_sources]
-        self.plan = build_plan(base, sources, config.tasks, config.granularity)
+        self.plan = build_plan(base, sources, config.tasks, config.granularity,
+                               tokenizer_source=config.tokenizer_source)
         check_tokenizer(self.plan, config)
         self.result: MergeResult | None = None
         self._origin, self._kept, self._grow = None, {}, None  # from_pretrained: (resolved, folder); add_source

@@ -330,3 +330,13 @@ def test_per_source_parameters_a_method_cannot_take_are_refused(bert_family, tmp
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     code, _, err = run_cli(["merge", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "m")], capsys)
     assert code == 2 and re.search(match, err), err
+
+
+def test_debug_log_of_step_zero_says_before_learning(bert_family, caplog):
+    import logging
+
+    config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), steps=1, eval_every=1,
+                              examples_per_task=8, batch_size=4)
+    with caplog.at_level(logging.DEBUG, logger="supermerge_hf"):
+        SuperMerger(config).fit(family_examples(bert_family, 8))
+    assert "step 0: before learning, hold-out loss {" in caplog.text and "None" not in caplog.text.split("step 0")[1][:40]

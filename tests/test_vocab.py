@@ -179,3 +179,12 @@ def test_union_is_refused_before_loading_weights_when_rows_cannot_be_matched(add
     monkeypatch.setattr(Checkpoint, "read_tensor", lambda *a, **k: pytest.fail("a weight was read"))
     with pytest.raises(IncompatibleSourceError, match=match):
         merger_for(base, {"chat": sources["chat"], "other": source}, tokenizer_source="union")
+
+
+def test_a_union_merge_is_not_exported_as_a_mergekit_recipe(added, tmp_path):
+    from supermerge_hf.mergekit_recipe import mergekit_recipe
+
+    base, sources = added
+    folder = merger_for(base, sources, tokenizer_source="union").fit().save_pretrained(tmp_path / "merged")
+    with pytest.raises(ValueError, match="re-indexed the embedding rows"):
+        mergekit_recipe(folder)
