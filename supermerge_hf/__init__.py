@@ -6,6 +6,7 @@ from .checkpoint import PickleCheckpointError
 from .config import HierarchicalConfig, SourceConfig, SuperMergeConfig
 from .data import read_examples
 from .export import load_task_model
+from .generative import read_generative, tokenize_examples
 from .merger import SuperMerger
 from .methods import METHODS, Hyperparameter, get_method, register_method
 from .results import Coefficients
@@ -19,5 +20,5 @@ except PackageNotFoundError:  # a source checkout that is not installed
 __all__ = [
     "METHODS", "Coefficients", "HierarchicalConfig", "Hyperparameter", "IncompatibleSourceError",
     "PickleCheckpointError", "SourceConfig", "SuperMergeConfig", "SuperMerger", "get_method", "load_task_model",
-    "read_examples", "register_method",
+    "read_examples", "read_generative", "register_method", "tokenize_examples",
 ]

@@ -37,7 +37,8 @@ def _source_cell(path: str, repo_id: str | None) -> str:
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Per task, its fine-tune vs the merge (`LearnResult.metrics`) as a Markdown table; the split and count of the
     examples in the second column."""
-    keys = [k for k in ("loss", "accuracy", "entropy") if any(k in m["merged"] for m in metrics.values())]
+    keys = [k for k in ("loss", "accuracy", "exact_match", "entropy")
+            if any(k in m["merged"] for m in metrics.values())]
     head = " | ".join(f"{k} fine-tune | {k} merged" for k in keys)
     lines = [f"| task | examples | {head} |", "|---|---|" + "---|---|" * len(keys)]
     for task, m in metrics.items():
@@ -117,7 +118,7 @@ def published_path(path: str, resolved: ResolvedSource, save_directory: Path, hu
         return path
     if hub:
         return LOCAL
-    relative = os.path.relpath(resolved.path, Path(save_directory).absolute())
+    relative = os.path.relpath(resolved.path.resolve(), Path(save_directory).resolve())
     return relative if relative.startswith("..") else f"./{relative}"
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import shutil
 import struct
 import tempfile
@@ -88,13 +89,14 @@ class Checkpoint:
         return target if out is None or direct else out.copy_(target)
 
     def dtype(self) -> torch.dtype | None:
-        """The floating dtype holding most of the weights (from the headers only); `None` if none is floating."""
+        """The floating dtype of most weights, counted in elements (from the headers only); `None` if none is
+        floating (fp32 norms beside bf16 matrices: bf16)."""
         counts: dict[torch.dtype, int] = {}
         for name in self.weight_map:
             dtype = (self._pickle[name].dtype if self._pickle is not None
                      else _DTYPES[self._header(self.weight_map[name])[0][name]["dtype"]])
             if dtype.is_floating_point:
-                counts[dtype] = counts.get(dtype, 0) + 1
+                counts[dtype] = counts.get(dtype, 0) + max(1, math.prod(self.shape(name)))
         return max(counts, key=counts.get) if counts else None
 
     def nbytes(self) -> int:

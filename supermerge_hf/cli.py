@@ -32,14 +32,20 @@ def _accelerator(device: str | None):
 
 
 def read_data(merger, data: dict[str, dict]) -> dict[str, list]:
-    """Each task's examples file (`data` entries: path and `read_examples` options), with the base's tokenizer."""
+    """Each task's examples file (`data` entries: path and `read_examples` options; of a generative task's model,
+    `read_generative` options: format, fields, max_length), with the base's tokenizer."""
     from transformers import AutoTokenizer
 
     from .data import read_examples
+    from .generative import read_generative
 
-    tokenizer = AutoTokenizer.from_pretrained(merger.resolved_base.path)
-    return {task: read_examples(spec["path"], tokenizer, label2id=merger.plan.task_specs[task].config.label2id,
-                                **{k: v for k, v in spec.items() if k != "path"}) for task, spec in data.items()}
+    tokenizer, out = AutoTokenizer.from_pretrained(merger.resolved_base.path), {}
+    for task, spec in data.items():
+        model, options = merger.plan.task_specs[task], {k: v for k, v in spec.items() if k != "path"}
+        out[task] = read_generative(spec["path"], tokenizer, task=task, encoder_decoder=model.config.is_encoder_decoder,
+                                    **options) if model.cls.can_generate() else \
+            read_examples(spec["path"], tokenizer, label2id=model.config.label2id, **options)
+    return out
 
 
 def report(merger, out: str) -> None:
@@ -61,6 +67,9 @@ def run_add(args: argparse.Namespace) -> None:
                  "save_examples": args.save_examples}
     merger = SuperMerger.from_pretrained(args.merged_dir, token=args.token).add_source(
         task, path, revision=args.revision, cheap=args.cheap, **{k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(files) - set(merger.config.tasks))
+    if unknown:
+        raise ValueError(f"--data names task(s) {unknown}; the tasks are {merger.config.tasks} (TASK=FILE).")
     merger.fit(read_data(merger, {t: {"path": f, "max_length": args.max_length} for t, f in files.items()}))
     report(merger, merger.save_pretrained())
 

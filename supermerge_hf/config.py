@@ -126,7 +126,8 @@ class SuperMergeConfig:
             of the sources that have it, a token a source lacks keeps the base's row. Sources that changed the
             vocabulary need their tokenizer beside them (adapters: their saved embeddings too).
         chat_template (`str`, *optional*): The tokenizer's chat template: `base` or a task (that model's), a
-            built-in name (`chatml`), a `.jinja` file or the template text; default: the tokenizer source's.
+            built-in name (`chatml`), a `.jinja` file (read here: the config holds its text) or the template text;
+            default: the tokenizer source's.
         merge_info (`dict`): Written by the merger: commits, task-specific tensors, selected step, `auto` choices.
     """
 
@@ -207,6 +208,10 @@ class SuperMergeConfig:
         if self.tokenizer_source not in ["base", "union", *self.tasks] or ambiguous:
             raise ValueError(f"`tokenizer_source` {self.tokenizer_source!r} must be `base` or a task {self.tasks}, "
                              "or `union` (then no task may be named `union`).")
+        if isinstance(self.chat_template, str) and self.chat_template.endswith(".jinja"):  # saved as its text
+            if not Path(self.chat_template).is_file():
+                raise FileNotFoundError(f"`chat_template` file {self.chat_template!r} does not exist.")
+            self.chat_template = Path(self.chat_template).read_text()
 
     def _check_hierarchical(self, kind: str) -> None:
         options = self.hierarchical
@@ -229,6 +234,13 @@ class SuperMergeConfig:
     @property
     def tasks(self) -> list[str]:
         return [s.task for s in self.sources]
+
+    def pinned(self) -> SuperMergeConfig:
+        """This config with the base and every Hub source at the commit it merged (`merge_info`), so that a
+        reloaded merge is the saved one even after a repo moved on."""
+        commits, base = self.merge_info.get("source_commits", {}), self.merge_info.get("base_commit")
+        sources = [dataclasses.replace(s, revision=commits.get(s.task) or s.revision) for s in self.sources]
+        return dataclasses.replace(self, base_revision=base or self.base_revision, sources=sources)
 
     @property
     def paths(self) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 Example = dict[str, torch.Tensor]
 
 PAD_VALUES = {"attention_mask": 0, "labels": -100}  # padding value per model input; anything else pads with 0
+ASIDE = "choice_"  # fields so named ride with their example but are no model input (rank classification's choices)
 
 
 def _to_tensor(value: Any) -> torch.Tensor | None:
@@ -49,7 +50,8 @@ def as_examples(task: str, data: Any, *, limit: int | None = None, require_label
         raise ValueError(f"Task {task!r} has examples without `labels`: the supervised loss needs a `labels` field in "
                          "every example (rename your label column to `labels`).")
     if any("input_ids" not in ex and "inputs_embeds" not in ex and "pixel_values" not in ex for ex in examples):
-        raise ValueError(f"Task {task!r} has examples without model inputs (e.g. `input_ids`): tokenise them first.")
+        raise ValueError(f"Task {task!r} has examples without model inputs (e.g. `input_ids`): tokenise them first "
+                         "(`read_examples`; `tokenize_examples` for prompt/completion, chat, text or seq2seq records).")
     return examples
 
 
@@ -112,6 +114,7 @@ def collate(examples: list[Example], pad_token_id: int = 0) -> dict[str, torch.T
     if any("input_ids" in ex and "attention_mask" not in ex for ex in examples):
         examples = [ex if "attention_mask" in ex else ex | {"attention_mask": torch.ones_like(ex["input_ids"])}
                     for ex in examples]
+    examples = [{k: v for k, v in ex.items() if not k.startswith(ASIDE)} for ex in examples]
     if any(ex.keys() != examples[0].keys() for ex in examples):
         raise ValueError(f"Examples of one task must have the same fields; got {sorted(examples[0])} and "
                          f"{sorted(next(ex for ex in examples if ex.keys() != examples[0].keys()))}: give every "
@@ -146,6 +149,17 @@ class BatchSampler:
         return out
 
 
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a `.jsonl` or `.csv` file (CSV values are strings); `ValueError` for another suffix."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"Unsupported examples file {str(path)!r}: use .jsonl or .csv.")
+
+
 def read_examples(path: str | Path, tokenizer, *, text_field: str = "text", label_field: str | None = "label",
                   text_pair_field: str | None = None, label2id: Mapping[str, int] | None = None,
                   max_length: int = 128) -> list[Example]:
@@ -167,15 +181,8 @@ def read_examples(path: str | Path, tokenizer, *, text_field: str = "text", labe
     Raises:
         `ValueError`: Unknown file type, a missing field, or a label name not in `label2id`.
     """
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"Unsupported examples file {str(path)!r}: use .jsonl or .csv.")
-    examples = []
+    path, examples = Path(path), []
+    rows = read_rows(path)
     for i, row in enumerate(rows):
         for field_name in (text_field, label_field, text_pair_field):
             if field_name and field_name not in row:

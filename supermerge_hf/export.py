@@ -57,7 +57,9 @@ def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bo
         published_config(result, save_directory, hub=repo_id is not None).save_pretrained(tmp)
         if result.coefficients is not None:
             result.coefficients.save(tmp / COEFFICIENTS_NAME)
-        for task, examples in (result.examples or {}).items():  # opt-in: `save_examples`
+        if result.examples and repo_id:
+            logger.info("save_examples: the examples are kept in local saves only, never pushed to the Hub.")
+        for task, examples in ({} if repo_id else result.examples or {}).items():  # opt-in: `save_examples`
             (tmp / EXAMPLES_DIR).mkdir(exist_ok=True)
             (tmp / EXAMPLES_DIR / f"{task}.jsonl").write_text("".join(
                 json.dumps({k: v.tolist() if hasattr(v, "tolist") else v for k, v in ex.items()}) + "\n"

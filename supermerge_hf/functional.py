@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .data import Example, collate
 from .deltas import DeltaStack, LowRankDelta, Scratch, StreamedDelta
+from .generative import AnswerMetrics, rank_accuracy
 from .objectives import TEACHER, distillation_loss, entropy
 from .plan import MergePlan, load_task_specific
 from .sources import ModelSpec, Source
@@ -185,8 +186,12 @@ class FunctionalMerge:
     @torch.no_grad()
     def evaluate(self, task: str, examples: list[Example], *, c: torch.Tensor | None = None,
                  params: Mapping[str, torch.Tensor] | None = None, batch_size: int = EVAL_BATCH) -> dict[str, float]:
-        """Mean loss, entropy and (classification) accuracy of coefficients `c` or complete tensors `params`."""
+        """Mean loss, entropy and (classification) accuracy of coefficients `c` or complete tensors `params`; of a
+        generative task, the loss per answer token, greedy `exact_match` and rank-classification `accuracy` over the
+        examples with choices (`generative.py`)."""
         params = self.params(c) if params is None else params
+        model = self.models[task]
+        answers = AnswerMetrics(shift=not model.config.is_encoder_decoder) if model.can_generate() else None
         totals, n = {"loss": 0.0, "entropy": 0.0, "correct": 0.0}, len(examples)
         classification = True
         for i in range(0, n, batch_size):
@@ -197,6 +202,8 @@ class FunctionalMerge:
             if "labels" in inputs:
                 labels = inputs["labels"].to(out.logits.device)
                 totals["loss"] += float(out.loss) * size
+                if answers is not None:
+                    answers.add(out.logits, labels)
                 classification = classification and out.logits.dim() == 2 and labels.dim() == 1
                 if classification:
                     totals["correct"] += float((out.logits.argmax(-1) == labels).sum())
@@ -205,6 +212,10 @@ class FunctionalMerge:
             metrics["loss"] = totals["loss"] / n
             if classification:
                 metrics["accuracy"] = totals["correct"] / n
+            if answers is not None:
+                ranked = rank_accuracy(examples, lambda batch: self.forward(task, params, batch, c).logits,
+                                       shift=answers.shift, pad_id=self.pad_id, batch_size=batch_size)
+                metrics |= answers.result() | ({} if ranked is None else {"accuracy": ranked})
         return metrics
 
     def coefficient_grad(self, c: torch.Tensor, batches: Mapping[str, list[Example]], scale: Mapping[str, float],

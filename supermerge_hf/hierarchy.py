@@ -94,9 +94,14 @@ def _group_plan(plan: MergePlan, members: list[Unit]) -> MergePlan:
                       task_rows={t: i for i, u in enumerate(members) for t in u.tasks}, merged=plan.merged)
 
 
+def group_result_name(members: list[str]) -> str:
+    """The name of a group's merged result as a source of the next level: `(a+b)`."""
+    return "(" + "+".join(members) + ")"
+
+
 def _next_unit(plan: MergePlan, members: list[Unit], merged: dict, folder: Path, dtype: torch.dtype) -> Unit:
     plan.base.build(merged, dtype).save_pretrained(folder)
-    return Unit("(" + "+".join(u.name for u in members) + ")", ModelSpec.from_folder(folder),
+    return Unit(group_result_name([u.name for u in members]), ModelSpec.from_folder(folder),
                 [t for u in members for t in u.tasks], original=False)
 
 
@@ -132,18 +137,20 @@ def fit_hierarchical(plan: MergePlan, config: SuperMergeConfig, method: MergeMet
     raise AssertionError("unreachable: the last level has one group")
 
 
-def fit_extension(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits: Splits, deployed: ModelSpec,
-                  levels: list[dict[str, Any]], *,
+def fit_extension(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits: Splits,
+                  deployed: dict[str, torch.Tensor], levels: list[dict[str, Any]], *,
                   accelerator: Accelerator) -> tuple[LearnResult, list[dict[str, Any]]]:
     """The cheap way to add the plan's last task to a deployed merge of the others: that merge (`deployed`, the
-    checkpoint its `levels` rebuild; one level for a flat merge) as one source, its task vector, beside the new
+    tensors its `levels` rebuild; one level for a flat merge) as one source, its task vector, beside the new
     fine-tune: two rows to learn. Returns the result and the levels (the deployed ones, then this one)."""
-    name = "(" + "+".join(levels[-1]["group"]) + ")"  # how `rebuild` names the deployed merge
-    members = [Unit(name, deployed, plan.tasks[:-1], original=False), Unit(plan.tasks[-1], plan.sources[-1],
-                                                                         [plan.tasks[-1]])]
-    sub = _group_plan(plan, members)
-    result = learn(sub, dataclasses.replace(config, hierarchical=None), method, splits,
-                   torch.Generator().manual_seed(config.seed), accelerator=accelerator, finetune_tasks=sub.tasks[-1:])
+    with tempfile.TemporaryDirectory(prefix="supermerge-deployed-") as workdir:  # held as `rebuild` holds it
+        plan.base.build(deployed, config.compute_dtype).save_pretrained(workdir)
+        members = [Unit(group_result_name(levels[-1]["group"]), ModelSpec.from_folder(workdir), plan.tasks[:-1],
+                        original=False), Unit(plan.tasks[-1], plan.sources[-1], [plan.tasks[-1]])]
+        sub = _group_plan(plan, members)
+        result = learn(sub, dataclasses.replace(config, hierarchical=None), method, splits,
+                       torch.Generator().manual_seed(config.seed), accelerator=accelerator,
+                       finetune_tasks=sub.tasks[-1:])
     level = {"level": levels[-1]["level"] + 1, "group": sub.source_names, "selected_step": result.selected_step,
              "coefficients": result.coefficients}
     return result, [*levels, level]
@@ -151,17 +158,18 @@ def fit_extension(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod
 
 def growth(old: MergeResult, origin: ResolvedSource, folder: Path, plan: MergePlan, *, cheap: bool) -> dict[str, Any]:
     """How learning starts when `plan` adds its last task to the deployed merge `old` (saved in `folder`, resolved
-    as `origin`): `extends` (the lineage saved with the new merge), and `folder` and `levels` (cheap: that merge
-    as one source, see `fit_extension`) or `init` (c `(S, G)`: the old rows, the new one at `init_coefficient`)."""
+    as `origin`): `extends` (the lineage saved with the new merge), `origin` (that folder, never to be written),
+    and `deployed` and `levels` (cheap: that merge as one source, see `fit_extension`) or `init` (c `(S, G)`: the
+    old rows, the new one at `init_coefficient`)."""
     extends = {"merge": origin.repo_id or str(origin.path), "commit": origin.commit, "tasks": old.plan.tasks,
                "form": "cheap" if cheap else "incremental"}
     if cheap:
         levels = old.levels or [{"level": 0, "group": old.plan.source_names, "selected_step": old.selected_step,
                                  "coefficients": old.coefficients}]
-        return {"extends": extends, "folder": folder, "levels": levels}
+        return {"extends": extends, "origin": folder, "deployed": old.merged, "levels": levels}
     rows = old.coefficients.aligned(old.plan.source_names, plan.groups)  # (S - 1, G)
     fresh = torch.full((1, len(plan.groups)), old.config.init_coefficient)
-    return {"extends": extends, "init": torch.cat([rows, fresh])}
+    return {"extends": extends, "origin": folder, "init": torch.cat([rows, fresh])}
 
 
 def rebuild(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,

@@ -39,6 +39,8 @@ class CoefficientModule(nn.Module):
         super().__init__()
         self.kind = kind
         start = torch.as_tensor(init, dtype=torch.float32).expand(num_sources, num_groups)  # c: one value or (S, G)
+        if kind == "tanh":  # a saved c of exactly ±1 (float32 tanh of a large w) would start at w = ±inf
+            start = start.clamp(-1 + 1e-6, 1 - 1e-6)
         self.w = nn.Parameter(inverse_transform(start, kind).clone())
 
     def forward(self) -> torch.Tensor:

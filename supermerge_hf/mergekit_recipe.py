@@ -20,6 +20,7 @@ import yaml
 
 from .config import LOCAL, SuperMergeConfig
 from .export import load_levels
+from .hierarchy import group_result_name
 from .hub import resolve
 from .merger import SuperMerger
 from .plan import MergePlan, saved_dtype
@@ -43,7 +44,7 @@ HEADER = """\
 def mergekit_recipe(merged_dir: str | Path, *, revision: str | None = None,
                     token: str | bool | None = None) -> dict[str, Any]:
     """The mergekit recipe that redoes the merge saved in `merged_dir` (a folder written by `save_pretrained`, or
-    a Hub repo id at `revision`), as a dict ready for `yaml.safe_dump`; configs and headers only are read.
+    a Hub repo id at `revision`), as a dict ready for `yaml.safe_dump`; no merge is computed (Hub sources are resolved, i.e. downloaded).
 
     Sources and base are referenced as the merge recorded them: Hub ids pinned to the commit that was merged,
     local folders as absolute paths (a relative one, as `save_pretrained` records them, is looked up from
@@ -181,7 +182,7 @@ def _learned_weights(folder: Path, config: SuperMergeConfig, plan: MergePlan) ->
     for level in levels:
         c = level["coefficients"].aligned(level["group"], plan.groups).double()  # (K, G)
         composed = {t: c[k] * w for k, name in enumerate(level["group"]) for t, w in units.pop(name).items()}
-        units["(" + "+".join(level["group"]) + ")"] = composed  # the name `hierarchy` gives a group result
+        units[group_result_name(level["group"])] = composed
     return torch.stack([composed[t] for t in plan.tasks])  # (S, G)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,18 @@ from .export import (check_adapter_export, check_tokenizer, load_examples, load_
                      save_merge)
 from .functional import FunctionalMerge
 from .hierarchy import fit_extension, fit_hierarchical, growth
-from .hub import push_folder, repo_url, resolve
+from .hub import resolve
 from .learning import check_unlabelled, functional_merge, learn, merge_data_free, merge_with, one_hot
 from .methods import get_method
 from .plan import build_plan, saved_dtype
+from .publish import PushMixin
 from .results import Coefficients, MergeResult, check_finite
 from .sources import ModelSpec, load_source
 
 logger = logging.getLogger(__name__)
 
 
-class SuperMerger:
+class SuperMerger(PushMixin):
     """Merge fine-tunes of one base with the method of `config` (SuperMerge by default).
 
     Construction resolves the base and sources (local folders or Hub ids, with `token`, `cache_dir`,
@@ -103,7 +103,8 @@ class SuperMerger:
         return self.result
 
     def _check_output(self, folder: str | Path) -> None:
-        check_not_an_input(folder, [r.path for r in [self.resolved_base, *self.resolved_sources]])
+        deployed = [self._grow["origin"]] if self._grow else []  # add_source: the merge it extends
+        check_not_an_input(folder, [r.path for r in [self.resolved_base, *self.resolved_sources]] + deployed)
 
     def fit(self, examples: Mapping[str, Any] | None = None, *, unlabelled: Mapping[str, Any] | None = None,
             resume: bool = False) -> SuperMerger:
@@ -152,8 +153,8 @@ class SuperMerger:
         if config.hierarchical:
             result, levels = fit_hierarchical(plan, config, method, splits, accelerator=self.accelerator)
         elif "levels" in grow:  # add_source(cheap=True): the deployed merge as one source
-            result, levels = fit_extension(plan, config, method, splits, ModelSpec.from_folder(grow["folder"]),
-                                           grow["levels"], accelerator=self.accelerator)
+            result, levels = fit_extension(plan, config, method, splits, grow["deployed"], grow["levels"],
+                                           accelerator=self.accelerator)
         else:
             result, levels = learn(plan, config, method, splits, generator, accelerator=self.accelerator,
                                    resume=resume, init=grow.get("init")), []
@@ -173,9 +174,10 @@ class SuperMerger:
         if self._origin is None or self.coefficients is None:
             raise ValueError("`add_source` extends a saved learned merge: load it with "
                              "`SuperMerger.from_pretrained(merged_dir)` first (a data-free merge has nothing learned).")
-        if task in self.config.tasks or (self.levels and not cheap):
-            raise ValueError(f"Cannot add task {task!r} to the merge of {self.config.tasks}: it is already merged, or "
-                             "the merge is hierarchical (add it with cheap=True, as one more level).")
+        if task in self.config.tasks:
+            raise ValueError(f"Task {task!r} is already merged ({self.config.tasks}): give the new one another name.")
+        if self.levels and not cheap:
+            raise ValueError("This merge is hierarchical: add a task with cheap=True (one more level).")
         sources = [*self.config.sources, SourceConfig(task, str(path), revision)]
         config = dataclasses.replace(self.config, **overrides, sources=sources, hierarchical=None, merge_info={})
         new = SuperMerger(config, accelerator=self.accelerator, **self._hub)
@@ -222,60 +224,32 @@ class SuperMerger:
         """Write the merged model, tokenizer, heads, config, coefficients and model card (`export.save_merge`);
         with `push_to_hub`, write it for the Hub repo `repo_id` (default: the folder's name) and upload that
         folder (`push_kwargs`: `private`, `token`, `revision`, `commit_message`, as `push_to_hub` takes)."""
-        self._done()
-        save_directory = save_directory or self.config.output_dir
+        result, save_directory = self._done(), save_directory or self.config.output_dir
         if not save_directory:
             raise ValueError("No output folder: pass `save_directory` or set `config.output_dir`.")
         overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
         self._check_output(save_directory)
         repo_id = (repo_id or Path(save_directory).name) if push_to_hub else None
-        if self.accelerator is not None and not self.accelerator.is_main_process:
-            self.accelerator.wait_for_everyone()  # one writer: the main process
-            return str(save_directory)
-        out = save_merge(self.result, save_directory, overwrite=overwrite, repo_id=repo_id)
-        if push_to_hub:
-            self._upload(out, repo_id, **push_kwargs)
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-        return str(out)
+
+        def write() -> None:
+            out = save_merge(result, save_directory, overwrite=overwrite, repo_id=repo_id)
+            if push_to_hub:
+                self._upload(out, repo_id, **push_kwargs)
+
+        self._on_main(write)
+        return str(save_directory)
 
     def save_adapter(self, save_directory: str | Path, *, rank: int | None = None, overwrite: bool = False,
                      repo_id: str | None = None) -> str:
         """Write one PEFT LoRA adapter equal to the merge (all sources LoRA, flat, no preprocessing); `rank`
         compresses it by SVD (per-module errors in `supermerge_adapter.json`); `repo_id`: written for that Hub
         repo (no local paths). See `export.save_combined_adapter`."""
-        self._done()
+        result = self._done()
         check_adapter_export(self.plan, self.config, self.method)
         self._check_output(save_directory)
-        return str(save_combined_adapter(self.result, save_directory, rank=rank, overwrite=overwrite,
-                                         repo_id=repo_id))
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
-                    revision: str | None = None, commit_message: str | None = None) -> str:
-        """Save the merge for the Hub (as `save_pretrained(push_to_hub=True)` does, in a temporary folder) and
-        upload it to the model repo `repo_id` (created with `private` if missing) on branch `revision`; `token` is
-        never logged or written. Returns the commit sha."""
-        self._done()
-        with tempfile.TemporaryDirectory() as tmp:
-            return self._upload(save_merge(self.result, Path(tmp) / "merge", repo_id=repo_id), repo_id,
-                                private=private, token=token, revision=revision, commit_message=commit_message)
-
-    def push_adapter_to_hub(self, repo_id: str, *, rank: int | None = None, private: bool | None = None,
-                            token: str | bool | None = None, revision: str | None = None) -> str:
-        """Save the combined LoRA adapter (as `save_adapter` does) and upload it; see `push_to_hub`."""
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_adapter(Path(tmp) / "adapter", rank=rank, repo_id=repo_id)
-            return self._upload(folder, repo_id, private=private, token=token, revision=revision,
-                                commit_message=f"Upload combined LoRA adapter of {', '.join(self.plan.tasks)}")
-
-    def _upload(self, folder: str | Path, repo_id: str, *, private: bool | None = None,
-                token: str | bool | None = None, revision: str | None = None,
-                commit_message: str | None = None) -> str:
-        message = commit_message or f"Upload {self.config.method} merge of {', '.join(self.plan.tasks)}"
-        sha = push_folder(folder, repo_id, private=private, token=token if token is not None else self._hub["token"],
-                          revision=revision, commit_message=message, endpoint=self._hub["endpoint"])
-        logger.info("Pushed the merge to %s", repo_url(repo_id, self._hub["endpoint"]))
-        return sha
+        self._on_main(lambda: save_combined_adapter(result, save_directory, rank=rank, overwrite=overwrite,
+                                                    repo_id=repo_id))
+        return str(save_directory)
 
     @classmethod
     def from_pretrained(cls, merged_dir: str | Path, *, revision: str | None = None, token: str | bool | None = None,
@@ -284,7 +258,7 @@ class SuperMerger:
         (every level's if hierarchical; the `auto` choices if data-free); its sources must still resolve."""
         origin = resolve(merged_dir, revision=revision, token=token)
         folder = origin.path
-        config = SuperMergeConfig.from_pretrained(folder)
+        config = SuperMergeConfig.from_pretrained(folder).pinned()
         if LOCAL in [config.base, *config.paths]:
             raise FileNotFoundError(f"{str(merged_dir)!r} was merged from local folders that were not published "
                                     "(see its card): reload it on the machine that holds them.")

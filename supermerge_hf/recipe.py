@@ -16,8 +16,9 @@ DATA_ENTRY = "`data: {path: FILE.jsonl, text_field: ..., label_field: ...}`"
 RECIPE_HELP = """\
 A recipe is a YAML file holding a SuperMergeConfig (fields below); each source may also have a `data` entry: the
 labelled examples of its task, a JSONL or CSV file tokenised with the base's tokenizer (keys: path, text_field,
-label_field, text_pair_field, max_length; labels are integers or names of the fine-tune's label2id). Relative paths
-are relative to the recipe file.
+label_field, text_pair_field, max_length; labels are integers or names of the fine-tune's label2id). A generative
+task's (a causal or seq2seq LM) holds prompt/completion, messages, text or source/target records, answers labelled
+(keys: path, format, fields, max_length; `generative.tokenize_examples`). Relative paths are relative to the recipe.
 
   base: sentence-transformers/all-MiniLM-L6-v2
   sources:
@@ -44,13 +45,14 @@ def _beside(recipe: Path, value: str) -> str:
     return value
 
 
-def _fold_source_parameters(raw: dict[str, Any], sources: list[dict[str, Any]]) -> None:
-    """mergekit-style per-source `weight` / `density` (or `parameters: {weight, density}`) as the method's
-    `weights` list and its one `density`; `ValueError` where the method has no such hyperparameter."""
+def _source_parameters(raw: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """The recipe's `method_kwargs` with mergekit-style per-source `weight` / `density` (or `parameters: {weight,
+    density}`, taken out of `sources`) as the method's `weights` list and its one `density`; `ValueError` where
+    the method has no such hyperparameter."""
     method = METHODS.get(raw.get("method", "supermerge"))
     given = [s.pop("parameters", None) or {} for s in sources]
     given = [g | {k: s.pop(k) for k in ("weight", "density") if k in s} for g, s in zip(given, sources)]
-    kwargs = raw.setdefault("method_kwargs", {}) or {}
+    kwargs = dict(raw.get("method_kwargs") or {})
     for key, target in (("weight", "weights"), ("density", "density")):
         if not any(key in g for g in given) or method is None:
             continue
@@ -64,7 +66,7 @@ def _fold_source_parameters(raw: dict[str, Any], sources: list[dict[str, Any]]) 
             raise ValueError(f"Per-source densities {values} differ: {method.name!r} trims every source to one "
                              "density; give the same `density` to every source, or `method_kwargs.density`.")
         kwargs[target] = values if key == "weight" else values[0]
-    raw["method_kwargs"] = kwargs
+    return kwargs
 
 
 def read_recipe(path: str | Path, *, need_data: bool = True) -> tuple[SuperMergeConfig, dict[str, dict[str, Any]]]:
@@ -94,9 +96,11 @@ def read_recipe(path: str | Path, *, need_data: bool = True) -> tuple[SuperMerge
             data[source["task"]] = spec | {"path": file}
         if isinstance(source.get("path"), str):
             source["path"] = _beside(path, source["path"])
-    _fold_source_parameters(raw, sources)
+    raw["method_kwargs"] = _source_parameters(raw, sources)
     if isinstance(raw.get("base"), str):
         raw["base"] = _beside(path, raw["base"])
+    if isinstance(raw.get("chat_template"), str) and raw["chat_template"].endswith(".jinja"):
+        raw["chat_template"] = str(path.parent / raw["chat_template"])  # relative to the recipe, as `data`
     if isinstance(raw.get("output_dir"), str):  # relative to the recipe
         raw["output_dir"] = str(path.parent / raw["output_dir"])
     return SuperMergeConfig.from_dict(raw), data

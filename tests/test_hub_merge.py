@@ -161,3 +161,19 @@ def test_cli_merge_push_to_hub_keeps_token_secret(hub_server: HubServer, bert_fa
     with pytest.raises(FileNotFoundError, match="private or gated"):
         resolve(repos["sst"][0], revision=repos["sst"][1], token=False, endpoint=hub_server.url,
                 cache_dir=tmp_path / "no_token_cache")
+
+
+def test_reloading_a_merge_of_main_gets_the_commits_it_merged(hub_server: HubServer, bert_family, tmp_path):
+    """A merge of sources at `main` is saved with their commits; `from_pretrained` pins them, so a later push to a
+    source does not change the reloaded merge."""
+    repos = push_family(hub_server, bert_family)
+    following = {t: (repo, "main") for t, (repo, _) in repos.items()}
+    config = hub_config(following)
+    merger = SuperMerger(config, endpoint=hub_server.url, token=False).fit(family_examples(bert_family))
+    merger.save_pretrained(tmp_path / "merged")
+    newer = tmp_path / "sst-v2"
+    perturb(BertForSequenceClassification.from_pretrained(bert_family.sources["sst"]), seed=7).save_pretrained(newer)
+    push_folder(newer, "user/bert-sst", token=TOKEN, endpoint=hub_server.url)
+    reloaded = SuperMerger.from_pretrained(tmp_path / "merged", token=False)
+    assert reloaded.config.sources[0].revision == repos["sst"][1]
+    assert all(torch.equal(reloaded.merged_tensors[n], t) for n, t in merger.merged_tensors.items())

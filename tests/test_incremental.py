@@ -118,3 +118,34 @@ def test_cli_add(deployed, third, tmp_path, capsys):
                  "--output", str(tmp_path / "cheap"), "--cheap", "--steps", "2"])
     assert code == 0
     assert SuperMergeConfig.from_pretrained(tmp_path / "cheap").merge_info["extends"]["form"] == "cheap"
+
+
+def test_cheap_form_with_bf16_sources_reloads_exactly(tmp_path):
+    """The deployed merge is a bf16 checkpoint; learning and `rebuild` both use it as float32 tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .conftest import VOCAB, lm_examples
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    for i, task in enumerate(["a", "b", "c"]):
+        model = perturb(LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32), seed=i)
+        model.to(torch.bfloat16).save_pretrained(tmp_path / task)
+    examples = {t: lm_examples(8, seed=i) for i, t in enumerate("abc")}
+    merge = SuperMergeConfig(base=str(tmp_path / "base"), sources=[{"task": t, "path": str(tmp_path / t)}
+                                                                   for t in "ab"], **LEARN)
+    SuperMerger(merge).fit({t: examples[t] for t in "ab"}).save_pretrained(tmp_path / "deployed")
+    new = SuperMerger.from_pretrained(tmp_path / "deployed").add_source("c", str(tmp_path / "c"), cheap=True)
+    new.fit(examples)
+    out = Path(new.save_pretrained(tmp_path / "grown"))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = SuperMerger.from_pretrained(out)
+    assert all(torch.equal(reloaded.merged_tensors[n], t) for n, t in new.merged_tensors.items())
+
+
+def test_the_extended_merge_is_never_the_output(deployed, third):
+    new = SuperMerger.from_pretrained(deployed).add_source("pos", str(third)).fit(POS)
+    with pytest.raises(ValueError, match="is or holds an input"):
+        new.save_pretrained(deployed, overwrite=True)

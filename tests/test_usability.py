@@ -175,6 +175,8 @@ def test_chat_template_from_a_jinja_file(chat_llama, tmp_path):
     (tmp_path / "t.jinja").write_text("[{{ messages[0]['content'] }}]")
     out = merge_chat(chat_llama, tmp_path, chat_template=str(tmp_path / "t.jinja"))
     assert AutoTokenizer.from_pretrained(out).apply_chat_template(MESSAGES, tokenize=False) == "[good movie]"
+    saved = json.loads((out / "supermerge_config.json").read_text())  # the template's text, not this machine's path
+    assert saved["chat_template"] == "[{{ messages[0]['content'] }}]"
 
 
 @pytest.mark.parametrize(("options", "match"), [
@@ -340,3 +342,24 @@ def test_debug_log_of_step_zero_says_before_learning(bert_family, caplog):
     with caplog.at_level(logging.DEBUG, logger="supermerge_hf"):
         SuperMerger(config).fit(family_examples(bert_family, 8))
     assert "step 0: before learning, hold-out loss {" in caplog.text and "None" not in caplog.text.split("step 0")[1][:40]
+
+
+def test_relative_paths_survive_a_symlinked_output(bert_family, tmp_path):
+    real = tmp_path / "a" / "b" / "c"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), method="task_arithmetic")
+    merger = SuperMerger(config).fit()
+    merger.save_pretrained(tmp_path / "link" / "merged")
+    reloaded = SuperMerger.from_pretrained(tmp_path / "link" / "merged")
+    assert all(torch.equal(reloaded.merged_tensors[n], t) for n, t in merger.merged_tensors.items())
+
+
+def test_kept_examples_stay_local_when_pushed(hub_server, bert_family, tmp_path):
+    config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), steps=1, eval_every=1,
+                              save_examples=True)
+    merger = SuperMerger(config, endpoint=hub_server.url).fit(family_examples(bert_family, 8))
+    local = Path(merger.save_pretrained(tmp_path / "local"))
+    assert sorted(p.name for p in (local / "examples").iterdir()) == ["nli.jsonl", "sst.jsonl"]
+    oid = merger.push_to_hub("user/private-examples", token=False)
+    assert not [f for f in hub_server.repos["user/private-examples"].commits[oid].files if f.startswith("examples")]

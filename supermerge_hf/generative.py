@@ -1,0 +1,244 @@
+"""Generative tasks (method.md section 8): prompt/completion, chat, plain-text and seq2seq records tokenised into
+model inputs whose `labels` keep the answer tokens only (-100 on prompt, system text and padding); the metrics of
+the answer tokens (mean loss, greedy exact match) and rank classification over answer choices (T0)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from .data import ASIDE, Example, collate, read_rows
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["auto", "prompt_completion", "messages", "text", "seq2seq"]
+FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "seq2seq": ("source", "target"),
+           "text": ("text",)}  # the fields of each form; `auto` takes the first a record has (`choices` may answer)
+IGNORE = -100
+CHOICE_FIELDS = (f"{ASIDE}input_ids", f"{ASIDE}attention_mask", f"{ASIDE}labels")  # (C, L) each
+CHOICE_INDEX = f"{ASIDE}index"  # the right choice's index, `label` in the record
+
+
+def _has(record: Mapping[str, Any], name: str) -> bool:
+    first, *rest = (record.get(k) is not None for k in FORMATS[name])  # a Dataset fills missing fields with None
+    return first and (all(rest) or record.get("choices") is not None)
+
+
+def _format(record: Mapping[str, Any], format: Format) -> str:
+    name = next((f for f in FORMATS if _has(record, f)), None) if format == "auto" else format
+    if name not in FORMATS or not _has(record, name):
+        raise ValueError(f"A {format} record needs the fields {FORMATS.get(name, sorted(FORMATS))}, got "
+                         f"{sorted(record)}: name yours with `fields={{standard name: your field}}` (a recipe's `data` "
+                         "entry takes `fields`).")
+    return name
+
+
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    """An answer ends with EOS (when the tokenizer has one), so greedy exact match means: says it, then stops."""
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
+
+
+def _answer(tokenizer, text: str) -> list[int]:
+    return _with_eos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _sequence(prompt: list[int], answer: list[int]) -> dict[str, list[int]]:
+    """A decoder-only example: prompt then answer, only the answer labelled."""
+    return {"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
+            "labels": [IGNORE] * len(prompt) + answer}
+
+
+def _chat(tokenizer, messages: list[Mapping[str, str]]) -> dict[str, list[int]]:
+    """The conversation rendered with the tokenizer's chat template, the assistant turns (to their end-of-turn text)
+    labelled: each turn's characters are those the template adds from the generation prompt to the turn's end."""
+    if getattr(tokenizer, "chat_template", None) is None or not tokenizer.is_fast:
+        raise ValueError("`messages` records are rendered with the base tokenizer's chat template, by a fast tokenizer "
+                         "(character offsets); this tokenizer has no template or is slow: set `tokenizer.chat_template`"
+                         " or give prompt/completion records.")
+
+    def render(turns: list, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(list(turns), tokenize=False, add_generation_prompt=generation_prompt)
+
+    text, spans = render(messages, False), []
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = render(messages[:k], True), render(messages[: k + 1], False)
+            if not (end.startswith(start) and text.startswith(end)):
+                raise ValueError("The chat template does not render a conversation as its turns one after another "
+                                 "(a turn's rendering changes with what follows), so its assistant tokens cannot be "
+                                 "found: give prompt/completion records rendered by your own code.")
+            spans.append((len(start), len(end)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the template writes BOS
+    ids = encoded["input_ids"]
+    labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _) in zip(ids, encoded["offset_mapping"])]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _tokenize(record: Mapping[str, Any], tokenizer, name: str, encoder_decoder: bool,
+              answer: str | None) -> dict[str, list[int]]:
+    """One record (its answer replaced by `answer` when given: a choice) as lists of ids."""
+    if name == "messages":
+        return _chat(tokenizer, record["messages"])
+    if name == "text":
+        ids = _with_eos(tokenizer, tokenizer(record["text"])["input_ids"])
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+    prompt, target = (record["prompt"], "completion") if name == "prompt_completion" else (record["source"], "target")
+    answer = record[target] if answer is None else answer
+    if encoder_decoder:  # the prompt to the encoder, the answer as the decoder's labels
+        ids = tokenizer(prompt)["input_ids"]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids),
+                "labels": _with_eos(tokenizer, tokenizer(text_target=answer)["input_ids"])}
+    return _sequence(tokenizer(prompt)["input_ids"], _answer(tokenizer, answer))
+
+
+def _cut(example: dict[str, list[int]], max_length: int | None) -> tuple[Example, bool]:
+    cut = max_length is not None and any(len(v) > max_length for v in example.values())
+    return {k: torch.tensor(v[:max_length]) for k, v in example.items()}, cut
+
+
+def tokenize_record(record: Mapping[str, Any], tokenizer, *, format: Format = "auto",
+                    max_length: int | None = None, encoder_decoder: bool = False) -> tuple[Example, bool]:
+    """One record as model inputs (see `tokenize_examples`), and whether `max_length` cut it."""
+    name = _format(record, format)
+    choices = record.get("choices")
+    if choices is None:
+        return _cut(_tokenize(record, tokenizer, name, encoder_decoder, None), max_length)
+    label = record.get("label")
+    if name not in ("prompt_completion", "seq2seq") or not isinstance(choices, list) or \
+            not str(label).isdigit() or not int(label) < len(choices):
+        raise ValueError(f"A record with `choices` needs a prompt (or source), a non-empty list of choices and "
+                         f"`label`, the index of the right one; got choices {choices!r}, label {label!r}.")
+    options = [_cut(_tokenize(record, tokenizer, name, encoder_decoder, str(c)), max_length) for c in choices]
+    batch = collate([ex for ex, _ in options], tokenizer.pad_token_id or 0)  # (C, L) each, padded within the record
+    example = options[int(label)][0] | {f"{ASIDE}{k}": batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    return example | {CHOICE_INDEX: torch.tensor(int(label))}, any(cut for _, cut in options)
+
+
+def tokenize_examples(records: Iterable[Mapping[str, Any]], tokenizer, *, format: Format = "auto",
+                      fields: Mapping[str, str] | None = None, max_length: int | None = None,
+                      encoder_decoder: bool = False, task: str | None = None) -> list[Example]:
+    """Tokenise the records of a generative task into model inputs whose `labels` are the answer tokens.
+
+    Forms (`format="auto"` takes each record's from its fields): `{"prompt", "completion"}`; `{"messages": [{"role",
+    "content"}, ...]}`, rendered with `tokenizer.chat_template`, the assistant turns labelled; `{"text"}` (every
+    token labelled: plain language modelling); `{"source", "target"}` (seq2seq: with `encoder_decoder` the source
+    goes to the encoder and the target is the decoder's labels, else they are prompt and completion). Answers end
+    with the tokenizer's EOS, if it has one. A prompt (or source) record may give `choices` and `label` (the index
+    of the right one) instead of its answer: its inputs are then the right choice's, and every choice rides along
+    for rank classification (`evaluate` reports its `accuracy`). Examples differ in length: batches are padded.
+
+    Args:
+        records (`Iterable[Mapping]`): A list of dicts, a `datasets.Dataset`, or rows read from JSONL/CSV.
+        tokenizer: The base model's tokenizer.
+        format (`str`, defaults to `"auto"`): One of `auto`, `prompt_completion`, `messages`, `text`, `seq2seq`.
+        fields (`Mapping[str, str]`, *optional*): Standard field name to the records' one, e.g. `{"prompt": "question",
+            "completion": "answer"}`.
+        max_length (`int`, *optional*): Longer examples are cut to their first `max_length` tokens (seq2seq: source
+            and target each); how many were cut is logged.
+        encoder_decoder (`bool`): The model is an encoder-decoder (T5), for `{"source", "target"}` records.
+        task (`str`, *optional*): The task's name, for the log.
+
+    Returns:
+        `list[dict[str, torch.Tensor]]`: `input_ids`, `attention_mask`, `labels` (-100 off the answer) per record,
+        plus `choice_*` fields for records with choices.
+
+    Raises:
+        `ValueError`: A record without the fields of its form, a chat template that cannot be used, bad `choices`.
+
+    Example:
+        ```python
+        examples = tokenize_examples([{"prompt": "2 + 2 =", "completion": " 4"}], tokenizer)
+        ```
+    """
+    examples, cut = [], 0
+    for record in records:
+        record = {**record, **{std: record[own] for std, own in (fields or {}).items() if own in record}}
+        for key in ("messages", "choices"):  # CSV cells hold them as JSON text
+            if isinstance(record.get(key), str) and record[key].lstrip().startswith("["):
+                record[key] = json.loads(record[key])
+        example, was_cut = tokenize_record(record, tokenizer, format=format, max_length=max_length,
+                                           encoder_decoder=encoder_decoder)
+        examples.append(example)
+        cut += was_cut
+    if cut:
+        logger.warning("%d of %d examples%s were longer than max_length=%d tokens and were cut to it (their end "
+                       "dropped, answer tokens included).", cut, len(examples), f" of task {task!r}" * bool(task),
+                       max_length)
+    return examples
+
+
+def read_generative(path: str | Path, tokenizer, **options: Any) -> list[Example]:
+    """The records of a JSONL or CSV file (an empty CSV cell: no value), tokenised by `tokenize_examples(records,
+    tokenizer, **options)`."""
+    rows = read_rows(path)
+    if Path(path).suffix == ".csv":
+        rows = [{k: None if v == "" else v for k, v in row.items()} for row in rows]
+    return tokenize_examples(rows, tokenizer, **options)
+
+
+def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per label position: the answer token's log-probability (0 off the answer), the answer mask, and whether the
+    greedy (argmax) prediction is that token (True off the answer). `shift`: position t predicts token t + 1
+    (decoder-only models); encoder-decoder logits align with their labels. `logits` `(B, T, V)`, `labels` `(B, T)`."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T - 1, V), (B, T - 1)
+    mask = labels != IGNORE  # (B, T)
+    log_p = -F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T)
+    return log_p * mask, mask, (logits.argmax(-1) == labels) | ~mask
+
+
+class AnswerMetrics:
+    """Totals over batches of the answer-token metrics: `loss`, the mean cross-entropy per answer token, and
+    `exact_match`, the share of examples whose every answer token is the greedy prediction given the tokens before
+    it (teacher forcing: exactly greedy decoding's first answer-length tokens, so with EOS ending the answer, the
+    greedy answer is the answer)."""
+
+    def __init__(self, *, shift: bool) -> None:
+        self.shift, self.nll, self.tokens, self.exact, self.examples = shift, 0.0, 0, 0, 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if logits.dim() != 3 or labels.dim() != 2:
+            return
+        log_p, mask, hit = answer_log_probs(logits, labels.to(logits.device), shift=self.shift)
+        self.nll -= float(log_p.sum())
+        self.tokens += int(mask.sum())
+        self.exact += int((hit.all(-1) & mask.any(-1)).sum())
+        self.examples += len(labels)
+
+    def result(self) -> dict[str, float]:
+        if not self.examples:
+            return {}
+        return {"loss": self.nll / max(self.tokens, 1), "exact_match": self.exact / self.examples}
+
+
+def rank_accuracy(examples: list[Example], logits: Callable[[dict[str, torch.Tensor]], torch.Tensor], *, shift: bool,
+                  pad_id: int = 0, batch_size: int = 32, reduce: Literal["sum", "mean"] = "sum") -> float | None:
+    """Rank classification (T0): each choice of the examples that have choices scored by the summed (or mean) log-
+    probability of its answer tokens given the prompt, `logits(batch)` `(B, T, V)` giving the model's; the share of
+    examples whose best-scored choice is the right one (first best on ties), `None` if no example has choices."""
+    ranked = [ex for ex in examples if CHOICE_INDEX in ex]
+    rows = [dict(zip(("input_ids", "attention_mask", "labels"), row))
+            for ex in ranked for row in zip(*(ex[k] for k in CHOICE_FIELDS))]  # one per choice
+    scores = []
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i: i + batch_size], pad_id)
+        out = logits(batch)
+        log_p, mask, _ = answer_log_probs(out, batch["labels"].to(out.device), shift=shift)  # (B, T)
+        score = log_p.sum(-1) / (mask.sum(-1).clamp(min=1) if reduce == "mean" else 1)  # (B,)
+        scores.append(score.cpu())
+    if not ranked:
+        return None
+    scores, correct, start = torch.cat(scores), 0, 0
+    for ex in ranked:
+        count = len(ex[CHOICE_FIELDS[0]])
+        correct += int(int(scores[start: start + count].argmax()) == int(ex[CHOICE_INDEX]))
+        start += count
+    return correct / len(ranked)
