@@ -131,6 +131,52 @@ def coefficient_heatmap(coefficients: dict, path: Path) -> None:
     plt.close(fig)
 
 
+BEYOND = ["supermerge", "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge_row_distill"]
+
+
+def beyond_markdown(tasks: list[str]) -> str | None:
+    """The cells of the learned merge beyond the paper (issue 15), one row per (cell, seed) that exists."""
+    individual = RESULTS / "cells" / "individual-k32-seed0.json"
+    if not individual.is_file():
+        return None
+    reference = json.loads(individual.read_text())["per_task"]
+    rows = []
+    for method in BEYOND:
+        for path in sorted((RESULTS / "cells").glob(f"{method}-k32-seed*.json")):
+            cell = json.loads(path.read_text())
+            normalized = sum(cell["per_task"][t] / reference[t] for t in tasks) / len(tasks)
+            rows.append(f"| {method} | {cell['seed']} | " + " | ".join(f"{cell['per_task'][t]:.3f}" for t in tasks)
+                        + f" | **{normalized:.3f}** | {cell['details'].get('selected_step')} | "
+                        f"{cell['merge_seconds']:.0f} |")
+    if len(rows) < 2:
+        return None
+    head = "| cell | seed | " + " | ".join(tasks) + " | normalized | selected step | merge s |"
+    return "\n".join([
+        "`objective: distill` (KL to each task's fine-tune at T = 2 on the rest of its pool, 480 inputs without "
+        "labels; never the test split) and `granularity: row` (one coefficient per row of each block matrix), "
+        "beside the paper's `supermerge` (labels, one coefficient per tensor). `merge s` of the distill and row "
+        "cells were measured while other jobs loaded the 2 cores (load 6-10): not comparable with the others.", "",
+        head, "|---|---|" + "---|" * len(tasks) + "---|---|---|", *rows])
+
+
+def incremental_markdown(data: dict) -> str:
+    forms = [f for f in ("scratch", "incremental", "cheap") if f in data]
+    tasks = list(data[forms[0]]["per_task"])
+    lines = ["Add the fifth task (austen) to a saved four-task SuperMerge (`benchmarks/incremental.py`): `scratch` "
+             "merges all five anew; `incremental` = `from_pretrained(four).add_source(...)`, learning from the saved "
+             "coefficients; `cheap` = `add_source(..., cheap=True)`, the four-task merge as one source. Same 32 "
+             "labelled examples per task, 100 steps, seeds " + ", ".join(map(str, data[forms[0]]["seeds"]))
+             + "; seconds: construction + `fit`, loading included (wall; CPU: process time), one torch thread.", "",
+             "| form | " + " | ".join(tasks) + " | normalized | wall s | CPU s |",
+             "|---|" + "---|" * len(tasks) + "---|---|---|"]
+    for form in forms:
+        row = data[form]
+        lines.append(f"| {form} | " + " | ".join(f"{row['per_task'][t]:.3f}" for t in tasks)
+                     + f" | **{row['normalized']:.3f}** ± {row['normalized_std']:.3f} | {row['seconds']:.0f} | "
+                     f"{row.get('cpu_seconds', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     data = json.loads((RESULTS / "text5.json").read_text())
     methods = data["methods"]
@@ -171,6 +217,9 @@ def main() -> None:
          memory_markdown(d) if (d := load("memory.json")) else None),
         ("Tuning SuperMerge's defaults (validation examples of the pool, `benchmarks/tune_supermerge.py`)",
          tuning_markdown(d) if (d := load("tuning.json")) else None),
+        ("Beyond the paper: distillation and row coefficients (issue 15, per cell)", beyond_markdown(tasks)),
+        ("Adding a task to a deployed merge (issue 16)",
+         incremental_markdown(d) if (d := load("incremental.json")) else None),
     ]
     for title, body in sections:
         if body:

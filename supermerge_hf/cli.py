@@ -89,11 +89,14 @@ def run_merge(args: argparse.Namespace) -> None:
     if args.adapter_output or args.adapter_rank is not None:
         check_adapter_output(merger, args.adapter_output, args.adapter_rank)
     if merger.needs_examples:
-        missing = [t for t in config.tasks if t not in data]
+        missing = [t for t in config.tasks if t not in data["labelled"]]
         if missing:
             raise ValueError(f"Method {config.method!r} (with these method_kwargs) reads labelled examples: "
                              f"source(s) {missing} in {args.recipe} need {DATA_ENTRY}.")
-    merger.fit(read_data(merger, data) if merger.needs_examples else {}, resume=args.resume)
+    unlabelled = {t: s | ({} if merger.plan.task_specs[t].cls.can_generate() else {"label_field": None})
+                  for t, s in data["unlabelled"].items()}  # inputs only
+    merger.fit(read_data(merger, data["labelled"]) if merger.needs_examples else {}, resume=args.resume,
+               unlabelled=read_data(merger, unlabelled) if unlabelled else None)
     out = merger.save_pretrained(push_to_hub=bool(args.push_to_hub), repo_id=args.push_to_hub, private=args.private,
                                  token=args.token)
     report(merger, out)

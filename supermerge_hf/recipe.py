@@ -18,7 +18,9 @@ A recipe is a YAML file holding a SuperMergeConfig (fields below); each source m
 labelled examples of its task, a JSONL or CSV file tokenised with the base's tokenizer (keys: path, text_field,
 label_field, text_pair_field, max_length; labels are integers or names of the fine-tune's label2id). A generative
 task's (a causal or seq2seq LM) holds prompt/completion, messages, text or source/target records, answers labelled
-(keys: path, format, fields, max_length; `generative.tokenize_examples`). Relative paths are relative to the recipe.
+(keys: path, format, fields, max_length; `generative.tokenize_examples`). An `unlabelled` entry (same keys, labels
+never read) gives more inputs without labels, for `method_kwargs: {objective: distill}` (or `both`) and AdaMerging.
+Relative paths are relative to the recipe.
 
   base: sentence-transformers/all-MiniLM-L6-v2
   sources:
@@ -70,9 +72,10 @@ def _source_parameters(raw: dict[str, Any], sources: list[dict[str, Any]]) -> di
 
 
 def read_recipe(path: str | Path, *, need_data: bool = True) -> tuple[SuperMergeConfig, dict[str, dict[str, Any]]]:
-    """Split a recipe into the config and, per task, its `data` entry; raises `FileNotFoundError` for a missing recipe
-    or (with `need_data`) examples file, `ValueError` for invalid YAML, a recipe of another shape, a `data` entry
-    without `path`."""
+    """Split a recipe into the config and its files of examples: `{"labelled": {task: its `data` entry},
+    "unlabelled": {task: its `unlabelled` entry}}` (inputs without labels, for `objective: distill` and
+    AdaMerging); raises `FileNotFoundError` for a missing recipe or (with `need_data`) examples file, `ValueError`
+    for invalid YAML, a recipe of another shape, an entry without `path`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Recipe {str(path)!r} does not exist.")
@@ -84,16 +87,19 @@ def read_recipe(path: str | Path, *, need_data: bool = True) -> tuple[SuperMerge
     if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
         raise ValueError(f"Recipe {str(path)!r} must be a mapping of config fields whose `sources` is a list of "
                          "{task, path} entries (see `supermerge merge --help`).")
-    data = {}
+    data: dict[str, dict[str, Any]] = {"labelled": {}, "unlabelled": {}}
     for source in sources:
-        spec = source.pop("data", None)
-        if spec is not None:
+        for key, kind in (("data", "labelled"), ("unlabelled", "unlabelled")):
+            spec = source.pop(key, None)
+            if spec is None:
+                continue
             if not isinstance(spec, dict) or "path" not in spec:
-                raise ValueError(f"Source {source.get('task')!r} in {path} needs {DATA_ENTRY} with its examples.")
+                raise ValueError(f"Source {source.get('task')!r} in {path} needs " + (DATA_ENTRY if key == "data" else
+                                 "`unlabelled: {path: FILE.jsonl, text_field: ...}`") + " with its examples.")
             file = path.parent / spec["path"]  # an absolute path stays as it is
             if need_data and not file.is_file():
                 raise FileNotFoundError(f"Examples file {str(file)!r} of task {source.get('task')!r} does not exist.")
-            data[source["task"]] = spec | {"path": file}
+            data[kind][source["task"]] = spec | {"path": file}
         if isinstance(source.get("path"), str):
             source["path"] = _beside(path, source["path"])
     raw["method_kwargs"] = _source_parameters(raw, sources)

@@ -363,3 +363,20 @@ def test_kept_examples_stay_local_when_pushed(hub_server, bert_family, tmp_path)
     assert sorted(p.name for p in (local / "examples").iterdir()) == ["nli.jsonl", "sst.jsonl"]
     oid = merger.push_to_hub("user/private-examples", token=False)
     assert not [f for f in hub_server.repos["user/private-examples"].commits[oid].files if f.startswith("examples")]
+
+
+@pytest.mark.parametrize(("objective", "code"), [("distill", 0), ("labels", 2)])
+def test_recipe_unlabelled_entries_reach_learning(bert_family, tmp_path, capsys, objective, code):
+    import yaml
+
+    from .conftest import write_text_examples
+
+    recipe = yaml.safe_load(write_recipe(bert_family, tmp_path, method_kwargs={"objective": objective}).read_text())
+    for i, source in enumerate(recipe["sources"]):
+        write_text_examples(tmp_path / f"{source['task']}-more.jsonl", 10, 2, seed=10 + i)
+        source["unlabelled"] = {"path": f"{source['task']}-more.jsonl"}  # its labels are never read
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    status, _, err = run_cli(["merge", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "m")], capsys)
+    assert status == code, err
+    if code:  # the paper's objective would ignore them: refused before learning, nothing written
+        assert "unlabelled" in err.lower() and not (tmp_path / "m").exists()
