@@ -170,7 +170,9 @@ class SuperMerger(PushMixin):
         id at `revision`) to `fit` on every task's examples (the old tasks' may be left out where the merge kept
         them: `save_examples`). It learns from this merge's coefficients, the new row starting at
         `init_coefficient`; `cheap=True` merges this merge as one source (its task vector) with the new fine-tune
-        instead: two rows to learn. `overrides`: config fields to change (e.g. `steps`, `output_dir`)."""
+        instead: two rows to learn. `overrides`: config fields to change (e.g. `output_dir`); `steps` defaults to
+        twice the step this merge selected (at least `eval_every`, at most its `steps`): learning that starts from
+        the deployed merge needs no longer than the first run did."""
         if self._origin is None or self.coefficients is None:
             raise ValueError("`add_source` extends a saved learned merge: load it with "
                              "`SuperMerger.from_pretrained(merged_dir)` first (a data-free merge has nothing learned).")
@@ -179,6 +181,8 @@ class SuperMerger(PushMixin):
         if self.levels and not cheap:
             raise ValueError("This merge is hierarchical: add a task with cheap=True (one more level).")
         sources = [*self.config.sources, SourceConfig(task, str(path), revision)]
+        if self.selected_step is not None:
+            overrides.setdefault("steps", min(self.config.steps, max(2 * self.selected_step, self.config.eval_every)))
         config = dataclasses.replace(self.config, **overrides, sources=sources, hierarchical=None, merge_info={})
         new = SuperMerger(config, accelerator=self.accelerator, **self._hub)
         new._kept, new._grow = self._kept, growth(self.result, *self._origin, new.plan, cheap=cheap)

@@ -44,6 +44,9 @@ def test_incremental_starts_from_the_saved_coefficients(deployed, third):
     old = SuperMerger.from_pretrained(deployed)
     new = old.add_source("pos", str(third), learning_rate=1e-9)  # ~ no step: what learning started from
     assert new.config.tasks == ["sst", "nli", "pos"] and new.config.learning_rate == 1e-9
+    # steps: twice the step the deployed merge selected, within [eval_every, its steps]
+    assert new.config.steps == min(LEARN["steps"], max(2 * old.selected_step, LEARN["eval_every"]))
+    assert old.add_source("pos", str(third), steps=7).config.steps == 7
     new.fit(POS)  # the old tasks' examples come from the merged folder (save_examples)
     values = new.coefficients.values
     torch.testing.assert_close(values[:2], old.coefficients.values, rtol=0, atol=1e-6)
