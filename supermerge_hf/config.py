@@ -49,6 +49,11 @@ def _check_types(obj: Any, prefix: str = "") -> None:
             setattr(obj, f.name, float(value))
 
 
+def locate(path: str, folder: Path) -> str:
+    """A path a merge saved relative to its `folder` (`./x`, `../x`) made a path from here; others as they are."""
+    return str(folder / path) if path.startswith(("./", "../")) else path
+
+
 @dataclass
 class SourceConfig:
     """One fine-tuned model (or LoRA adapter) of the base: `task` (its examples' key), `path` (a local folder or a
@@ -235,6 +240,12 @@ class SuperMergeConfig:
     def tasks(self) -> list[str]:
         return [s.task for s in self.sources]
 
+    def check_published(self, where: str) -> None:
+        """`FileNotFoundError` for a merge saved for the Hub from local folders, which it does not name."""
+        if LOCAL in [self.base, *self.paths]:
+            raise FileNotFoundError(f"{where!r} was merged from local folders that were not published (see its "
+                                    "card): use it on the machine that holds them, from the folder saved there.")
+
     def pinned(self) -> SuperMergeConfig:
         """This config with the base and every Hub source at the commit it merged (`merge_info`), so that a
         reloaded merge is the saved one even after a repo moved on."""
@@ -283,6 +294,6 @@ class SuperMergeConfig:
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{str(path_or_repo_id)!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")
         config = cls.from_file(folder / CONFIG_NAME)
-        located = [str(folder / p) if p.startswith(("./", "../")) else p for p in [config.base, *config.paths]]
+        located = [locate(p, folder) for p in [config.base, *config.paths]]
         return dataclasses.replace(config, base=located[0], sources=[
             dataclasses.replace(s, path=p) for s, p in zip(config.sources, located[1:])])

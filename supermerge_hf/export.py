@@ -14,7 +14,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from .card import build_adapter_card, build_model_card, published_config
 from .checkpoint import atomic_output_dir, copy_tokenizer
-from .config import SuperMergeConfig
+from .config import SuperMergeConfig, locate
 from .hierarchy import rebuild
 from .hub import resolve
 from .learning import merge_with
@@ -162,8 +162,8 @@ def load_result(folder: Path, info: dict[str, Any], method: MergeMethod, **resol
     (`resolved`: config, plan, base, sources): from every level's coefficients (hierarchical) or its coefficient
     table; `None` for a data-free merge (recomputed by `fit` with the saved `auto` choices)."""
     plan, config, extends = resolved["plan"], resolved["config"], info.get("extends")
-    if extends and extends["merge"].startswith(("./", "../")):  # the merge it extends, saved relative to it
-        extends = extends | {"merge": str(folder / extends["merge"])}
+    if extends:  # the merge it extends, saved relative to this one
+        extends = extends | {"merge": locate(extends["merge"], folder)}
     if levels := load_levels(folder):
         merged = {n: t.cpu() for n, t in rebuild(plan, config, method, levels).items()}
         return MergeResult(**resolved, merged=merged, coefficients=levels[-1]["coefficients"],

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from .config import LOCAL, SuperMergeConfig
+from .config import SuperMergeConfig
 from .export import load_levels
 from .hierarchy import group_result_name
 from .hub import resolve
@@ -215,9 +215,7 @@ def _filters(plan: MergePlan, names: dict[str, list[tuple[str, str]]], row: torc
 
 def _with_local_paths(config: SuperMergeConfig, folder: Path) -> SuperMergeConfig:
     """The config with every local model folder made absolute (Hub ids unchanged)."""
-    if LOCAL in [config.base, *config.paths]:
-        raise FileNotFoundError(f"{str(folder)!r} was merged from local folders that were not published (see its "
-                                "card): export it on the machine that holds them, from the folder saved there.")
+    config.check_published(str(folder))
     anchors = [folder, Path.cwd()]  # `save_pretrained` writes paths relative to the merged folder
     sources = [dataclasses.replace(s, path=_local(s.path, anchors)) for s in config.sources]
     return dataclasses.replace(config, base=_local(config.base, anchors), sources=sources)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .checkpoint import check_not_an_input, check_output_dir
-from .config import LOCAL, SourceConfig, SuperMergeConfig
+from .config import SourceConfig, SuperMergeConfig
 from .data import make_splits, prepare_examples
 from .estimate import Estimate, estimate
 from .export import (check_adapter_export, check_tokenizer, load_examples, load_result, save_combined_adapter,
@@ -263,9 +263,7 @@ class SuperMerger(PushMixin):
         origin = resolve(merged_dir, revision=revision, token=token)
         folder = origin.path
         config = SuperMergeConfig.from_pretrained(folder).pinned()
-        if LOCAL in [config.base, *config.paths]:
-            raise FileNotFoundError(f"{str(merged_dir)!r} was merged from local folders that were not published "
-                                    "(see its card): reload it on the machine that holds them.")
+        config.check_published(str(merged_dir))
         info = config.merge_info  # `auto` -> what was chosen; reloading writes nothing
         config = dataclasses.replace(config, method_kwargs=config.method_kwargs | info.get("chosen", {}),
                                      output_dir=None, merge_info={})
