@@ -60,16 +60,17 @@ def draw_labelled(task: TaskData, seed: int, k: int) -> list[dict]:
     return pool[:k]
 
 
-def draw_unlabelled(task: TaskData, seed: int, k: int) -> list[dict]:
-    """The rest of the pool after `draw_labelled`'s k, for the methods that read inputs without labels (their
-    labels are dropped by `run_cell`; the test split is never part of it)."""
+def draw_unlabelled(task: TaskData, seed: int, k: int, u: int | None = None) -> list[dict]:
+    """The next `u` examples of the pool after `draw_labelled`'s k (None: all the rest), for the methods that read
+    inputs without labels (their labels are dropped by `run_cell`; the test split is never part of it)."""
     pool = list(task.pool)
     random.Random(f"{task.name}/{seed}").shuffle(pool)
-    return pool[k:]
+    return pool[k:] if u is None else pool[k: k + u]
 
 
 def cell_name(method: str, seed: int, settings: Settings) -> str:
-    return f"{method}-k{settings.examples_per_task}-seed{seed}"
+    unlabelled = "" if settings.unlabelled_per_task is None else f"-u{settings.unlabelled_per_task}"
+    return f"{method}-k{settings.examples_per_task}{unlabelled}-seed{seed}"
 
 
 def code_fingerprint() -> str:
@@ -87,7 +88,8 @@ def cell_settings(method: str, settings: Settings) -> dict:
     if method == "multitask":
         folders.append(settings.multitask_dir / "multitask.json")
     fingerprint = hashlib.sha256(b"".join(p.read_bytes() for p in folders if p.is_file())).hexdigest()[:16]
-    keep = {k: v for k, v in dataclasses.asdict(settings).items() if k != "seeds"}
+    keep = {k: v for k, v in dataclasses.asdict(settings).items()
+            if k != "seeds" and not (k == "unlabelled_per_task" and v is None)}  # cells from before the sweep
     return keep | {"method": method, "finetunes": fingerprint}
 
 
@@ -105,7 +107,8 @@ def run_cell(method: str, seed: int, settings: Settings, tasks: dict[str, TaskDa
         test={t: tokenize_examples(tokenizer, test_text[t]) for t in settings.tasks},
         test_text=test_text,
         unlabelled={t: [{k: v for k, v in ex.items() if k != "labels"} for ex in tokenize_examples(
-            tokenizer, draw_unlabelled(tasks[t], seed, settings.examples_per_task))] for t in settings.tasks},
+            tokenizer, draw_unlabelled(tasks[t], seed, settings.examples_per_task, settings.unlabelled_per_task))]
+            for t in settings.tasks},
     )
     outcome = RUNNERS[method](cell)
     return {
@@ -128,6 +131,8 @@ def cell_command(method: str, seed: int, settings: Settings) -> list[str]:
         command += ["--test-size", str(settings.test_size)]
     if settings.learn_steps is not None:
         command += ["--learn-steps", str(settings.learn_steps)]
+    if settings.unlabelled_per_task is not None:
+        command += ["--unlabelled-per-task", str(settings.unlabelled_per_task)]
     command += ["--lora"] if settings.lora else []
     command += ["--code", settings.code]  # the parent's fingerprint, so every cell of a run carries the same
     return command + (["--quick"] if settings.quick else [])
@@ -241,6 +246,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--tasks", nargs="+", choices=TEXT5)
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--examples-per-task", type=int, default=32)
+    parser.add_argument("--unlabelled-per-task", type=int, help="inputs without labels per task beyond the "
+                        "labelled ones (default: the rest of the 512-example pool)")
     parser.add_argument("--test-size", type=int, help="evaluate on the first N test examples of each task")
     parser.add_argument("--finetune-steps", type=int, help="steps of each individual fine-tune (default 300)")
     parser.add_argument("--learn-steps", type=int, help="steps of the learned methods (default: the package's)")
@@ -258,6 +265,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         tasks=args.tasks or defaults["tasks"],
         seeds=args.seeds if args.seeds is not None else defaults["seeds"],
         examples_per_task=args.examples_per_task,
+        unlabelled_per_task=args.unlabelled_per_task,
         test_size=args.test_size or defaults.get("test_size"),
         finetune_steps=args.finetune_steps or defaults.get("finetune_steps", 300),
         learn_steps=args.learn_steps or defaults.get("learn_steps"),

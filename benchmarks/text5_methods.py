@@ -23,13 +23,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from supermerge_hf import SuperMergeConfig, SuperMerger
 from supermerge_hf.demo.finetune import evaluate_accuracy
 
-METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "adamerging", "supermerge",
-                "supermerge_none", "supermerge_block", "supermerge_distill", "supermerge_both",
-                "supermerge_row", "supermerge_row_distill", "individual",
+METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "tsv_m", "iso_c", "iso_cts", "lines",
+                "regmean", "regmean_plusplus", "adamerging", "supermerge_paper", "supermerge_none", "supermerge_block",
+                "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge", "individual",
                 "multitask"]  # fmt: skip
 # memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
 MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
 DISTILL = {"objective": "distill", "temperature": 2.0}  # the distillation cells' method_kwargs
+PAPER = {"granularity": "tensor", "transform": "tanh", "method_kwargs": {"objective": "labels"}}  # arXiv 2412.10416
 QUICK_METHODS = ["pretrained", "average", "task_arithmetic", "ties", "supermerge", "individual"]
 QUICK = {"tasks": ["bbc", "spam"], "seeds": [0], "test_size": 100, "finetune_steps": 30, "learn_steps": 10}
 
@@ -41,6 +42,7 @@ class Settings:
     tasks: list[str]
     seeds: list[int]
     examples_per_task: int = 32
+    unlabelled_per_task: int | None = None  # inputs without labels beyond the labelled ones; None: the pool's rest
     test_size: int | None = None  # None: each task's whole test split
     finetune_steps: int = 300  # of each individual fine-tune; multitask takes tasks x this
     learn_steps: int | None = None  # of the learned methods; None: the package default
@@ -176,6 +178,41 @@ def run_dare_ties(cell: Cell) -> Outcome:
     return merge_and_evaluate(cell, method="dare_ties", method_kwargs={"lam": "auto", "density": 0.5})
 
 
+@runner("tsv_m")
+def run_tsv_m(cell: Cell) -> Outcome:
+    # data-free (method.md section 10); its scale λ picked on the labelled examples like every baseline's
+    return merge_and_evaluate(cell, method="tsv_m", method_kwargs={"lam": "auto"})
+
+
+@runner("iso_c")
+def run_iso_c(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="iso_c", method_kwargs={"lam": "auto"})
+
+
+@runner("iso_cts")
+def run_iso_cts(cell: Cell) -> Outcome:
+    return merge_and_evaluate(cell, method="iso_cts", method_kwargs={"lam": "auto"})
+
+
+@runner("lines")
+def run_lines(cell: Cell) -> Outcome:
+    # α = 1/S for the summed task vectors (the paper's), β picked on the labelled examples
+    return merge_and_evaluate(cell, method="lines", method_kwargs={"beta": "auto"})
+
+
+@runner("regmean")
+def run_regmean(cell: Cell) -> Outcome:
+    # Each linear layer from the Gram matrices of its inputs through each fine-tune (method.md section 10), on the
+    # same inputs as distillation: the 32 labelled examples' and the rest of the pool's (labels unread); α = 0.9.
+    return merge_and_evaluate(cell, unlabelled=True, method="regmean")
+
+
+@runner("regmean_plusplus")
+def run_regmean_plusplus(cell: Cell) -> Outcome:
+    # RegMean block by block, each block's inputs taken through the blocks merged before it
+    return merge_and_evaluate(cell, unlabelled=True, method="regmean_plusplus")
+
+
 @runner("adamerging")
 def run_adamerging(cell: Cell) -> Outcome:
     # Per-tensor ("layer-wise") coefficients, entropy of the predictions on the examples (labels unused).
@@ -184,59 +221,62 @@ def run_adamerging(cell: Cell) -> Outcome:
 
 @runner("supermerge")
 def run_supermerge(cell: Cell) -> Outcome:
-    return merge_and_evaluate(cell, method="supermerge", granularity="tensor", transform="tanh")
+    # the package's default: one coefficient per row of each block matrix, learned by distilling each fine-tune on
+    # its task's inputs (the labelled ones and the rest of the pool, labels unread); the labelled hold-out selects
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge")
+
+
+@runner("supermerge_paper")
+def run_supermerge_paper(cell: Cell) -> Outcome:
+    # the paper: one tanh coefficient per tensor, cross-entropy on the labelled examples
+    return merge_and_evaluate(cell, method="supermerge", **PAPER)
 
 
 @runner("supermerge_none")
 def run_supermerge_none(cell: Cell) -> Outcome:
-    return merge_and_evaluate(cell, method="supermerge", granularity="tensor", transform="none")
+    return merge_and_evaluate(cell, method="supermerge", **PAPER | {"transform": "none"})
 
 
 @runner("supermerge_block")
 def run_supermerge_block(cell: Cell) -> Outcome:
-    return merge_and_evaluate(cell, method="supermerge", granularity="block", transform="tanh")
+    return merge_and_evaluate(cell, method="supermerge", **PAPER | {"granularity": "block"})
 
 
 @runner("supermerge_distill")
 def run_supermerge_distill(cell: Cell) -> Outcome:
     # Beyond the paper (method.md section 9): each fine-tune's outputs on its task's inputs (the 32 labelled ones
     # and the rest of the pool, labels unread) are the target; the labelled hold-out still selects the step.
-    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs=DISTILL)
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", **PAPER | {"method_kwargs": DISTILL})
 
 
 @runner("supermerge_both")
 def run_supermerge_both(cell: Cell) -> Outcome:
     # half the labels' cross-entropy, half the distillation loss
-    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs=DISTILL | {"objective": "both"})
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge",
+                              **PAPER | {"method_kwargs": DISTILL | {"objective": "both"}})
 
 
 @runner("supermerge_row")
 def run_supermerge_row(cell: Cell) -> Outcome:
     # the same capacity learned from the 32 labels alone: what distillation adds to it
-    return merge_and_evaluate(cell, method="supermerge", granularity="row")
-
-
-@runner("supermerge_row_distill")
-def run_supermerge_row_distill(cell: Cell) -> Outcome:
-    # one coefficient per row of each block matrix (method.md section 9, "in between"), learned by distillation
-    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", granularity="row", method_kwargs=DISTILL)
+    return merge_and_evaluate(cell, method="supermerge", **PAPER | {"granularity": "row"})
 
 
 @runner("supermerge_hier2")
 def run_supermerge_hier2(cell: Cell) -> Outcome:
     # groups of 2 by cosine similarity of the task vectors, then the group results merged (method.md section 4)
-    return merge_and_evaluate(cell, method="supermerge", hierarchical={"group_size": 2})
+    return merge_and_evaluate(cell, method="supermerge", hierarchical={"group_size": 2}, **PAPER)
 
 
 @runner("supermerge_hier3")
 def run_supermerge_hier3(cell: Cell) -> Outcome:
-    return merge_and_evaluate(cell, method="supermerge", hierarchical={"group_size": 3})
+    return merge_and_evaluate(cell, method="supermerge", hierarchical={"group_size": 3}, **PAPER)
 
 
 @runner("supermerge_streaming")
 def run_supermerge_streaming(cell: Cell) -> Outcome:
     # task vectors and base re-read from disk tensor by tensor: the same merge as `supermerge`, less memory
-    return merge_and_evaluate(cell, method="supermerge", streaming=True)
+    return merge_and_evaluate(cell, method="supermerge", streaming=True, **PAPER)
 
 
 @runner("multitask", uses_examples=False)

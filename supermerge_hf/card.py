@@ -206,18 +206,24 @@ def build_model_card(result: MergeResult, save_directory: str | Path, *, name: s
 
 
 def build_adapter_card(result: MergeResult, save_directory: str | Path, *, name: str, rank: int | None,
-                       hub: bool = False) -> ModelCard:
-    """The card of the combined LoRA adapter: its base as `base_model`, the merged sources, and how to load it."""
+                       hub: bool = False, kind: str = "LoRA") -> ModelCard:
+    """The card of the combined adapter (`kind` `LoRA` or `IA³`): its base as `base_model`, the merged sources, and
+    how to load it."""
     cfg = published_config(result, save_directory, hub=hub)
     data = ModelCardData(base_model=result.base.repo_id, base_model_relation="adapter", library_name="peft",
-                         tags=["merge", "supermerge", "lora"])
+                         tags=["merge", "supermerge", "lora" if kind == "LoRA" else "ia3"])
     auto = auto_class_name(result.plan.base.cls)
-    size = "of the exact rank (the sum of the source ranks)" if rank is None else f"compressed to rank {rank} by SVD"
+    if kind == "LoRA":
+        size = "of the exact rank (the sum of the source ranks)" if rank is None else \
+            f"compressed to rank {rank} by SVD"
+        size += " (per-module errors: `supermerge_adapter.json`)"
+    else:
+        size = "exactly: one vector l = 1 + sum_i c_i (l_i - 1) per layer"
     return ModelCard(
-        f"---\n{data.to_yaml()}\n---\n\n# LoRA adapter: merge of {', '.join(cfg.tasks)}\n\n"
-        f"One PEFT LoRA adapter of {_source_cell(cfg.base, result.base.repo_id)} that equals the `{cfg.method}` merge "
-        f"of {len(cfg.sources)} LoRA adapters, {size} (per-module errors: `supermerge_adapter.json`). Heads are not "
-        "part of it.\n\n" + _sources_table(cfg, result)
+        f"---\n{data.to_yaml()}\n---\n\n# {kind} adapter: merge of {', '.join(cfg.tasks)}\n\n"
+        f"One PEFT {kind} adapter of {_source_cell(cfg.base, result.base.repo_id)} that equals the `{cfg.method}` "
+        f"merge of {len(cfg.sources)} {kind} adapters, {size}. Heads are not part of it.\n\n"
+        + _sources_table(cfg, result)
         + f"## Loading\n\n```python\nfrom peft import PeftModel\nfrom transformers import {auto}\n\n"
         f'base = {auto}.from_pretrained("{cfg.base}")\nmodel = PeftModel.from_pretrained(base, "{name}")\n```\n'
     )

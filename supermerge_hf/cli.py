@@ -89,7 +89,8 @@ def run_merge(args: argparse.Namespace) -> None:
     if args.adapter_output or args.adapter_rank is not None:
         check_adapter_output(merger, args.adapter_output, args.adapter_rank)
     if merger.needs_examples:
-        missing = [t for t in config.tasks if t not in data["labelled"]]
+        missing = [t for t in config.tasks if t not in data["labelled"]  # statistics: any inputs will do
+                   and not (merger.method.kind == "statistics" and t in data["unlabelled"])]
         if missing:
             raise ValueError(f"Method {config.method!r} (with these method_kwargs) reads labelled examples: "
                              f"source(s) {missing} in {args.recipe} need {DATA_ENTRY}.")
@@ -103,7 +104,7 @@ def run_merge(args: argparse.Namespace) -> None:
     if args.adapter_output:
         adapter = merger.save_adapter(args.adapter_output, rank=args.adapter_rank,
                                       overwrite=config.overwrite_output_dir)
-        _say(f"Combined LoRA adapter written to {adapter}")
+        _say(f"Combined adapter written to {adapter}")
     if args.push_to_hub:
         _say(f"Pushed to {repo_url(args.push_to_hub)}")
 
@@ -143,7 +144,7 @@ def run_methods(args: argparse.Namespace) -> None:
     width = max(map(len, METHODS))
     for name in sorted(METHODS):
         method = METHODS[name]
-        print(f"{name:<{width}}  {method.kind:<9}  {method.description}  {method.url}")
+        print(f"{name:<{width}}  {method.kind:<10}  {method.description}  {method.url}")
         for key, spec in method.hyperparameters.items():
             allowed = list(spec.choices) if spec.choices else spec.kind.__name__ + (" or auto" if spec.auto else "")
             print(f"{'':<{width}}    {key}: {allowed}, default {spec.default!r}")
@@ -180,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="Also push the merged model to this Hub repo (the "
                        "output folder is then written for it: no local paths in its card or config).")
     merge.add_argument("--private", action="store_true", help="Create the Hub repo as private (with --push-to-hub).")
-    merge.add_argument("--adapter-output", metavar="DIR", help="Also write the merge as one PEFT LoRA adapter of the "
-                       "base (all sources LoRA adapters; exact, of rank the sum of the source ranks).")
+    merge.add_argument("--adapter-output", metavar="DIR", help="Also write the merge as one PEFT adapter of the "
+                       "base (all sources LoRA adapters: exact, of rank the sum of the source ranks; or all IA³).")
     merge.add_argument("--adapter-rank", type=int, metavar="K", help="With --adapter-output: compress the adapter to "
                        "rank K by SVD; each module's relative error goes to DIR/supermerge_adapter.json.")
     merge.set_defaults(func=run_merge)

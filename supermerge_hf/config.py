@@ -98,8 +98,8 @@ class SuperMergeConfig:
         method (`str`, defaults to `"supermerge"`): A name from `supermerge_hf.METHODS`.
         method_kwargs (`dict`): The method's hyperparameters (`supermerge methods` lists them), checked here and
             completed with their defaults; `"auto"` picks `lam` / `density` on the examples.
-        granularity (`str`, defaults to `"tensor"`): What shares a coefficient: `tensor`, `block`, `task`, or `row`
-            (each row of a transformer block's matrices; its other tensors one each).
+        granularity (`str`, *optional*): What shares a coefficient: `tensor`, `block`, `task`, or `row` (each row
+            of a block's matrices, other tensors one each); the method's by default (SuperMerge: `row`, else `tensor`).
         transform (`str`, *optional*): c(w), `tanh` or `none`; defaults to the method's (AdaMerging: `none`).
         init_coefficient (`float`, defaults to 0.3): c(w) for every entry at the start of learning.
         init_from_task_arithmetic (`bool`): Start instead from the task-arithmetic λ with the lowest train loss.
@@ -141,7 +141,7 @@ class SuperMergeConfig:
     base_revision: str | None = None
     method: str = "supermerge"
     method_kwargs: dict[str, Any] = field(default_factory=dict)
-    granularity: Granularity = "tensor"
+    granularity: Granularity | None = None
     transform: Transform | None = None
     init_coefficient: float = 0.3
     init_from_task_arithmetic: bool = False
@@ -180,9 +180,10 @@ class SuperMergeConfig:
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"Task names must be unique, got {self.tasks}: give each source its own `task`.")
         _check_types(self)
+        method = get_method(self.method)
+        self.granularity = self.granularity or method.granularity
         for name, allowed in (("granularity", Granularity), ("loss_combination", LossCombination), ("dtype", DType)):
             _check_choice(name, getattr(self, name), allowed)
-        method = get_method(self.method)
         self.method_kwargs = method.check_kwargs(self.method_kwargs, len(self.sources))
         if self.transform is None:
             self.transform = method.transform or "tanh"
@@ -221,7 +222,7 @@ class SuperMergeConfig:
     def _check_hierarchical(self, kind: str) -> None:
         options = self.hierarchical
         if kind != "learned":
-            raise ValueError(f"Hierarchical merging learns coefficients; method {self.method!r} is data-free.")
+            raise ValueError(f"Hierarchical merging learns coefficients; method {self.method!r} learns none ({kind}).")
         if options.grouping == "explicit":
             groups = options.groups or []
             flat = [t for g in groups for t in g]

@@ -66,7 +66,7 @@ def check_labels(task: str, examples: list[Example], num_labels: int) -> None:
 
 class Split(NamedTuple):
     """One task's examples: `train` and `holdout` (labelled: the supervised loss, the step selection) and
-    `unlabelled` (inputs only, labels dropped: the train inputs, then the unlabelled inputs given; what the
+    `unlabelled` (inputs only, class labels dropped: the train inputs, then the unlabelled inputs given; what the
     objectives without labels learn from; the hold-out never enters it)."""
 
     train: list[Example]
@@ -103,9 +103,18 @@ def make_splits(data: Mapping[str, list[Example]], fraction: float, seed: int, *
         if 0 < n_holdout < len(examples):
             order = torch.randperm(len(examples), generator=generator).tolist()
             train, holdout = [examples[i] for i in order[n_holdout:]], [examples[i] for i in order[:n_holdout]]
-        inputs = [{k: v for k, v in ex.items() if k != "labels"} for ex in [*train, *(unlabelled or {}).get(task, [])]]
+        inputs = [without_class_labels(ex) for ex in [*train, *(unlabelled or {}).get(task, [])]]
         splits[task] = Split(train, holdout, inputs)
     return splits, generator
+
+
+def without_class_labels(example: Example) -> Example:
+    """A new dict of the example as objectives without labels read it: a class label dropped; token labels kept,
+    which only mark a generative task's answer (a seq2seq target: the decoder's input) and never reach the model
+    as labels (`generative.answer_batch`)."""
+    labels = example.get("labels")
+    return dict(example) if labels is not None and labels.dim() >= 1 else \
+        {k: v for k, v in example.items() if k != "labels"}
 
 
 def collate(examples: list[Example], pad_token_id: int = 0) -> dict[str, torch.Tensor]:

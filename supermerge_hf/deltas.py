@@ -1,4 +1,5 @@
-"""Task vectors of one tensor, over all sources: dense, low-rank (LoRA) or streamed from disk.
+"""Task vectors of one tensor, over all sources: dense, low-rank (LoRA), scales of the base (IA³) or streamed from
+disk.
 
 `DeltaStack` gives the two operations learning needs (method.md sections 3 and 5), each written once: the merge
 base + sum_i c_i tau_i (`merge`, never differentiated: the gradient of c comes from `inner`) and <grad, tau_i>.
@@ -29,6 +30,29 @@ class LowRankDelta:
         return LowRankDelta(self.A.to(**kwargs), self.B.to(**kwargs), self.scale, self.transpose)
 
 
+class ScaleDelta:
+    """One IA³ source's task vector of one tensor: the base scaled by l - 1 along `dim` (method.md section 8), i.e.
+    diag(l) W - W (`dim` 0) or W diag(l) - W (`dim` 1); `on_input`: l scales the layer's input (feed-forward type)
+    rather than its output. Holds the base tensor it scales (a reference, not a copy)."""
+
+    def __init__(self, vector: torch.Tensor, dim: int, base: torch.Tensor, on_input: bool) -> None:
+        self.vector, self.dim, self.base, self.on_input = vector, dim, base, on_input  # vector: (n,) = l - 1
+
+    def _view(self, vector: torch.Tensor) -> torch.Tensor:
+        return vector.view([-1 if d == self.dim else 1 for d in range(self.base.dim())])  # (n, 1) or (1, n)
+
+    def dense(self) -> torch.Tensor:
+        return self.base * self._view(self.vector.to(self.base.dtype))  # (*shape)
+
+    def inner(self, grad: torch.Tensor) -> torch.Tensor:
+        """<grad, (l - 1) * base>: the base-weighted gradient summed to one number per scale, dotted with l - 1."""
+        weighted = (grad * self.base.to(grad.dtype)).movedim(self.dim, 0)  # (n, ...)
+        return weighted.reshape(len(self.vector), -1).sum(1) @ self.vector.to(grad.dtype)
+
+    def to(self, **kwargs) -> ScaleDelta:
+        return ScaleDelta(self.vector.to(**kwargs), self.dim, self.base.to(**kwargs), self.on_input)
+
+
 class Scratch:
     """Two reusable rows of the largest tensor's size that streamed reads go to: [base, one fine-tune]."""
 
@@ -53,11 +77,11 @@ class StreamedDelta:
         return self.scratch.read(self.source, self.name, self.shape, 1).sub_(base)
 
 
-Delta = torch.Tensor | LowRankDelta | StreamedDelta | None  # None: the source does not change this tensor
+Delta = torch.Tensor | LowRankDelta | ScaleDelta | StreamedDelta | None  # None: the source does not change this tensor
 
 
 def _as_dense(part: Delta, base: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(part, LowRankDelta):
+    if isinstance(part, (LowRankDelta, ScaleDelta)):
         return part.dense()
     return part.dense(base) if isinstance(part, StreamedDelta) else part
 
@@ -100,14 +124,14 @@ class DeltaStack:
     def inner(self, grad: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
         """<grad, tau_i> for every source `(S,)` float32, or per row `(S, R)`; streamed parts read one at a time."""
         if self.stacked is not None and not per_row:
-            return self.stacked.flatten(1).float() @ grad.flatten().float()  # (S,)
+            return self.stacked.reshape(len(self.stacked), -1).float() @ grad.flatten().float()  # (S,); 0-dim too
         if per_row:  # (S, R): one source at a time, no (S, *shape) temporary
             rows = grad.flatten(1).float()  # (R, n)
             return torch.stack([torch.zeros(len(rows), device=grad.device) if p is None
                                 else (_as_dense(p).flatten(1).float() * rows).sum(-1) for p in self.parts])
         values = [torch.zeros((), device=grad.device) if p is None else p.inner(grad.float()).float()
-                  if isinstance(p, LowRankDelta) else torch.dot(_as_dense(p).flatten().float(), grad.flatten().float())
-                  for p in self.parts]
+                  if isinstance(p, (LowRankDelta, ScaleDelta))
+                  else torch.dot(_as_dense(p).flatten().float(), grad.flatten().float()) for p in self.parts]
         return torch.stack(values)
 
     def dense(self) -> torch.Tensor:

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .data import Example, collate
+from .data import Example
 from .functional import EVAL_BATCH, FunctionalMerge, release_memory
-from .objectives import TEACHER
+from .generative import answer_batch
+from .objectives import TEACHER, output_logits
 from .plan import MergePlan, build_plan
 
 
@@ -22,9 +23,9 @@ from .plan import MergePlan, build_plan
 def attach_teachers(plan: MergePlan, inputs: Mapping[str, list[Example]], *, dtype: torch.dtype,
                     device: torch.device | str = "cpu", batch_size: int = EVAL_BATCH) -> None:
     """Store on each example of `inputs[task]` that has none yet its fine-tune's logits, under `teacher_logits`
-    (on the CPU; per token, cut to the example's length). In place, so that a hierarchical merge, whose levels
-    share these examples, computes them once. The teacher is `plan.task_specs[task]`, the task's own source, in
-    every level."""
+    (on the CPU; per token, cut to the example's length, the answer's in an encoder-decoder). In place, so that a
+    hierarchical merge, whose levels share these examples, computes them once. The teacher is
+    `plan.task_specs[task]`, the task's own source, in every level."""
     for task, examples in inputs.items():
         todo = [ex for ex in examples if TEACHER not in ex]
         if not todo:
@@ -35,10 +36,11 @@ def attach_teachers(plan: MergePlan, inputs: Mapping[str, list[Example]], *, dty
         params = fm.params(c)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i: i + batch_size]
-            logits = fm.forward(task, params, collate([{k: v for k, v in ex.items() if k != "labels"}
-                                                       for ex in chunk], fm.pad_id), c).logits  # (B, C) / (B, T, V)
+            batch, _ = answer_batch(chunk, fm.models[task], fm.pad_id)  # as the merge will read them
+            logits = output_logits(fm.forward(task, params, batch, c))  # (B, C) / (B, T, V)
             for ex, row in zip(chunk, logits):
-                length = len(ex.get("input_ids", ex.get("inputs_embeds", row)))
+                decoded = ex["labels"] if "decoder_input_ids" in batch else None  # the decoder's length
+                length = len(ex.get("input_ids", ex.get("inputs_embeds", row)) if decoded is None else decoded)
                 ex[TEACHER] = (row[:length] if logits.dim() == 3 else row).cpu()
         del fm, params
         release_memory()

@@ -17,11 +17,13 @@ from .checkpoint import atomic_output_dir, copy_tokenizer
 from .config import SuperMergeConfig, locate
 from .hierarchy import rebuild
 from .hub import resolve
+from .ia3_export import check_ia3_export, has_ia3, save_ia3_adapter
 from .learning import merge_with
 from .methods import MergeMethod
 from .plan import MergePlan, saved_dtype
 from .results import COEFFICIENTS_NAME, Coefficients, MergeResult, check_finite
-from .sources import LoraSpec, model_class
+from .lora import LoraSpec
+from .sources import ModelSpec, model_class
 from .vocab import UNION, has_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -160,7 +162,8 @@ def load_levels(folder: Path) -> list[dict] | None:
 def load_result(folder: Path, info: dict[str, Any], method: MergeMethod, **resolved: Any) -> MergeResult | None:
     """The merge that `folder` (written by `save_merge`, its `merge_info` = `info`) holds, rebuilt from its sources
     (`resolved`: config, plan, base, sources): from every level's coefficients (hierarchical) or its coefficient
-    table; `None` for a data-free merge (recomputed by `fit` with the saved `auto` choices)."""
+    table; for a statistics merge (RegMean), whose inputs it does not keep, the saved weights; `None` for a data-free
+    merge (recomputed by `fit` with the saved `auto` choices)."""
     plan, config, extends = resolved["plan"], resolved["config"], info.get("extends")
     if extends:  # the merge it extends, saved relative to this one
         extends = extends | {"merge": locate(extends["merge"], folder)}
@@ -168,6 +171,9 @@ def load_result(folder: Path, info: dict[str, Any], method: MergeMethod, **resol
         merged = {n: t.cpu() for n, t in rebuild(plan, config, method, levels).items()}
         return MergeResult(**resolved, merged=merged, coefficients=levels[-1]["coefficients"],
                            selected_step=info.get("selected_step"), levels=levels, extends=extends)
+    if method.kind == "statistics":
+        saved = ModelSpec.from_folder(folder)
+        return MergeResult(**resolved, merged={n: saved.read_tensor(n).to(config.compute_dtype) for n in plan.merged})
     if not (folder / COEFFICIENTS_NAME).is_file():
         return None
     table, merged = merge_with(plan, config, method, Coefficients.load(folder / COEFFICIENTS_NAME))
@@ -203,13 +209,14 @@ def load_task_model(merged_dir: str | Path, task: str, *, revision: str | None =
 
 
 def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod) -> None:
-    """`ValueError`, before any work, where a combined adapter would not equal the merge exactly."""
+    """`ValueError`, before any work, where a combined adapter would not equal the merge exactly (IA³: `ia3_export`)."""
+    if has_ia3(plan):
+        return check_ia3_export(plan, config, method)
     full = [t for t, s in zip(plan.tasks, plan.sources) if not isinstance(s, LoraSpec)]
     reason = (f"sources {full} are full fine-tunes, whose task vectors no adapter holds exactly" if full else
               f"{method.name!r} learns no coefficients" if method.kind != "learned" else
               f"{method.name!r} trims the task vectors first" if method.preprocess else
               "a hierarchical merge's group results are dense" if config.hierarchical else
-              "granularity 'row' scales rows of the dense task vectors" if config.granularity == "row" else
               "the merged vocabulary is not the base's" if plan.vocabulary is not None else None)
     if reason:
         raise ValueError(f"A combined LoRA adapter is sum_i c_i s_i B_i A_i of LoRA sources with learned "
@@ -218,7 +225,7 @@ def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: Merg
 
 def combined_factors(plan: MergePlan, coefficients: Coefficients, rank: int | None = None):
     """Per LoRA weight, `(A (R, in), B (out, R))` with B @ A = sum_i c_i s_i B_i A_i exactly: A = [A_1; ...; A_K],
-    B = [c_1 s_1 B_1, ..., c_K s_K B_K], R = sum r_i, scaling 1, no cross terms. With `rank`, each product is
+    B = [c_1 s_1 B_1, ..., c_K s_K B_K], R = sum r_i, scaling 1, no cross terms (per-row c: diag(c_i) B_i). With `rank`, each product is
     cut to its best rank-`rank` approximation (SVD of the small core). Returns `(factors, report)` with
     `report[weight] = {"rank", "relative_error"}`."""
     if rank is not None and rank < 1:
@@ -233,9 +240,11 @@ def combined_factors(plan: MergePlan, coefficients: Coefficients, rank: int | No
         parts = [(i, s.delta(name, None)) for i, s in enumerate(plan.sources) if name in s.factors]
         if not parts:
             continue
-        g = plan.group_index[name]
-        A = torch.cat([p.A for _, p in parts])  # (R, in)
-        B = torch.cat([c[i, g] * p.scale * p.B for i, p in parts], dim=1)  # (out, R)
+        g = plan.group_index[name]  # per row (a slice): c_i scales B_i's rows, or A_i's columns when transposed
+        rows = [c[i, g].view(-1, 1) if isinstance(g, slice) else c[i, g] for i, _ in parts]  # (out, 1) or ()
+        A = torch.cat([p.A * r.T if p.transpose and r.dim() else p.A for r, (_, p) in zip(rows, parts)])  # (R, in)
+        B = torch.cat([(1 if p.transpose and r.dim() else r) * p.scale * p.B for r, (_, p) in zip(rows, parts)],
+                      dim=1)  # (out, R)
         error = 0.0
         if rank is not None and rank < A.shape[0]:
             q_b, r_b = torch.linalg.qr(B.double())  # (out, R), (R, R)
@@ -253,10 +262,12 @@ def save_combined_adapter(result: MergeResult, save_directory: str | Path, *, ra
                           overwrite: bool = False, repo_id: str | None = None) -> Path:
     """Write the merge's LoRA part as one PEFT adapter of the base (PEFT's own format, written atomically):
     `PeftModel.from_pretrained(AutoModel.from_pretrained(base), save_directory)` equals the dense merge. Heads
-    are not part of it (they stay per task in the dense merge's `heads/`)."""
+    are not part of it (they stay per task in the dense merge's `heads/`). IA³ sources: `ia3_export`."""
     from peft import LoraConfig, get_peft_model
 
     plan = result.plan
+    if has_ia3(plan):
+        return save_ia3_adapter(result, save_directory, rank=rank, overwrite=overwrite, repo_id=repo_id)
     factors, report = combined_factors(plan, result.coefficients, rank)
     modules = {plan.base.param_names[n].removesuffix(".weight"): f for n, f in factors.items()}
     ranks = {m: a.shape[0] for m, (a, _) in modules.items()}

@@ -14,73 +14,40 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .data import Example, collate
-from .deltas import DeltaStack, LowRankDelta, Scratch, StreamedDelta
-from .generative import AnswerMetrics, rank_accuracy
-from .objectives import TEACHER, distillation_loss, entropy
+from .deltas import DeltaStack, LowRankDelta, ScaleDelta
+from .generative import AnswerMetrics, answer_batch, rank_accuracy
+from .objectives import TEACHER, distillation_loss, entropy, output_logits
 from .plan import MergePlan, load_task_specific
-from .sources import ModelSpec, Source
+from .ia3 import hook_scale_layers
+from .sources import Source
+from .task_vectors import load_task_vectors
 
 EVAL_BATCH = 32
 
 
-def load_task_vectors(plan: MergePlan, *, dtype: torch.dtype, device: torch.device | str, streaming: bool = False,
-                      preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      ) -> tuple[dict[str, torch.Tensor] | None, dict[str, DeltaStack], Scratch | None]:
-    """Base tensors and the task vectors of every merged tensor, read one tensor at a time; with `streaming` the
-    base (`None`) and full fine-tunes are re-read into a `Scratch` when needed. `preprocess` maps each stack."""
-    shapes = plan.base.shapes
-    scratch = Scratch(max(torch.Size(shapes[n]).numel() for n in plan.merged), dtype=dtype, device=device) \
-        if streaming else None
-    base, deltas = ({} if not streaming else None), {}
-    all_full = all(type(s) is ModelSpec for s in plan.sources)
-    for name in plan.merged:
-        theta_p = _finite(plan.base.read_tensor(name), plan.base, name).to(device=device, dtype=dtype)  # (*shape)
-        if streaming:
-            for source in plan.sources:  # each full fine-tune read once here, to refuse NaN/Inf before learning
-                if isinstance(source, ModelSpec):
-                    _finite(source.read_tensor(name), source, name)
-            parts = [StreamedDelta(s, plan.base, name, shapes[name], scratch) if isinstance(s, ModelSpec)
-                     else s.delta(name, theta_p) for s in plan.sources]
-        elif all_full:  # each fine-tune read straight into its row of one (S, *shape) stack, base subtracted
-            stacked = torch.empty((len(plan.sources), *theta_p.shape), dtype=dtype, device=device)
-            for row, source in zip(stacked, plan.sources):
-                _finite(source.read_tensor(name, out=row), source, name).sub_(theta_p)
-            base[name], deltas[name] = theta_p, DeltaStack.from_dense(stacked)
-            continue
-        else:
-            parts = [s.delta(name, theta_p) for s in plan.sources]
-        for source, part in zip(plan.sources, parts):
-            for tensor in (part.A, part.B) if isinstance(part, LowRankDelta) else [part]:
-                if isinstance(tensor, torch.Tensor):
-                    _finite(tensor, source, name)
-        if not streaming:
-            base[name] = theta_p
-        parts = [p.to(device=device, dtype=dtype) if isinstance(p, (torch.Tensor, LowRankDelta)) else p for p in parts]
-        deltas[name] = DeltaStack(theta_p.shape, parts, dtype=dtype)
-    if preprocess is not None:
-        deltas = {n: DeltaStack.from_dense(preprocess(d.dense())) for n, d in deltas.items()}
-    return base, deltas, scratch
-
-
-def _finite(tensor: torch.Tensor, source: Source, name: str) -> torch.Tensor:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise FloatingPointError(f"{source.folder} holds NaN or Inf in {name!r}: nothing can be merged from it. Fix "
-                                 "or re-save that checkpoint, or leave the source out.")
-    return tensor
-
-
 class LowRankLayer:
-    """The LoRA factors of one weight, all sources side by side: y += ((x A^T) * (c s per rank)) B^T."""
+    """The LoRA factors of one weight, all sources side by side: y += ((x A^T) * (c s per rank)) B^T. With one
+    coefficient per row of the stored weight (`group` a slice), c scales the output features (`(out, in)`
+    weights) or, for transposed `(in, out)` ones (Conv1D), the input features, source by source."""
 
-    def __init__(self, parts: list[tuple[int, LowRankDelta]], group: int) -> None:
-        self.group = group
+    def __init__(self, parts: list[tuple[int, LowRankDelta]], group: int | slice) -> None:
+        self.group, self.transpose = group, parts[0][1].transpose
         self.A = torch.cat([p.A for _, p in parts])  # (R, in), R = sum of the ranks
         self.B = torch.cat([p.B for _, p in parts], dim=1)  # (out, R)
         self.source = torch.tensor([i for i, p in parts for _ in range(p.A.shape[0])], device=self.A.device)  # (R,)
         self.scale = torch.tensor([p.scale for _, p in parts for _ in range(p.A.shape[0])], device=self.A.device)
+        ends = torch.cumsum(torch.tensor([p.A.shape[0] for _, p in parts]), 0).tolist()
+        self.spans = [(i, end - p.A.shape[0], end) for (i, p), end in zip(parts, ends)]  # (source, first, end rank)
 
     def __call__(self, module: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The summed low-rank update of the layer's output for input `x`; differentiable in `c` `(S, G)`."""
+        if isinstance(self.group, slice):  # per row: sum_i c_i * (s_i B_i A_i x), c_i on outputs (or inputs)
+            out = 0.0
+            for i, lo, hi in self.spans:
+                ci = c[i, self.group].to(self.A.dtype)  # (rows,)
+                y = ((x * ci if self.transpose else x) @ self.A[lo:hi].T * self.scale[lo]) @ self.B[:, lo:hi].T
+                out = out + (y if self.transpose else y * ci)  # (..., out)
+            return out
         weight = (c[self.source, self.group] * self.scale).to(self.A.dtype)  # (R,)
         hidden = F.embedding(x, self.A.T) if isinstance(module, nn.Embedding) else x @ self.A.T  # (..., R)
         return (hidden * weight) @ self.B.T  # (..., out)
@@ -103,9 +70,10 @@ def skeleton(spec: Source, device: torch.device | str, dtype: torch.dtype) -> nn
 class FunctionalMerge:
     """theta_m(c) = theta_p + sum_i c_i * tau_i, run per task with that task's architecture and head.
 
-    Holds the base and the task vectors (dense: ~S + 1 model copies; LoRA: factors; streaming: neither), one
-    parameter-free skeleton and the head of each task. LoRA layers are never densified while learning: a forward
-    hook adds sum_i c_i s_i B_i (A_i x).
+    Holds the base and the task vectors (dense: ~S + 1 model copies; LoRA: factors; IA³: vectors; streaming:
+    neither), one parameter-free skeleton and the head of each task. LoRA layers are never densified while
+    learning: a forward hook adds sum_i c_i s_i B_i (A_i x); nor are IA³ ones: a hook scales the layer's input or
+    output by l(c) = 1 + sum_i c_i (l_i - 1) (`ia3.hook_scale_layers`).
     """
 
     def __init__(self, plan: MergePlan, *, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -116,26 +84,31 @@ class FunctionalMerge:
         self.models = {t: skeleton(s, device, dtype) for t, s in plan.task_specs.items()}
         self.heads = {t: load_task_specific(plan, t, dtype=dtype, device=device) for t in plan.task_specs}
         self.pad_id = getattr(plan.base.config, "pad_token_id", None) or 0
-        self._lowrank_c: torch.Tensor | None = None  # the coefficients, only during a forward
+        self._adapter_c: torch.Tensor | None = None  # the coefficients, only during a forward
         self._buffers: dict[str, torch.Tensor] = {}  # merged tensors reused by every no-grad merge
         self.lowrank = self._hook_lowrank_layers()
-        # what `params` forms densely: every task vector but the LoRA ones the hooks apply
-        self.dense_deltas = {n: DeltaStack(d.shape, [None if isinstance(p, LowRankDelta) else p for p in d.parts],
-                                           dtype=dtype) if n in self.lowrank else d for n, d in self.deltas.items()}
+        self.scaled = hook_scale_layers(self.deltas, plan.group_index,
+                                        lambda n: [self._owner(t, n) for t in self.models], lambda: self._adapter_c)
+        # what `params` forms densely: every task vector but the LoRA and IA³ ones the hooks apply
+        hooked = {n: LowRankDelta for n in self.lowrank} | {n: ScaleDelta for h in self.scaled.values()
+                                                           for n in h.names}
+        self.dense_deltas = {n: DeltaStack(d.shape, [None if isinstance(p, hooked[n]) else p for p in d.parts],
+                                           dtype=dtype) if n in hooked else d for n, d in self.deltas.items()}
 
     def _hook_lowrank_layers(self) -> dict[str, LowRankLayer]:
         """Hook each LoRA-targeted layer of every skeleton (a tied weight stays dense: a hook misses the other use)."""
         layers = {}
         for name in self.plan.merged:
             parts = [(i, p) for i, p in enumerate(self.deltas[name].parts) if isinstance(p, LowRankDelta)]
-            row_groups = isinstance(self.plan.group_index[name], slice)  # per-row c: merged densely instead
-            modules = [self._owner(task, name) for task in self.models] if parts and not row_groups else [None]
-            if all(m is not None for m in modules):
+            modules = [self._owner(task, name) for task in self.models] if parts else [None]
+            per_row_embedding = isinstance(self.plan.group_index[name], slice) and \
+                any(isinstance(m, nn.Embedding) for m in modules)  # rows are token ids there: merged densely
+            if all(m is not None for m in modules) and not per_row_embedding:
                 layers[name] = layer = LowRankLayer(parts, self.plan.group_index[name])
                 for module in modules:
                     module.register_forward_hook(
-                        lambda m, args, out, layer=layer: out if self._lowrank_c is None
-                        else out + layer(m, args[0], self._lowrank_c))
+                        lambda m, args, out, layer=layer: out if self._adapter_c is None
+                        else out + layer(m, args[0], self._adapter_c))
         return layers
 
     def _owner(self, task: str, name: str) -> nn.Module | None:
@@ -155,7 +128,7 @@ class FunctionalMerge:
 
     def params(self, c: torch.Tensor, *, dense: bool = False) -> dict[str, torch.Tensor]:
         """Merged tensors for coefficients `c` `(S, G)`, written into reused tensors (overwritten by the next call).
-        LoRA layers keep the base weight (`forward(..., c)` adds their update) unless `dense`: then every tensor
+        LoRA and IA³ layers keep the base weight (`forward(..., c)` applies them) unless `dense`: then every tensor
         is formed, in fresh tensors the caller owns."""
         out = {}
         for name, stack in (self.deltas if dense else self.dense_deltas).items():
@@ -177,18 +150,18 @@ class FunctionalMerge:
         weights = {names[n]: params[n] for n in self.plan.merged if n in names} | self.heads[task]
         inputs = collate(batch, self.pad_id) if isinstance(batch, list) else batch
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        self._lowrank_c = c if self.lowrank else None
+        self._adapter_c = c if self.lowrank or self.scaled else None
         try:
             return torch.func.functional_call(self.models[task], weights, (), inputs)
         finally:
-            self._lowrank_c = None
+            self._adapter_c = None
 
     @torch.no_grad()
     def evaluate(self, task: str, examples: list[Example], *, c: torch.Tensor | None = None,
                  params: Mapping[str, torch.Tensor] | None = None, batch_size: int = EVAL_BATCH) -> dict[str, float]:
         """Mean loss, entropy and (classification) accuracy of coefficients `c` or complete tensors `params`; of a
-        generative task, the loss per answer token, greedy `exact_match` and rank-classification `accuracy` over the
-        examples with choices (`generative.py`)."""
+        generative task, the loss and entropy per answer token, greedy `exact_match` and rank-classification
+        `accuracy` over the examples with choices (`generative.py`)."""
         params = self.params(c) if params is None else params
         model = self.models[task]
         answers = AnswerMetrics(shift=not model.config.is_encoder_decoder) if model.can_generate() else None
@@ -196,17 +169,18 @@ class FunctionalMerge:
         classification = True
         for i in range(0, n, batch_size):
             size = len(examples[i: i + batch_size])
-            inputs = collate(examples[i: i + batch_size], self.pad_id)
+            inputs, mask = answer_batch(examples[i: i + batch_size], model, self.pad_id, labels=True)  # mask (B, T)
             out = self.forward(task, params, inputs, c)
-            totals["entropy"] += float(entropy(out.logits, inputs.get("attention_mask"))) * size
+            logits = output_logits(out)  # (B, C) or (B, T, V)
+            totals["entropy"] += float(entropy(logits, mask)) * size
             if "labels" in inputs:
-                labels = inputs["labels"].to(out.logits.device)
+                labels = inputs["labels"].to(logits.device)
                 totals["loss"] += float(out.loss) * size
                 if answers is not None:
-                    answers.add(out.logits, labels)
-                classification = classification and out.logits.dim() == 2 and labels.dim() == 1
+                    answers.add(logits, labels)
+                classification = classification and logits.dim() == 2 and labels.dim() == 1
                 if classification:
-                    totals["correct"] += float((out.logits.argmax(-1) == labels).sum())
+                    totals["correct"] += float((logits.argmax(-1) == labels).sum())
         metrics = {"entropy": totals["entropy"] / n}
         if "labels" in examples[0]:
             metrics["loss"] = totals["loss"] / n
@@ -223,30 +197,30 @@ class FunctionalMerge:
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`(dL/dc (S, G), {task: loss})` of L = sum_t scale[t] * loss_t, one backward per task through the merged
         model only: each merged tensor's gradient is folded into dL/dc[i, g] = sum_{j in g} <dL/dtheta_m[j],
-        tau_ij> (method.md section 3) as backward produces it, then freed; LoRA layers get theirs by autograd
-        through c. `objective`: the model's loss, or (labels unread) `entropy` over real tokens or `distill`, the
-        KL from the logits each example carries in `teacher_logits` at `temperature`. Empty batches are skipped."""
+        tau_ij> (method.md section 3) as backward produces it, then freed; LoRA, IA³ layers get theirs by autograd
+        through c. `objective`: the model's loss, or (labels unread) `entropy` or `distill` (the KL from the logits
+        each example carries in `teacher_logits` at `temperature`) over answer tokens. Empty batches are skipped."""
         merged = self.params(c.detach())
         leaves = [n for n in merged if not self.dense_deltas[n].is_zero]  # all-zero task vectors: dL/dc = 0
         for name in leaves:
             merged[name].requires_grad_()
-        c_lowrank = c.detach().clone().requires_grad_() if self.lowrank else None
+        c_adapter = c.detach().clone().requires_grad_() if self.lowrank or self.scaled else None
         grad_c = torch.zeros(self.plan.num_sources, len(self.plan.groups), device=self.device)  # (S, G) float32
         hooks = [merged[n].register_post_accumulate_grad_hook(self._fold_grad(n, grad_c)) for n in leaves]
-        inputs = [merged[n] for n in leaves] + ([c_lowrank] if c_lowrank is not None else [])
+        inputs = [merged[n] for n in leaves] + ([c_adapter] if c_adapter is not None else [])
         losses = {}
         try:
             for task, batch in batches.items():
                 if not batch:
                     continue
                 if objective in ("entropy", "distill"):
-                    batch = collate([{k: v for k, v in ex.items() if k != "labels"} for ex in batch], self.pad_id)
-                    teacher, mask = batch.pop(TEACHER, None), batch.get("attention_mask")
-                    logits = self.forward(task, merged, batch, c_lowrank).logits  # (B, C) or (B, T, V)
+                    batch, mask = answer_batch(batch, self.models[task], self.pad_id)  # mask (B, T)
+                    teacher = batch.pop(TEACHER, None)
+                    logits = output_logits(self.forward(task, merged, batch, c_adapter))  # (B, C) or (B, T, V)
                     loss = entropy(logits, mask) if objective == "entropy" else \
                         distillation_loss(logits, teacher.to(logits.device), temperature, mask)
                 else:
-                    loss = self.forward(task, merged, batch, c_lowrank).loss
+                    loss = self.forward(task, merged, batch, c_adapter).loss
                 if inputs:
                     torch.autograd.backward(scale[task] * loss, inputs=inputs)
                 losses[task] = loss.detach()
@@ -255,8 +229,8 @@ class FunctionalMerge:
                 hook.remove()
             for name in leaves:
                 merged[name].requires_grad_(False)
-        if c_lowrank is not None and c_lowrank.grad is not None:
-            grad_c += c_lowrank.grad.float()
+        if c_adapter is not None and c_adapter.grad is not None:
+            grad_c += c_adapter.grad.float()
         return grad_c, losses
 
     def _fold_grad(self, name: str, grad_c: torch.Tensor):

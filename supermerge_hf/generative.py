@@ -1,6 +1,7 @@
 """Generative tasks (method.md section 8): prompt/completion, chat, plain-text and seq2seq records tokenised into
 model inputs whose `labels` keep the answer tokens only (-100 on prompt, system text and padding); the metrics of
-the answer tokens (mean loss, greedy exact match) and rank classification over answer choices (T0)."""
+the answer tokens (mean loss, greedy exact match), rank classification over answer choices (T0), and the answer
+positions that the objectives without labels (entropy, distillation) average over."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completio
 IGNORE = -100
 CHOICE_FIELDS = (f"{ASIDE}input_ids", f"{ASIDE}attention_mask", f"{ASIDE}labels")  # (C, L) each
 CHOICE_INDEX = f"{ASIDE}index"  # the right choice's index, `label` in the record
+ANSWER_MASK = "answer_mask"  # `answer_batch`: the positions averaged over; popped before the model
 
 
 def _has(record: Mapping[str, Any], name: str) -> bool:
@@ -193,6 +195,39 @@ def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool,
     mask = labels != IGNORE  # (B, T)
     log_p = -F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T)
     return log_p * mask, mask, (logits.argmax(-1) == labels) | ~mask
+
+
+def _mark_answer(example: Example, *, shift: bool) -> Example:
+    """The example with `answer_mask` `(T,)`: the positions of its logits that predict an answer token (token
+    labels != -100; `shift`: one position earlier, decoder-only models), else its real tokens (attention mask)."""
+    labels = example.get("labels")
+    if labels is not None and labels.dim() >= 1:
+        answer = labels != IGNORE  # (T,)
+        mask = torch.cat([answer[1:], answer.new_zeros(1)]) if shift else answer
+    elif "input_ids" in example:
+        mask = example.get("attention_mask", torch.ones_like(example["input_ids"])) != 0
+    else:
+        return example
+    return example | {ANSWER_MASK: mask.long()}
+
+
+def answer_batch(examples: list[Example], model, pad_id: int = 0, *, labels: bool = False,
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The batch of `examples` for `model`, and its answer mask `(B, T)`: the positions of the logits that predict
+    an answer token (token labels != -100), else the real tokens; what entropy and distillation average over, never
+    prompt, system text or padding. Unless `labels`, no label reaches the model: an encoder-decoder's decoder reads
+    the answer as the model does from its labels (teacher forcing), other models get none. `ValueError` for an
+    encoder-decoder example without a target."""
+    encoder_decoder = model.config.is_encoder_decoder
+    marked = [_mark_answer(ex, shift=model.can_generate() and not encoder_decoder) for ex in examples]
+    if encoder_decoder and any(ex.get("labels") is None or ex["labels"].dim() == 0 for ex in marked):
+        raise ValueError("An encoder-decoder's decoder reads the answer: every example needs its target as token "
+                         "`labels` (`tokenize_examples(..., encoder_decoder=True)` of source/target records).")
+    keep = labels or encoder_decoder
+    batch = collate([ex if keep else {k: v for k, v in ex.items() if k != "labels"} for ex in marked], pad_id)
+    if encoder_decoder and not labels:
+        batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch.pop("labels"))
+    return batch, batch.pop(ANSWER_MASK, None)
 
 
 class AnswerMetrics:

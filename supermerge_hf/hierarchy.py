@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import SuperMergeConfig
-from .deltas import LowRankDelta
+from .deltas import LowRankDelta, ScaleDelta
 from .functional import release_memory
 from .learning import Splits, functional_merge, learn
 from .methods import MergeMethod
@@ -48,8 +48,9 @@ def cosine_similarity(base: ModelSpec, specs: list[Source], names: list[str]) ->
     gram = torch.zeros(len(specs), len(specs), dtype=torch.float64)
     for name in names:
         theta = base.read_tensor(name).float()
-        rows = [torch.zeros(theta.numel()) if p is None else (p.dense() if isinstance(p, LowRankDelta) else p)
-                .flatten().float() for p in (s.delta(name, theta) for s in specs)]
+        rows = [torch.zeros(theta.numel()) if p is None
+                else (p.dense() if isinstance(p, (LowRankDelta, ScaleDelta)) else p).flatten().float()
+                for p in (s.delta(name, theta) for s in specs)]
         for start in range(0, theta.numel(), SIMILARITY_CHUNK):
             chunk = torch.stack([r[start: start + SIMILARITY_CHUNK] for r in rows]).double()  # (K, chunk)
             gram += chunk @ chunk.T

@@ -82,11 +82,15 @@ def loss_weights(method: MergeMethod, kwargs: Mapping[str, Any]) -> dict[str, fl
 
 
 def check_unlabelled(method: MergeMethod, kwargs: Mapping[str, Any]) -> None:
-    """`ValueError` unless learning reads inputs without labels (distillation, entropy): else they'd be ignored."""
+    """`ValueError` unless the method reads inputs without labels (distillation, entropy, the Gram matrices of
+    statistics methods): else they'd be ignored."""
+    if method.kind == "statistics":
+        return
     if method.kind != "learned" or {"distill", "entropy"}.isdisjoint(loss_weights(method, kwargs)):
         raise ValueError(f"`unlabelled` inputs are read only by objectives without labels (supermerge with "
-                         f"`method_kwargs` objective 'distill' or 'both', adamerging); {method.name!r} with "
-                         f"{dict(kwargs)} would ignore them. Drop them, or choose such an objective.")
+                         f"`method_kwargs` objective 'distill' or 'both', adamerging) and by the statistics methods "
+                         f"(regmean, regmean_plusplus); {method.name!r} with {dict(kwargs)} would ignore them. Drop "
+                         "them, or choose such a method or objective.")
 
 
 def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[str, Any], *, seed: int,

@@ -25,7 +25,7 @@ from .hub import resolve
 from .merger import SuperMerger
 from .plan import MergePlan, saved_dtype
 from .results import COEFFICIENTS_NAME, Coefficients
-from .sources import LoraSpec, canonical
+from .sources import AdapterSpec, canonical
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +125,10 @@ def _build(folder: Path, token: str | bool | None) -> tuple[dict[str, Any], Supe
 
 
 def _check_plan(plan: MergePlan, method: str) -> None:
-    adapters = [t for t, s in zip(plan.tasks, plan.sources) if isinstance(s, LoraSpec)]
+    adapters = [t for t, s in zip(plan.tasks, plan.sources) if isinstance(s, AdapterSpec)]
     if adapters:
-        raise ValueError(f"Sources {adapters} are LoRA adapters: this merge happened in adapter space, which a "
+        kinds = " and ".join(sorted({s.kind for s in plan.sources if isinstance(s, AdapterSpec)}))
+        raise ValueError(f"Sources {adapters} are {kinds} adapters: this merge happened in adapter space, which a "
                          "mergekit recipe of full checkpoints does not express. Densify each adapter "
                          "(`merge_and_unload().save_pretrained(dir)`), merge those folders, then export.")
     if plan.vocabulary is not None:
@@ -135,8 +136,9 @@ def _check_plan(plan: MergePlan, method: str) -> None:
                          "or a task with added tokens), which a recipe of per-tensor weights does not redo. Use the "
                          "saved merged model instead.")
     if plan.granularity == "row":
-        raise ValueError("This merge has one coefficient per row of each block matrix (granularity 'row'); a "
-                         "mergekit recipe gives one weight per tensor. Use the saved merged model instead.")
+        raise ValueError("This merge has one coefficient per row of each block matrix (granularity 'row', "
+                         "SuperMerge's default); a mergekit recipe gives one weight per tensor. Use the saved merged "
+                         "model, or merge with `granularity: tensor` to export a recipe.")
     unmerged = [plan.base.param_names[n] for n in plan.base.shapes if n not in plan.group_index]
     if unmerged:
         raise ValueError(f"The base's tensors {unmerged[:5]} are missing from, or shaped otherwise in, some source, "

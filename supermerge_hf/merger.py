@@ -16,19 +16,20 @@ from transformers import PreTrainedModel
 
 from .checkpoint import check_not_an_input, check_output_dir
 from .config import SourceConfig, SuperMergeConfig
-from .data import make_splits, prepare_examples
+from .data import make_splits, prepare_examples, without_class_labels
 from .estimate import Estimate, estimate
 from .export import (check_adapter_export, check_tokenizer, load_examples, load_result, save_combined_adapter,
                      save_merge)
 from .functional import FunctionalMerge
+from .gram import merge_with_statistics
 from .hierarchy import fit_extension, fit_hierarchical, growth
 from .hub import resolve
 from .learning import check_unlabelled, functional_merge, learn, merge_data_free, merge_with, one_hot
 from .methods import get_method
-from .plan import build_plan, saved_dtype
+from .plan import build_plan, load_source, saved_dtype
 from .publish import PushMixin
 from .results import Coefficients, MergeResult, check_finite
-from .sources import ModelSpec, load_source
+from .sources import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ class SuperMerger(PushMixin):
 
     @property
     def needs_examples(self) -> bool:
-        """Learned methods, and data-free ones with an `auto` hyperparameter, read examples."""
-        return self.method.kind == "learned" or "auto" in self.config.method_kwargs.values()
+        """Learned and statistics methods, and data-free ones with an `auto` hyperparameter, read examples."""
+        return self.method.kind != "data_free" or "auto" in self.config.method_kwargs.values()
 
     def _field(self, name: str, default: Any = None) -> Any:
         return default if self.result is None else getattr(self.result, name)
@@ -108,16 +109,18 @@ class SuperMerger(PushMixin):
 
     def fit(self, examples: Mapping[str, Any] | None = None, *, unlabelled: Mapping[str, Any] | None = None,
             resume: bool = False) -> SuperMerger:
-        """Learn the coefficients (learned methods) or compute the merge (data-free methods).
+        """Learn the coefficients (learned methods) or compute the merge (data-free methods; statistics methods,
+        `regmean` and `regmean_plusplus`, from the Gram matrices of each task's inputs, labels unread: `gram.py`).
 
         Args:
             examples (`dict[str, Any]`): Per task name, a `datasets.Dataset`, a list of dicts of model inputs
                 (with `labels` for supervised methods and `auto`) or a `DataLoader`; the first
                 `config.examples_per_task` are used.
             unlabelled (`dict[str, Any]`, *optional*): Per task name (any subset), more inputs in the same forms,
-                without labels (any given are ignored), all used: what `supermerge` with `objective: distill` or
-                `both` and `adamerging` learn from, beside the labelled examples' own inputs (the hold-out's
-                excepted). Never the test split.
+                without labels (class labels given are ignored; a generative example's token labels only mark its
+                answer, which entropy and distillation average over), all used: what `supermerge` with `objective:
+                distill` or `both` and `adamerging` learn from, beside the labelled examples' own inputs (the
+                hold-out's excepted). Never the test split.
             resume (`bool`): Continue from the state saved every `config.checkpoint_every` steps by a run that was
                 stopped (a fresh start when there is none).
 
@@ -134,15 +137,22 @@ class SuperMerger(PushMixin):
             unlabelled, require_labels=False, limit=None, tasks=[t for t in plan.tasks if t in unlabelled])
         data = None
         if self.needs_examples:
-            labels = method.objective != "entropy"
-            data = self._prepare(self._kept | dict(examples or {}), require_labels=labels,
-                                 limit=config.examples_per_task)
+            statistics = method.kind == "statistics"  # a task's inputs may all be `unlabelled` ones
+            labels, given = method.objective != "entropy" and not statistics, self._kept | dict(examples or {})
+            data = self._prepare(given, require_labels=labels, limit=config.examples_per_task,
+                                 tasks=[t for t in plan.tasks if t in given] if statistics else None)
             if not labels:  # unsupervised methods never see a label, even one that was given
-                data = {t: [{k: v for k, v in ex.items() if k != "labels"} for ex in exs] for t, exs in data.items()}
+                data = {t: [without_class_labels(ex) for ex in exs] for t, exs in data.items()}
         resolved = {"config": config, "plan": plan, "base": self.resolved_base, "sources": self.resolved_sources}
-        if method.kind == "data_free":
+        if method.kind == "statistics":
+            self.accelerator = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
+            inputs = {t: [*data.get(t, []), *(extra or {}).get(t, [])] for t in plan.tasks}
+            merged, chosen, grid = merge_with_statistics(plan, config, method, inputs,
+                                                         device=self.accelerator.device), {}, {}
+        elif method.kind == "data_free":
             fm = functional_merge(plan, config, method)
             merged, chosen, grid = merge_data_free(fm, method, config.method_kwargs, seed=config.seed, examples=data)
+        if method.kind != "learned":
             merged = {n: t.to(self.dtype).cpu() for n, t in merged.items()}
             check_finite(merged, f"The {method.name} merge")
             self.result = MergeResult(**resolved, merged=merged, chosen=chosen, grid_scores=grid)
@@ -245,9 +255,9 @@ class SuperMerger(PushMixin):
 
     def save_adapter(self, save_directory: str | Path, *, rank: int | None = None, overwrite: bool = False,
                      repo_id: str | None = None) -> str:
-        """Write one PEFT LoRA adapter equal to the merge (all sources LoRA, flat, no preprocessing); `rank`
-        compresses it by SVD (per-module errors in `supermerge_adapter.json`); `repo_id`: written for that Hub
-        repo (no local paths). See `export.save_combined_adapter`."""
+        """Write one PEFT adapter equal to the merge (flat, no preprocessing): all sources LoRA, a LoRA adapter
+        (`rank` compresses it by SVD, per-module errors in `supermerge_adapter.json`); all IA³, an IA³ adapter
+        (`ia3_export`); `repo_id`: written for that Hub repo (no local paths). See `export.save_combined_adapter`."""
         result = self._done()
         check_adapter_export(self.plan, self.config, self.method)
         self._check_output(save_directory)

@@ -3,9 +3,9 @@
 A data-free method is a pure function of the task vectors of one tensor stacked over sources, `deltas  # (S,
 *shape)`, returning the merged delta `# (*shape)`; `weights` are per-source (`None` = 1), λ (`lam`, the SVD-era
 papers' α) multiplies last, and in `ties` / `dare_ties` the sign is elected on the unweighted deltas (as peft; see
-`sparsify.py`); the spectral math of `tsv_m` / `iso_c` / `iso_cts` is in `spectral.py`. A learned method declares
-the objective, coefficient transform and preprocessing that `learning.learn` runs.
-"""
+`sparsify.py`); the spectral math of `tsv_m` / `iso_c` / `iso_cts` is in `spectral.py`, RegMean's (a statistics
+method: its merge also takes `grams`, from `gram.py`) in `regmean.py`. A learned method declares the objective,
+coefficient transform and preprocessing that `learning.learn` runs."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .sparsify import (MajoritySignMethod, TrimScope, disjoint_mean, drop_and_rescale, elect_sign,
-                       magnitude_thresholds, trim, trim_to_density, weighted)
+from .regmean import regmean
+from .sparsify import (MajoritySignMethod, TrimScope, disjoint_mean, drop_and_rescale, elect_sign, ties_trimmed,
+                       trim_to_density, weighted)
 from .spectral import iso_c_merge, iso_cts_merge, tsv_merge
 
 Objective = Literal["supervised", "entropy"]
+Statistics = Literal["gram", "gram_sequential"]
 LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 ISO_LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))  # Iso-C / Iso-CTS's α goes past 1 (authors: to 3)
 DENSITY_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
@@ -50,6 +52,7 @@ ISO_LAM = Hyperparameter(float, 1.0, low=0.0, auto=True, grid=ISO_LAMBDA_GRID)
 WEIGHTS = Hyperparameter(list, None)
 SIGN = Hyperparameter(str, "total", choices=("total", "frequency"))
 SCOPE = Hyperparameter(str, "tensor", choices=("tensor", "task"))
+ALPHA = Hyperparameter(float, 0.9, low=0.0, high=1.0)  # RegMean's off-diagonal scale (fusion-bench: 0.95 on CLIP)
 
 
 def _density(default: float) -> Hyperparameter:
@@ -71,8 +74,9 @@ class MergeMethod:
     `objective` (learned: `supervised` loss on labels, or `entropy` of predictions on unlabelled inputs),
     `transform` (forced by the method: `"none"`, clamped to [0, 1], for AdaMerging; `None` takes the config's),
     `preprocess` (applied to each tensor's stacked task vectors with the hyperparameters: AdaMerging++'s TIES
-    trimming), `random` (the merge draws a mask from `generator`) and `needs_depth` (the merge takes `depth`, the
-    tensor's layer depth in [0, 1] from `plan.layer_depths`)."""
+    trimming), `random` (the merge draws a mask from `generator`), `needs_depth` (the merge takes `depth`, the
+    tensor's layer depth in [0, 1] from `plan.layer_depths`), `statistics` (the merge takes `grams` of the inputs,
+    `gram.py`) and `granularity` (what shares a coefficient when the config names none: SuperMerge's `row`)."""
 
     name: str
     description: str
@@ -84,10 +88,12 @@ class MergeMethod:
     preprocess: Callable[..., Tensor] | None = None
     random: bool = False
     needs_depth: bool = False
+    statistics: Statistics | None = None
+    granularity: str = "tensor"
 
     @property
     def kind(self) -> str:
-        return "learned" if self.objective else "data_free"
+        return "learned" if self.objective else "statistics" if self.statistics else "data_free"
 
     def check_kwargs(self, kwargs: Mapping[str, Any], num_sources: int) -> dict[str, Any]:
         """`kwargs` checked against the declared hyperparameters (`ValueError` naming the field), with defaults."""
@@ -126,18 +132,19 @@ METHODS: dict[str, MergeMethod] = {}
 
 def register_method(name: str, *, description: str, url: str, hyperparameters: dict[str, Hyperparameter] | None = None,
                     objective: Objective | None = None, transform: str | None = None,
-                    preprocess: Callable[..., Tensor] | None = None, random: bool = False, needs_depth: bool = False):
-    """Register a merge method: decorate its merge function (data-free), or call the decorator on `None` for a
-    learned method with its `objective` (`register_method("mine", ..., objective="supervised")(None)`).
+                    preprocess: Callable[..., Tensor] | None = None, random: bool = False, needs_depth: bool = False,
+                    statistics: Statistics | None = None, granularity: str = "tensor"):
+    """Register a merge method: decorate its merge function (data-free, or reading `statistics`), or call the
+    decorator on `None` for a learned method with its `objective` (`register_method("mine", ..., objective=...)(None)`).
     Raises `ValueError` for a taken name, `TypeError` for a merge function and an objective both or neither."""
 
     def register(merge: Callable[..., Tensor] | None) -> Callable[..., Tensor] | None:
         if name in METHODS:
             raise ValueError(f"Merge method {name!r} is already registered.")
-        if (merge is None) != (objective is not None):
+        if (merge is None) != (objective is not None) or (statistics and objective):
             raise TypeError(f"Method {name!r}: give a merge function (data-free) or an objective (learned), not both.")
         METHODS[name] = MergeMethod(name, description, url, merge, dict(hyperparameters or {}), objective, transform,
-                                    preprocess, random, needs_depth)
+                                    preprocess, random, needs_depth, statistics, granularity)
         return merge
 
     return register
@@ -146,16 +153,13 @@ def register_method(name: str, *, description: str, url: str, hyperparameters: d
 def get_method(name: str) -> MergeMethod:
     """Return the registered method `name`.
 
-    Raises:
-        `ValueError`: `name` is not registered; the message lists the known names.
-    """
+    Raises `ValueError` for a name that is not registered; the message lists the known names."""
     if name not in METHODS:
         raise ValueError(f"Unknown merge method {name!r}. Known methods: {sorted(METHODS)}.")
     return METHODS[name]
 
 
 # ---- data-free methods: `deltas  # (S, *shape)` -> merged delta `# (*shape)` ---------------------------------
-
 
 @register_method("average", url="https://arxiv.org/abs/2203.05482", hyperparameters={"weights": WEIGHTS},
                  description="Uniform or weighted mean of the task vectors (model soups).")
@@ -270,14 +274,15 @@ def lines(deltas: Tensor, *, depth: float, weights: Tensor | None = None, alpha:
     return task_arithmetic(deltas, weights=weights, lam=alpha + beta * depth)  # (*shape)
 
 
+# ---- from the inputs' statistics (run by `gram.merge_with_statistics`) ----------------------------------------
+
+register_method("regmean", url="https://arxiv.org/abs/2212.09849", statistics="gram", hyperparameters={"alpha": ALPHA},
+                description="Each linear layer solved from its inputs' Gram matrices; the mean elsewhere.")(regmean)
+register_method("regmean_plusplus", url="https://arxiv.org/abs/2508.03121", hyperparameters={"alpha": ALPHA},
+                statistics="gram_sequential", description="RegMean block by block, through the merged blocks.")(regmean)
+
+
 # ---- learned methods (run by `learning.learn`) ---------------------------------------------------------------
-
-
-def ties_trimmed(deltas: Tensor, *, density: float = 0.2) -> Tensor:
-    """TIES preprocessing of AdaMerging++: per source keep the top entries that agree with the elected sign."""
-    trimmed = trim(deltas, magnitude_thresholds([deltas], density))  # (S, *shape)
-    return trimmed * (trimmed.sign() == elect_sign(trimmed))  # (S, *shape)
-
 
 register_method("adamerging", url="https://arxiv.org/abs/2310.02575", objective="entropy", transform="none",
                 description="Task- or layer-wise coefficients in [0, 1] learned by entropy minimisation on "
@@ -285,11 +290,11 @@ register_method("adamerging", url="https://arxiv.org/abs/2310.02575", objective=
 register_method("adamerging_plus", url="https://arxiv.org/abs/2310.02575", objective="entropy", transform="none",
                 preprocess=ties_trimmed, hyperparameters={"density": Hyperparameter(float, 0.2, low=1e-6, high=1.0)},
                 description="AdaMerging++: AdaMerging applied to TIES-trimmed task vectors.")(None)
-register_method("supermerge", url="https://arxiv.org/abs/2412.10416", objective="supervised",
-                hyperparameters={"objective": Hyperparameter(str, "labels", choices=("labels", "distill", "both")),
-                                 "temperature": Hyperparameter(float, 1.0, low=0.05, high=100.0),
+register_method("supermerge", url="https://arxiv.org/abs/2412.10416", objective="supervised", granularity="row",
+                hyperparameters={"objective": Hyperparameter(str, "distill", choices=("labels", "distill", "both")),
+                                 "temperature": Hyperparameter(float, 2.0, low=0.05, high=100.0),
                                  "distill_weight": Hyperparameter(float, 0.5, low=0.0, high=1.0)},
-                description="Per-tensor tanh coefficients learned with a supervised loss on a few labelled "
-                "examples (`objective: labels`, the paper), or by distilling each fine-tune's outputs on its "
-                "task's inputs (`distill`; `both`: (1 - distill_weight) x labels + distill_weight x distill; "
-                "method.md section 9).")(None)
+                description="tanh coefficients, by default one per row of each block matrix, learned by distilling "
+                "each fine-tune's outputs on its task's inputs (`objective: distill`, method.md section 9; `both`: "
+                "(1 - distill_weight) x labels + distill_weight x distill); the paper: `objective: labels` with "
+                "`granularity: tensor`.")(None)

@@ -16,6 +16,11 @@ def _mean_over_real(per_position: torch.Tensor, mask: torch.Tensor | None) -> to
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
+def output_logits(output) -> torch.Tensor:
+    """A model output's logits: `logits`, or a contrastive model's (CLIP) `logits_per_image` `(B images, B texts)`."""
+    return output["logits"] if "logits" in output else output["logits_per_image"]
+
+
 def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean Shannon entropy of the predicted distributions; over real tokens only when `mask` `(B, T)` is given."""
     log_p = torch.log_softmax(logits.float(), dim=-1)  # (..., C)

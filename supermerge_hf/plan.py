@@ -1,20 +1,40 @@
-"""What a merge touches, decided from configs and safetensors headers: merged tensors, heads and groups."""
+"""What a merge touches, decided from configs and safetensors headers: the sources, merged tensors, heads and
+groups."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .sources import IncompatibleSourceError, ModelSpec, Source
+from .ia3 import IA3Spec
+from .lora import LoraSpec
+from .sources import ADAPTER_CONFIG, DENSIFY, AdapterSpec, IncompatibleSourceError, ModelSpec, Source, is_adapter
 from .vocab import Vocabulary, align_vocabulary
 
 logger = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # "encoder.layer.3.attention.self.query.weight" -> "encoder.layer.3"
+
+
+ADAPTER_TYPES = {spec.peft_type: spec for spec in (LoraSpec, IA3Spec)}  # PEFT's peft_type -> its reader
+
+
+def load_source(folder: str | Path, base: ModelSpec, *, base_name: str | None = None,
+                allow_pickle: bool = False) -> Source:
+    """A full fine-tune (`ModelSpec`), or a PEFT adapter by its `peft_type`: `LoraSpec`, `IA3Spec`."""
+    if not is_adapter(folder):
+        return ModelSpec.from_folder(folder, allow_pickle=allow_pickle)
+    peft_type = json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("peft_type")
+    if peft_type not in ADAPTER_TYPES:
+        raise IncompatibleSourceError(f"Adapter {str(folder)!r} is a {peft_type!r} adapter; the adapters read are "
+                                      f"{sorted(ADAPTER_TYPES)}. {DENSIFY}")
+    return ADAPTER_TYPES[peft_type](folder, base, base_name=base_name)
 
 
 def block_name(name: str) -> str:
@@ -104,7 +124,8 @@ def build_plan(base: ModelSpec, sources: list[Source], tasks: list[str], granula
     """Check that every source fits the base and decide what is merged, from headers; a head whose shape differs
     is task-specific, a body tensor that differs raises `IncompatibleSourceError`. `merged` restricts the merge
     (a hierarchical level merges what the flat plan merges). `tokenizer_source` (`base`, `union` or a task; flat
-    plans only) first aligns every model's vocabulary tensors to that vocabulary (`vocab.align_vocabulary`)."""
+    plans only) first aligns every model's vocabulary tensors to that vocabulary (`vocab.align_vocabulary`). A
+    tensor an adapter ties to another (`AdapterSpec.follows`: an IA³-scaled bias) is in that one's group."""
     task_specs = task_specs or dict(zip(tasks, sources))
     for task, source in task_specs.items():
         _check_kind(base, task, source)
@@ -123,13 +144,18 @@ def build_plan(base: ModelSpec, sources: list[Source], tasks: list[str], granula
     for task, source in task_specs.items():
         plan.task_specific[task] = [n for n in source.shapes if n not in merged_set]
     index: dict[str, int] = {}
+    # an IA³-scaled bias is in its weight's group, so the merge is one IA³ vector per layer; under `row` too, an
+    # IA³-scaled layer keeps one coefficient per vector (per-row coefficients would not be a scaling)
+    follows = {t: w for s in sources if isinstance(s, AdapterSpec) for t, w in s.follows.items() if w in merged_set}
+    scaled = {n for s in sources if isinstance(s, IA3Spec) for n in s.vectors}
     for name in merged:
-        rows = base.shapes[name][0] if granularity == "row" and _in_block_matrix(name, base.shapes[name]) else 0
+        per_row = granularity == "row" and _in_block_matrix(name, base.shapes[name]) and name not in scaled
+        rows = base.shapes[name][0] if per_row else 0
         if rows:  # `row`: a block's matrix has one group per row, `group_index` gives their slice
             plan.group_index[name] = slice(len(index), len(index) + rows)
             index.update({f"{name}[{r}]": len(index) + r for r in range(rows)})
         else:
-            plan.group_index[name] = index.setdefault(group_name(name, granularity), len(index))
+            plan.group_index[name] = index.setdefault(group_name(follows.get(name, name), granularity), len(index))
     plan.groups = list(index)
     return plan
 

@@ -38,11 +38,11 @@ class PushMixin:
 
     def push_adapter_to_hub(self, repo_id: str, *, rank: int | None = None, private: bool | None = None,
                             token: str | bool | None = None, revision: str | None = None) -> str | None:
-        """Save the combined LoRA adapter (as `save_adapter` does) and upload it; see `push_to_hub`."""
+        """Save the combined LoRA or IA³ adapter (as `save_adapter` does) and upload it; see `push_to_hub`."""
         result = self._done()
         check_adapter_export(self.plan, self.config, self.method)
         return self._push(lambda folder: save_combined_adapter(result, folder, rank=rank, repo_id=repo_id), repo_id,
-                          f"Upload combined LoRA adapter of {', '.join(self.plan.tasks)}", private=private,
+                          f"Upload combined adapter of {', '.join(self.plan.tasks)}", private=private,
                           token=token, revision=revision)
 
     def _push(self, save: Callable[[Path], Path], repo_id: str, message: str | None, **hub: Any) -> str | None:

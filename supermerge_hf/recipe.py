@@ -19,14 +19,15 @@ labelled examples of its task, a JSONL or CSV file tokenised with the base's tok
 label_field, text_pair_field, max_length; labels are integers or names of the fine-tune's label2id). A generative
 task's (a causal or seq2seq LM) holds prompt/completion, messages, text or source/target records, answers labelled
 (keys: path, format, fields, max_length; `generative.tokenize_examples`). An `unlabelled` entry (same keys, labels
-never read) gives more inputs without labels, for `method_kwargs: {objective: distill}` (or `both`) and AdaMerging.
+never read) gives more inputs without labels, for SuperMerge's distillation (the default `objective: distill`,
+or `both`) and AdaMerging.
 Relative paths are relative to the recipe.
 
   base: sentence-transformers/all-MiniLM-L6-v2
   sources:
     - {task: bbc, path: ./finetunes/bbc, data: {path: bbc.jsonl, text_field: text, label_field: label}}
     - {task: tweets, path: org/minilm-tweets, revision: main, data: {path: tweets.csv, label_field: sentiment}}
-  granularity: tensor
+    - {task: spam, path: ./finetunes/spam, data: {path: spam.jsonl}, unlabelled: {path: spam_inputs.jsonl}}
   output_dir: merged
 
 SuperMergeConfig fields:""" + inspect.cleandoc(SuperMergeConfig.__doc__ or "").partition("Args:")[2] + (

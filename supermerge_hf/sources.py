@@ -1,9 +1,9 @@
-"""Sources of a merge, from configs and safetensors headers: full fine-tunes and PEFT LoRA adapters.
+"""Sources of a merge, from configs and safetensors headers: full fine-tunes (`ModelSpec`) and PEFT adapters
+(`AdapterSpec`: `lora.LoraSpec`, `ia3.IA3Spec`; `merger.load_source` picks the kind of a folder).
 
-Both answer `config`, `cls` (the task's model class), `param_names` and `shapes` by canonical name (without the
+All answer `config`, `cls` (the task's model class), `param_names` and `shapes` by canonical name (without the
 `base_model_prefix`, so a bare `BertModel` and a `BertForSequenceClassification` name the body alike),
-`delta(name, base)` (one tensor's task vector) and `read_tensor(name)` (e.g. a head). A LoRA task vector is
-s * B @ A (s = alpha / r, alpha / sqrt(r) with rsLoRA; transposed for Conv1D / Embedding), method.md section 5.
+`delta(name, base)` (one tensor's task vector) and `read_tensor(name)` (e.g. a head).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,8 @@ import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import Checkpoint
-from .deltas import LowRankDelta
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +31,6 @@ TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "A
                 "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
                 "QUESTION_ANS": "AutoModelForQuestionAnswering"}  # PEFT task_type -> the model it was trained on
 HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight", "qa_outputs.weight")
-FACTOR_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}  # A -> B
-NOT_LOW_RANK = {  # LoraConfig fields that, when set, make the task vector something other than s * B @ A
-    "use_dora": "DoRA", "lora_bias": "lora_bias (a trained bias in lora_B)", "use_qalora": "QALoRA",
-    "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow routing", "use_bdlora": "BD-LoRA",
-    "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
-    "layer_replication": "layer_replication", "target_parameters": "target_parameters",
-    "trainable_token_indices": "trainable_token_indices",
-}
 DENSIFY = "Densify it with PEFT (`PeftModel.from_pretrained(model, dir).merge_and_unload().save_pretrained(out)`) " \
           "and give that folder as the source."
 
@@ -143,11 +131,6 @@ def is_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule for rank_pattern / alpha_pattern: a key matches a module path ending in it."""
-    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
-
-
 def _same_base(declared: str | None, base: ModelSpec, base_name: str | None) -> bool:
     """Whether the adapter's `base_model_name_or_path` names this base (a Hub id must match exactly)."""
     if not declared or declared in {base_name, str(base.folder), str(base.folder.resolve())}:
@@ -158,22 +141,24 @@ def _same_base(declared: str | None, base: ModelSpec, base_name: str | None) -> 
     return not hub_id and Path(declared).name == base.folder.name  # a folder named as when it was trained
 
 
-class LoraSpec:
-    """A LoRA adapter as a source: low-rank deltas, dense saved modules (`modules_to_save`), the base's other
-    tensors. `IncompatibleSourceError` for other adapter types, deltas that are not s * B A, another base."""
+class AdapterSpec:
+    """A PEFT adapter of the base as a source: the task's class and config (`task_type`, the saved head's label
+    count), dense saved modules (`modules_to_save`, in `saved`) and the base's other tensors. `LoraSpec` and
+    `ia3.IA3Spec` read the adapter's own tensors (`_read`) and give their task vectors (`delta`); `follows[t]`
+    names the tensor whose coefficient group tensor `t` shares (an IA³-scaled bias follows its weight).
+    `IncompatibleSourceError` for another adapter type or base, or tensors the architecture does not have."""
+
+    peft_type = ""  # `peft_type` of adapter_config.json
+    kind, label = "", ""  # how messages name the adapter type and its own tensors
 
     def __init__(self, folder: str | Path, base: ModelSpec, *, base_name: str | None = None) -> None:
         self.folder, self.base, self.rows = Path(folder), base, None
         self.adapter_config = cfg = json.loads((self.folder / ADAPTER_CONFIG).read_text())
-        where = f"Adapter {str(self.folder)!r}"
-        if cfg.get("peft_type") != "LORA":
-            raise IncompatibleSourceError(f"{where} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters are "
-                                          f"read. {DENSIFY}")
-        kinds = [label for key, label in NOT_LOW_RANK.items() if cfg.get(key)]
-        kinds += [f"bias={cfg['bias']!r}"] if cfg.get("bias", "none") != "none" else []
-        if kinds:
-            raise IncompatibleSourceError(f"{where} uses {', '.join(kinds)}: its task vector is not s * B @ A, so it "
-                                          f"cannot be merged in LoRA space. {DENSIFY}")
+        self.where = where = f"Adapter {str(self.folder)!r}"
+        if cfg.get("peft_type") != self.peft_type:
+            raise IncompatibleSourceError(f"{where} is a {cfg.get('peft_type')!r} adapter, not {self.peft_type}; "
+                                          f"LoRA and IA3 adapters are read. {DENSIFY}")
+        self._check_config(cfg)
         if not _same_base(cfg.get("base_model_name_or_path"), base, base_name):
             raise IncompatibleSourceError(f"{where} was trained on {cfg.get('base_model_name_or_path')!r}, not on the "
                                           f"base {base_name or str(base.folder)!r}. Merge adapters of one base only.")
@@ -187,26 +172,11 @@ class LoraSpec:
             self.config.num_labels = self.checkpoint.shape(heads[0])[0]
         self.config.architectures = [self.cls.__name__]
         meta, self.param_names, self.shapes = _meta_parameters(self.cls, self.config)
-        prefix = meta.base_model_prefix
-        self.factors: dict[str, tuple[str, str, float, bool]] = {}  # weight -> (A key, B key, scale, transposed)
+        self.follows: dict[str, str] = {}
         self.saved: dict[str, str] = {}  # modules_to_save tensors: canonical name -> key
         for name, key in keys.items():
-            suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
-            if suffix is not None:
-                module = name.removesuffix(suffix)
-                weight = canonical(module, prefix) + ".weight"
-                r = self.checkpoint.shape(key)[0]
-                alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
-                scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-                b_key = keys[module + FACTOR_SUFFIXES[suffix]]
-                self.factors[weight] = (key, b_key, scale, self._transposed(meta, module))
-                self._check_shape(weight, r)
-            elif ".lora_" in name:  # B factors are read with their A; anything else is not s * B @ A
-                if not name.endswith(tuple(FACTOR_SUFFIXES.values())):
-                    raise IncompatibleSourceError(f"{where} holds {key!r}, which is not a LoRA factor: its task vector "
-                                                  f"is not s * B @ A. {DENSIFY}")
-            else:
-                self.saved[canonical(name, prefix)] = key
+            if not self._read(meta, name, key, keys):
+                self.saved[canonical(name, meta.base_model_prefix)] = key
         unknown = [self.saved[n] for n in self.saved if n not in self.shapes]
         if unknown:
             raise IncompatibleSourceError(f"{where} holds tensors its {self.cls.__name__} does not have: {unknown[:5]}."
@@ -216,26 +186,29 @@ class LoraSpec:
             raise IncompatibleSourceError(f"{where} lacks tensors its {self.cls.__name__} needs and the base does not "
                                           f"have: {missing[:5]}. Save the head with the adapter (`modules_to_save`).")
 
-    def _transposed(self, meta: nn.Module, module: str) -> bool:
-        """Whether PEFT stores this layer's delta transposed (Conv1D, Embedding), decided by the layer's type."""
+    def _check_config(self, cfg: dict) -> None:
+        """`IncompatibleSourceError` for adapter options whose task vector this reader would not give exactly."""
+
+    def _read(self, meta: nn.Module, name: str, key: str, keys: dict[str, str]) -> bool:
+        """Record `key` (`name` without PEFT's prefix) if it is one of the adapter's own tensors; False otherwise."""
+        raise NotImplementedError
+
+    @property
+    def targeted(self) -> list[str]:
+        """The tensors whose task vector is in the adapter's own form (not dense)."""
+        raise NotImplementedError
+
+    def _layer(self, meta: nn.Module, module: str, types: tuple[type, ...]) -> nn.Module:
+        """The base layer `module` that adapter tensors belong to, checked to be one of `types`."""
         try:
             layer = meta.get_submodule(module)
         except AttributeError:
-            raise IncompatibleSourceError(f"Adapter {str(self.folder)!r} has LoRA factors for {module!r}, a module "
-                                          f"its {self.cls.__name__} does not have.") from None
-        if not isinstance(layer, (Conv1D, nn.Embedding, nn.Linear)):
-            raise IncompatibleSourceError(f"Adapter {str(self.folder)!r} has LoRA on {module!r}, a "
-                                          f"{type(layer).__name__}; only Linear, Conv1D and Embedding are read. "
-                                          f"{DENSIFY}")
-        return isinstance(layer, (Conv1D, nn.Embedding))
-
-    def _check_shape(self, weight: str, r: int) -> None:
-        a_key, b_key, _, transposed = self.factors[weight]
-        out_dim, in_dim = self.checkpoint.shape(b_key)[0], self.checkpoint.shape(a_key)[1]
-        shape = (in_dim, out_dim) if transposed else (out_dim, in_dim)
-        if self.shapes.get(weight) != shape:
-            raise IncompatibleSourceError(f"Adapter {str(self.folder)!r}: LoRA factors of {weight!r} (rank {r}) give "
-                                          f"shape {shape}, but the base has {self.shapes.get(weight)}.")
+            raise IncompatibleSourceError(f"{self.where} has {self.label} for {module!r}, a module its "
+                                          f"{self.cls.__name__} does not have.") from None
+        if not isinstance(layer, types):
+            raise IncompatibleSourceError(f"{self.where} has {self.label} on {module!r}, a {type(layer).__name__}; "
+                                          f"only {', '.join(t.__name__ for t in types)} are read. {DENSIFY}")
+        return layer
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """A saved module's tensor (e.g. the head), else the base's."""
@@ -244,30 +217,18 @@ class LoraSpec:
         tensor = self.checkpoint.read_tensor(self.saved[name])
         return tensor if self.rows is None or name not in self.rows.names else self.rows.align(name, tensor)
 
-    def aligned(self, base: ModelSpec, config: PretrainedConfig, shapes: dict, rows: Any) -> LoraSpec:
+    def aligned(self, base: ModelSpec, config: PretrainedConfig, shapes: dict, rows: Any) -> AdapterSpec:
         """This adapter over `base` seen in the merged vocabulary (`vocab.align_vocabulary`): its `config` and
         `shapes`, its saved vocabulary tensors re-indexed by `rows` (`None`: it saved none)."""
         view = copy.copy(self)
         view.base, view.config, view.shapes, view.rows = base, config, shapes, rows
         return view
 
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | LowRankDelta | None:
-        """Low-rank for LoRA-targeted weights, dense for saved modules, None elsewhere."""
-        if name in self.factors:
-            a_key, b_key, scale, transposed = self.factors[name]
-            return LowRankDelta(self.checkpoint.read_tensor(a_key), self.checkpoint.read_tensor(b_key), scale,
-                                transposed)
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """Dense for saved modules, None (no change) for the base's other tensors."""
         if name in self.saved:
             return self.read_tensor(name).to(dtype=base.dtype, device=base.device) - base
         return None
 
 
-Source = ModelSpec | LoraSpec
-
-
-def load_source(folder: str | Path, base: ModelSpec, *, base_name: str | None = None,
-                allow_pickle: bool = False) -> Source:
-    """A full fine-tune (`ModelSpec`) or a PEFT LoRA adapter (`LoraSpec`)."""
-    if is_adapter(folder):
-        return LoraSpec(folder, base, base_name=base_name)
-    return ModelSpec.from_folder(folder, allow_pickle=allow_pickle)
+Source = ModelSpec | AdapterSpec

@@ -47,7 +47,8 @@ def magnitude_thresholds(delta_chunks: Iterable[Tensor], density: float) -> Tens
         `Tensor`: `(S,)`, the `threshold` of [`trim`]; peak memory about 8 bytes per task-vector entry.
     """
     _check_density(density)
-    magnitudes = [c.abs().flatten(1).to(torch.promote_types(c.dtype, torch.float32)) for c in delta_chunks]
+    magnitudes = [c.abs().reshape(len(c), -1).to(torch.promote_types(c.dtype, torch.float32))
+                  for c in delta_chunks]  # (S, n_j); a 0-dim tensor (CLIP's logit_scale) gives (S, 1)
     if not magnitudes:
         raise ValueError("`delta_chunks` is empty: pass at least one tensor of shape (S, *shape).")
     magnitudes = torch.cat(magnitudes, dim=1)  # (S, N); float32 is exact for lower precisions, fast for kthvalue
@@ -93,3 +94,9 @@ def trim_to_density(deltas: Tensor, density: float, trim_scope: TrimScope, thres
     if trim_scope == "tensor" and threshold is not None:
         raise ValueError('`threshold` is only used with trim_scope="task"; drop it or set trim_scope="task".')
     return trim(deltas, magnitude_thresholds([deltas], density) if threshold is None else threshold)
+
+
+def ties_trimmed(deltas: Tensor, *, density: float = 0.2) -> Tensor:
+    """TIES preprocessing of AdaMerging++: per source keep the top entries that agree with the elected sign."""
+    trimmed = trim(deltas, magnitude_thresholds([deltas], density))  # (S, *shape)
+    return trimmed * (trimmed.sign() == elect_sign(trimmed))  # (S, *shape)

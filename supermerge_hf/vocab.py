@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import TOKENIZER_FILES
-from .sources import IncompatibleSourceError, LoraSpec, ModelSpec, Source, canonical
+from .sources import AdapterSpec, IncompatibleSourceError, ModelSpec, Source, canonical
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def vocab_tensors(spec: Source) -> list[str]:
 
 def _rows(spec: Source, name: str) -> int:
     """Rows of one vocabulary tensor as stored (an adapter's saved embedding may have more than the base's)."""
-    if isinstance(spec, LoraSpec):
+    if isinstance(spec, AdapterSpec):
         return spec.checkpoint.shape(spec.saved[name])[0] if name in spec.saved else spec.base.shapes[name][0]
     return spec.shapes[name][0]
 
@@ -123,7 +123,7 @@ def _mean_rows(base: ModelSpec, contributors: list[tuple[Source, torch.Tensor]],
         if name not in cache:
             total, count = None, torch.zeros(int(missing.sum()))
             for spec, index in contributors:
-                raw = (spec.checkpoint.read_tensor(spec.saved[name]) if isinstance(spec, LoraSpec)
+                raw = (spec.checkpoint.read_tensor(spec.saved[name]) if isinstance(spec, AdapterSpec)
                        else spec.checkpoint.read_tensor(spec.keys[name])).float()  # (V_s, *rest)
                 rows = index[missing]  # (missing,)
                 part = torch.where((rows >= 0).view(-1, *[1] * (raw.dim() - 1)), raw[rows.clamp(min=0)], 0.0)
@@ -212,12 +212,12 @@ def align_vocabulary(base: ModelSpec, sources: dict[str, Source], tokenizer_sour
 
 def _check_adapter(task: str, spec: Source, names: list[str], own_vocabulary: bool) -> None:
     """An adapter's rows can be matched by token only where it saved the whole tensor (`modules_to_save`)."""
-    if not isinstance(spec, LoraSpec):
+    if not isinstance(spec, AdapterSpec):
         return
-    factored = [n for n in names if n in spec.factors]
+    factored = [n for n in names if n in spec.targeted]
     unsaved = [n for n in names if n in spec.shapes and n not in spec.saved]
     if factored or (own_vocabulary and unsaved):
-        why = (f"has LoRA factors on the vocabulary tensors {factored}, which cannot be re-indexed to the merged "
+        why = (f"has {spec.label} on the vocabulary tensors {factored}, which cannot be re-indexed to the merged "
                "vocabulary" if factored else f"changes the vocabulary (its tokenizer differs from the base's) "
                f"without saving the vocabulary tensors {unsaved}")
         raise IncompatibleSourceError(f"Adapter of task {task!r} ({spec.folder}) {why}. Save them with the adapter "
@@ -229,8 +229,8 @@ def _check_adapter(task: str, spec: Source, names: list[str], own_vocabulary: bo
 def _view(spec: Source, base_view: ModelSpec, names: list[str], size: int, index: torch.Tensor) -> Source:
     """A source seen in the merged vocabulary: rows it lacks are the base's (a zero task vector there)."""
     config, shapes = _resized(spec, names, size)
-    has = [n for n in names if n in spec.shapes and (not isinstance(spec, LoraSpec) or n in spec.saved)]
+    has = [n for n in names if n in spec.shapes and (not isinstance(spec, AdapterSpec) or n in spec.saved)]
     rows = VocabRows(has, index, lambda name: base_view.read_tensor(name)[index < 0]) if has else None
-    if isinstance(spec, LoraSpec):
+    if isinstance(spec, AdapterSpec):
         return spec.aligned(base_view, config, shapes, rows)
     return dataclasses.replace(spec, config=config, shapes=shapes, rows=rows)

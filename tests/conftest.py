@@ -35,6 +35,21 @@ class Family:
         return [{"task": t, "path": str(p)} for t, p in self.sources.items()]
 
 
+def paper(**kwargs) -> dict:
+    """Config arguments with the paper's SuperMerge (one tanh coefficient per tensor, learned on labels) where
+    `kwargs` leave them open; another method's as given. For tests of what the paper's setting computes."""
+    if kwargs.get("method", "supermerge") != "supermerge":
+        return kwargs
+    method_kwargs = {"objective": "labels"} | kwargs.get("method_kwargs", {})
+    return {"granularity": "tensor"} | kwargs | {"method_kwargs": method_kwargs}
+
+
+def coefficient(c: torch.Tensor, i: int, group: int | slice, tensor: torch.Tensor) -> torch.Tensor:
+    """Source i's coefficient of a tensor, shaped to broadcast over it: a scalar, or one per row (`row`)."""
+    value = c[i, group]
+    return value.view(-1, *[1] * (tensor.dim() - 1)) if isinstance(group, slice) else value
+
+
 def perturb(model: PreTrainedModel, seed: int, scale: float = 0.05) -> PreTrainedModel:
     """A seeded "fine-tune": every parameter moved by scale * N(0, 1)."""
     generator = torch.Generator().manual_seed(seed)

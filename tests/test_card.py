@@ -20,7 +20,7 @@ from supermerge_hf.hub import push_folder
 from supermerge_hf.results import Coefficients
 from tests.hub_server import HubServer, hub_server_fixture  # noqa: F401  (fixture `hub_server`)
 
-from .conftest import family_examples
+from .conftest import family_examples, paper
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEARN = {"steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": 0.3}
@@ -29,7 +29,7 @@ LEARN = {"steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": 0.3}
 @pytest.fixture(scope="module")
 def fitted(bert_family) -> SuperMerger:
     """A SuperMerge of the BERT family with a hold-out split, so that metrics are on held-out examples."""
-    config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), **LEARN)
+    config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), **paper(**LEARN))
     return SuperMerger(config).fit(family_examples(bert_family))
 
 

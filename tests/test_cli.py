@@ -108,12 +108,14 @@ def test_help_explains_every_option(command, capsys):
             assert flag in text
 
 
-def test_methods_lists_all_thirteen(capsys):
+def test_methods_lists_all_fifteen(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines if not line.startswith(" ")]  # indented: a method's hyperparameters
     assert names == sorted(["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-                            "tsv_m", "iso_c", "iso_cts", "lines", "adamerging", "adamerging_plus", "supermerge"])
+                            "tsv_m", "iso_c", "iso_cts", "lines", "adamerging", "adamerging_plus", "supermerge",
+                            "regmean", "regmean_plusplus"])
+    assert next(line for line in lines if line.startswith("regmean ")).split()[1] == "statistics"
 
 
 def write_recipe(family, folder: Path, **extra) -> Path:

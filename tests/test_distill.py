@@ -20,7 +20,8 @@ from .conftest import classification_examples, family_examples, lm_examples, tin
 
 def make_config(family, tasks=None, **kwargs) -> SuperMergeConfig:
     sources = [s for s in family.source_list() if tasks is None or s["task"] in tasks]
-    kwargs = {"steps": 2, "eval_every": 1, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0} | kwargs
+    kwargs = {"steps": 2, "eval_every": 1, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0,
+              "granularity": "tensor"} | kwargs
     return SuperMergeConfig(base=str(family.base), sources=sources, **kwargs)
 
 
@@ -109,7 +110,7 @@ def test_both_is_the_weighted_sum_of_the_two_objectives(bert_family):
     grad_distill, kl = fm.coefficient_grad(c0, pool, ones, "distill")
     for task in labelled:
         expected = 0.7 * float(ce[task]) + 0.3 * float(kl[task])
-        assert merger.history[-1]["train"][task] == pytest.approx(expected, rel=1e-5)
+        assert merger.history[-1]["train"][task] == pytest.approx(expected, rel=1e-4)  # teachers batched otherwise
     grad = 0.7 * grad_labels + 0.3 * grad_distill
     moved = merger.coefficients.raw - torch.atanh(c0)
     big = grad.abs() > 1e-4  # Adam's first step: -lr * sign(grad) where eps is negligible
@@ -132,7 +133,8 @@ def test_config_refuses_a_bad_objective_or_temperature_before_loading(kwargs, ma
     assert SuperMergeConfig.from_dict(json.loads(config.to_json_string())).method_kwargs == config.method_kwargs
 
 
-@pytest.mark.parametrize("method", [{}, {"method": "ties", "method_kwargs": {"lam": 0.5}}])
+@pytest.mark.parametrize("method", [{"method_kwargs": {"objective": "labels"}},
+                                    {"method": "ties", "method_kwargs": {"lam": 0.5}}])
 def test_unlabelled_inputs_for_an_objective_that_ignores_them_are_refused(bert_family, method, monkeypatch):
     monkeypatch.setattr(merger_module, "learn", lambda *a, **k: pytest.fail("learning started"))
     merger = SuperMerger(make_config(bert_family, **method))

@@ -11,14 +11,15 @@ import shutil
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from supermerge_hf import SuperMergeConfig, SuperMerger, read_generative, tokenize_examples
 from supermerge_hf.card import metrics_table
 from supermerge_hf.cli import main
 from supermerge_hf.data import as_examples, collate, make_splits
+from supermerge_hf.functional import FunctionalMerge
 
-from .conftest import tiny_tokenizer
+from .conftest import Family, perturb, tiny_tokenizer
 
 X = -100
 CHAT_TEMPLATE = ("{% for m in messages %}[CLS] {{ m['role'] }} {{ m['content'] }} [SEP] {% endfor %}"
@@ -199,3 +200,129 @@ def test_recipe_with_generative_data(llama_family, tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["merge", str(tmp_path / "recipe.yaml")]) == 0
     assert "exact_match merged" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def chat_like(seed: int, n: int = 5, *, trailing_seed: int | None = None, padding: int = 0) -> list[dict]:
+    """Variable-length decoder-only examples: a prompt (-100), the answer, then a following turn (-100, as a chat's
+    next user turn); `trailing_seed` redraws that turn's tokens and length, `padding` appends padding by hand."""
+    g, t = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(trailing_seed or seed)
+    out = []
+    for i in range(n):
+        prompt, answer = int(torch.randint(1, 6, (), generator=g)), int(torch.randint(1, 4, (), generator=g))
+        head = torch.randint(1, 64, (prompt + answer,), generator=g)
+        tail = torch.randint(1, 64, (int(torch.randint(0, 4, (), generator=t)),), generator=t)
+        pad = padding * (i % 2)
+        ids = torch.cat([head, tail, torch.full((pad,), 0)])
+        labels = torch.cat([torch.full((prompt,), X), head[prompt:], torch.full((len(tail) + pad,), X)])
+        out.append({"input_ids": ids, "attention_mask": (torch.arange(len(ids)) < len(ids) - pad).long(),
+                    "labels": labels})
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory) -> Family:
+    """A tiny Llama whose predictions are far from uniform (large initial weights), so entropies differ."""
+    root = tmp_path_factory.mktemp("sharp_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=64, max_position_embeddings=64, initializer_range=0.5)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    for i, task in enumerate(["code", "math"]):
+        perturb(LlamaForCausalLM.from_pretrained(root / "base"), seed=i, scale=0.2).save_pretrained(root / task)
+    return Family(root / "base", {t: root / t for t in ["code", "math"]}, None)
+
+
+def adamerging_fm(family):
+    config = SuperMergeConfig(base=str(family.base), sources=family.source_list(), method="adamerging")
+    merger = SuperMerger(config)
+    return merger.plan, FunctionalMerge(merger.plan, dtype=torch.float32)
+
+
+def answer_entropy(fm, task, params, examples) -> float:
+    """Mean entropy of the predictions of the answer tokens, each example run alone (no padding, nothing after)."""
+    total, count = 0.0, 0
+    for ex in examples:
+        answer = (ex["labels"] != X).nonzero().flatten()  # positions answer[0] .. answer[-1]
+        ids = ex["input_ids"][: int(answer[-1]) + 1]
+        log_p = torch.log_softmax(fm.forward(task, params, {"input_ids": ids[None]}).logits[0], -1)  # (T, V)
+        rows = log_p[answer - 1]  # position t predicts token t + 1
+        total += float(-(rows.exp() * rows).sum())
+        count += len(answer)
+    return total / count
+
+
+def test_adamerging_entropy_reads_the_answer_tokens_only(sharp_llama):
+    """AdaMerging's entropy on a generative task averages over the answer tokens: prompt, following turns and
+    padding are left out, whatever they hold (method.md section 8). Each difference is measured against the one
+    that counting every real token makes."""
+    plan, fm = adamerging_fm(sharp_llama)
+    c = torch.full((plan.num_sources, len(plan.groups)), 0.3)
+    examples = chat_like(0)
+    grad, losses = fm.coefficient_grad(c, {"code": examples}, {"code": 1.0}, "entropy")
+    inputs = [{k: v for k, v in ex.items() if k != "labels"} for ex in examples]  # no answer: every real token
+    grad_all, losses_all = fm.coefficient_grad(c, {"code": inputs}, {"code": 1.0}, "entropy")
+    with torch.no_grad():
+        reference = answer_entropy(fm, "code", fm.params(c), examples)
+        gap = abs(float(losses_all["code"]) - reference)
+        assert gap > 0 and fm.evaluate("code", inputs, c=c)["entropy"] == pytest.approx(float(losses_all["code"]))
+        assert abs(float(losses["code"]) - reference) < 1e-2 * gap
+        assert abs(fm.evaluate("code", examples, c=c)["entropy"] - reference) < 1e-2 * gap
+    other = chat_like(0, trailing_seed=7, padding=3)  # other following turns, more padding
+    assert [len(a["input_ids"]) for a in other] != [len(a["input_ids"]) for a in examples]
+    grad_other, losses_other = fm.coefficient_grad(c, {"code": other}, {"code": 1.0}, "entropy")
+    assert abs(float(losses_other["code"]) - float(losses["code"])) < 1e-2 * gap
+    assert (grad_other - grad).abs().max() < 1e-2 * (grad_all - grad).abs().max()
+    torch.testing.assert_close(grad_other, grad, rtol=1e-4, atol=1e-7)
+
+
+def test_adamerging_gradient_equals_autograd_on_variable_lengths(sharp_llama):
+    plan, fm = adamerging_fm(sharp_llama)
+    batches = {t: chat_like(i, n=4) for i, t in enumerate(["code", "math"])}
+    scale = {"code": 1.0, "math": 0.5}
+    w = (0.3 + 0.2 * torch.rand(plan.num_sources, len(plan.groups), generator=torch.Generator().manual_seed(0)))
+    w.requires_grad_()  # AdaMerging's transform is `none`: c = w
+    merged = {n: fm.base[n] + torch.tensordot(w[:, plan.group_index[n]], d.dense(), dims=1)
+              for n, d in fm.deltas.items()}
+    loss = 0.0
+    for task, examples in batches.items():  # reference: the answer positions written out, autograd through w
+        batch = collate([{k: v for k, v in ex.items() if k != "labels"} for ex in examples])
+        mask = torch.zeros(batch["input_ids"].shape)  # (B, T)
+        for row, ex in zip(mask, examples):
+            row[(ex["labels"] != X).nonzero().flatten() - 1] = 1.0
+        log_p = torch.log_softmax(fm.forward(task, merged, batch).logits, -1)  # (B, T, V)
+        loss = loss + scale[task] * (-(log_p.exp() * log_p).sum(-1) * mask).sum() / mask.sum()
+    (reference,) = torch.autograd.grad(loss, [w])
+    grad_c, _ = fm.coefficient_grad(w.detach(), batches, scale, "entropy")
+    torch.testing.assert_close(grad_c, reference, rtol=1e-4, atol=1e-7)
+    assert reference.abs().max() > 0
+
+
+def test_adamerging_fit_keeps_the_answer_of_labelled_and_unlabelled_inputs(llama_family, monkeypatch):
+    """The unlabelled pool keeps a generative example's answer span (class labels alone are dropped), so labelled
+    examples and inputs without labels share its batches; learning's forward never gets `labels`."""
+    examples = {t: chat_like(i, n=6) for i, t in enumerate(llama_family.sources)}
+    extra = {"code": [{"input_ids": ex["input_ids"]} for ex in chat_like(9, n=3)]}
+    splits, _ = make_splits({t: as_examples(t, e) for t, e in examples.items()}, 0.0, 0, unlabelled=extra)
+    assert torch.equal(splits["code"].unlabelled[0]["labels"], examples["code"][0]["labels"])
+    assert "labels" not in splits["code"].unlabelled[-1]
+    learning, seen = [], []
+    forward, grad = FunctionalMerge.forward, FunctionalMerge.coefficient_grad
+
+    def spy_forward(self, task, params, batch, c=None):
+        if learning:
+            seen.append("labels" in batch)
+        return forward(self, task, params, batch, c)
+
+    def spy_grad(self, *args, **kwargs):
+        learning.append(True)
+        try:
+            return grad(self, *args, **kwargs)
+        finally:
+            learning.pop()
+
+    monkeypatch.setattr(FunctionalMerge, "forward", spy_forward)
+    monkeypatch.setattr(FunctionalMerge, "coefficient_grad", spy_grad)
+    config = SuperMergeConfig(base=str(llama_family.base), sources=llama_family.source_list(), method="adamerging",
+                              steps=2, eval_every=1, batch_size=4, learning_rate=0.05)
+    SuperMerger(config).fit(examples, unlabelled=extra)
+    assert seen and not any(seen)

@@ -78,8 +78,9 @@ def test_cheap_form_merges_the_deployed_merge_as_one_source(deployed, third, ber
     base = load_file(bert_family.base / "model.safetensors")[name]
     merged = load_file(deployed / "model.safetensors")[name]
     pos = load_file(third / "model.safetensors")["bert." + name]
-    c = new.coefficients
-    expected = base + c["(sst+nli)", name] * (merged - base) + c["pos", name] * (pos - base)
+    groups = new.coefficients.groups  # the default `row`: one coefficient per row of the query
+    c = new.coefficients.values[:, [groups.index(f"{name}[{r}]") for r in range(base.shape[0])]]  # (2, rows)
+    expected = base + c[0].view(-1, 1) * (merged - base) + c[1].view(-1, 1) * (pos - base)
     torch.testing.assert_close(new.merged_tensors[name], expected, rtol=0, atol=1e-6)
     out = Path(new.save_pretrained(tmp_path / "cheap"))
     assert json.loads((out / "supermerge_config.json").read_text())["merge_info"]["extends"]["form"] == "cheap"

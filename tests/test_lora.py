@@ -28,10 +28,11 @@ from supermerge_hf.export import combined_factors
 from supermerge_hf.functional import FunctionalMerge
 from supermerge_hf.methods import task_arithmetic, ties
 from supermerge_hf.results import Coefficients
-from supermerge_hf.sources import IncompatibleSourceError, LoraSpec, ModelSpec
+from supermerge_hf.lora import LoraSpec
+from supermerge_hf.sources import IncompatibleSourceError, ModelSpec
 from tests.hub_server import hub_server_fixture  # noqa: F401  (fixture `hub_server`)
 
-from .conftest import BERT_CONFIG, classification_examples, family_examples, write_text_examples
+from .conftest import BERT_CONFIG, classification_examples, coefficient, family_examples, write_text_examples
 
 SEQ_CLS = {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}
 CAUSAL_LM = {"task_type": "CAUSAL_LM"}
@@ -175,8 +176,9 @@ def test_combined_adapter_equals_dense_merge_bert(bert_family, bert_adapters, tm
         assert torch.equal(load_task_model(tmp_path / "merged", task).classifier.weight, head)
 
 
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
 @pytest.mark.parametrize("family_name", ["gpt2_family", "llama_family"])
-def test_combined_adapter_equals_dense_merge_causal_lm(family_name, request, tmp_path):
+def test_combined_adapter_equals_dense_merge_causal_lm(family_name, granularity, request, tmp_path):
     family = request.getfixturevalue(family_name)
     targets = ["c_attn", "c_proj"] if family_name == "gpt2_family" else ["q_proj", "o_proj", "up_proj"]
     adapters = {}
@@ -185,9 +187,9 @@ def test_combined_adapter_equals_dense_merge_causal_lm(family_name, request, tmp
                      fan_in_fan_out=family_name == "gpt2_family", **CAUSAL_LM)
         adapters[task] = tmp_path / task
     examples = {t: family_examples(family)[s] for t, s in zip(adapters, family.sources)}
-    merger = SuperMerger(config(family.base, adapters)).fit(examples)
+    merger = SuperMerger(config(family.base, adapters, granularity=granularity)).fit(examples)
     merger.save_pretrained(tmp_path / "merged")
-    merger.save_adapter(tmp_path / "adapter")
+    merger.save_adapter(tmp_path / "adapter")  # per row: c_i scales B_i's rows (Conv1D: A_i's columns)
     x = torch.randint(1, 64, (2, 8))
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(x).logits
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(family.base), tmp_path / "adapter")
@@ -249,8 +251,9 @@ def test_lora_gradient_equals_dense_gradient(bert_family, bert_adapters, bert_de
         torch.testing.assert_close(tensor, dense.result.merged[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
 @pytest.mark.parametrize("variant", ["embedding", "fan_in_fan_out", "llama"])
-def test_lora_layers_learn_without_a_dense_delta(variant, request, tmp_path):
+def test_lora_layers_learn_without_a_dense_delta(variant, granularity, request, tmp_path):
     """Embedding, Conv1D and Linear LoRA layers run W x + sum_i c_i s_i B_i (A_i x): the merged tensors handed to
     the model are the base's own, and the gradient equals that of the same adapters densified by PEFT."""
     family_name, lora_kwargs = VARIANTS[variant]
@@ -261,7 +264,8 @@ def test_lora_layers_learn_without_a_dense_delta(variant, request, tmp_path):
         peft_model = make_adapter(family.base, tmp_path / task, seed=10 + i, num_labels=num_labels, **lora_kwargs)
         peft_model.merge_and_unload().save_pretrained(tmp_path / f"{task}-dense")
         adapters[task], dense[task] = tmp_path / task, tmp_path / f"{task}-dense"
-    lora, full = SuperMerger(config(family.base, adapters)), SuperMerger(config(family.base, dense))
+    lora = SuperMerger(config(family.base, adapters, granularity=granularity))
+    full = SuperMerger(config(family.base, dense, granularity=granularity))
     fm = functional(lora)
     targeted = {n for n in lora.plan.merged if any(p is not None and not isinstance(p, torch.Tensor)
                                                    for p in fm.deltas[n].parts)}  # fmt: skip
@@ -305,8 +309,8 @@ def test_full_finetune_and_adapter_merge(bert_family, bert_adapters, tmp_path):
     for name, merged in merger.result.merged.items():
         g = merger.plan.group_index[name]
         lora = spec.delta(name, base[name])
-        expected = base[name] + c[0, g] * (full[name] - base[name])
-        expected = expected + (c[1, g] * lora.dense() if lora is not None else 0)
+        expected = base[name] + coefficient(c, 0, g, base[name]) * (full[name] - base[name])
+        expected = expected + (coefficient(c, 1, g, base[name]) * lora.dense() if lora is not None else 0)
         torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-6)
     out = merger.save_pretrained(tmp_path / "merged")
     assert load_task_model(out, "nli").config.num_labels == 3 and load_task_model(out, "sst").config.num_labels == 2

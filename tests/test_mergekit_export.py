@@ -20,14 +20,14 @@ from supermerge_hf.cli import main
 from supermerge_hf.merger import SuperMerger
 from supermerge_hf.mergekit_recipe import mergekit_recipe, save_mergekit_recipe
 
-from .conftest import Family, family_examples, perturb
+from .conftest import Family, family_examples, paper, perturb
 
 FAST = {"steps": 2, "eval_every": 1, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0,
         "examples_per_task": 8}
 
 
 def merge(family: Family, out: Path, **kwargs) -> Path:
-    config = SuperMergeConfig(base=str(family.base), sources=family.source_list(), **kwargs)
+    config = SuperMergeConfig(base=str(family.base), sources=family.source_list(), **paper(**kwargs))
     merger = SuperMerger(config)
     merger.fit(family_examples(family, n=8) if merger.needs_examples else None)
     return Path(merger.save_pretrained(out))
@@ -125,6 +125,7 @@ def test_relative_paths_resolved_against_where_the_merge_ran(llama_family, tmp_p
     ({"method": "ties", "method_kwargs": {"weights": [1, 2, 1]}}, r"ties merge cannot .* weights \[1.0, 2.0, 1.0\]"),
     ({"method": "ties", "method_kwargs": {"trim_scope": "task"}}, "trim_scope='task'"),
     ({"method": "adamerging_plus", **FAST}, "'adamerging_plus' .* cannot be exported"),
+    ({"granularity": "row", **FAST}, r"granularity 'row', SuperMerge's default.*`granularity: tensor`"),
 ])
 def test_refuses_what_mergekit_cannot_redo(llama_family, tmp_path, settings, match):
     merged = merge(llama_family, tmp_path / "merged", **settings)

@@ -14,13 +14,13 @@ from supermerge_hf.data import as_examples
 from supermerge_hf.functional import FunctionalMerge
 from supermerge_hf.results import transform
 
-from .conftest import family_examples
+from .conftest import family_examples, paper
 
 
 def make_merger(family, **kwargs) -> SuperMerger:
     kwargs = {"steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0,
               "init_from_task_arithmetic": False} | kwargs
-    return SuperMerger(SuperMergeConfig(base=str(family.base), sources=family.source_list(), **kwargs))
+    return SuperMerger(SuperMergeConfig(base=str(family.base), sources=family.source_list(), **paper(**kwargs)))
 
 
 def apply(merger: SuperMerger, values: torch.Tensor) -> SuperMerger:

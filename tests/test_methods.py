@@ -39,9 +39,11 @@ def test_registry_lists_all_methods():
     learned = ["adamerging", "adamerging_plus", "supermerge"]
     data_free = ["average", "dare_linear", "dare_ties", "iso_c", "iso_cts", "lines", "magnitude_prune",
                  "task_arithmetic", "ties", "tsv_m"]
-    assert sorted(METHODS) == sorted(learned + data_free)
+    statistics = ["regmean", "regmean_plusplus"]  # data-free merges of statistics of the inputs
+    assert sorted(METHODS) == sorted(learned + data_free + statistics)
     assert all(get_method(name).kind == "learned" and get_method(name).merge is None for name in learned)
     assert all(get_method(name).kind == "data_free" and callable(get_method(name).merge) for name in data_free)
+    assert all(get_method(name).kind == "statistics" and callable(get_method(name).merge) for name in statistics)
     assert get_method("ties").merge is ties
     assert get_method("ties").url == "https://arxiv.org/abs/2306.01708"
     assert get_method("supermerge").url == "https://arxiv.org/abs/2412.10416"

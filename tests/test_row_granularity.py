@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModel
@@ -21,7 +23,8 @@ def make_merger(family, **kwargs) -> SuperMerger:
 
 
 def test_row_groups_are_the_rows_of_block_matrices(bert_family):
-    plan, tensor_plan = make_merger(bert_family, granularity="row").plan, make_merger(bert_family).plan
+    plan, tensor_plan = make_merger(bert_family).plan, make_merger(bert_family, granularity="tensor").plan
+    assert plan.granularity == "row"  # SuperMerge's default
     rows = plan.group_index[QUERY]
     assert isinstance(rows, slice) and rows.stop - rows.start == 32  # hidden size 32: one group per output row
     assert plan.groups[rows][:2] == [f"{QUERY}[0]", f"{QUERY}[1]"]
@@ -54,7 +57,7 @@ def test_row_gradient_equals_autograd(bert_family):
 
 
 def test_rows_with_one_value_per_tensor_give_the_tensor_merge_and_a_standard_checkpoint(bert_family, tmp_path):
-    row, tensor = make_merger(bert_family, granularity="row"), make_merger(bert_family)
+    row, tensor = make_merger(bert_family, granularity="row"), make_merger(bert_family, granularity="tensor")
     values = torch.rand(2, len(tensor.plan.groups), generator=torch.Generator().manual_seed(2)) * 1.6 - 0.8
     tensor.apply_coefficients(Coefficients.from_values(tensor.plan.source_names, tensor.plan.groups, values, "tanh"))
     column = {g: i for i, g in enumerate(tensor.plan.groups)}
@@ -68,6 +71,20 @@ def test_rows_with_one_value_per_tensor_give_the_tensor_merge_and_a_standard_che
     torch.testing.assert_close(model.state_dict()[QUERY], row.merged_tensors[QUERY])
     reloaded = SuperMerger.from_pretrained(out)
     torch.testing.assert_close(reloaded.merged_tensors[QUERY], row.merged_tensors[QUERY])
+
+
+def test_supermerge_defaults_to_rows_and_distillation():
+    """The measured best (issue 15) is the default; other methods keep one coefficient per tensor, and a config
+    saved with the paper's setting reloads as it was."""
+    where = {"base": "/nowhere", "sources": [{"task": "a", "path": "/nowhere/a"}]}
+    config = SuperMergeConfig(**where)
+    assert config.granularity == "row"
+    assert config.method_kwargs == {"objective": "distill", "temperature": 2.0, "distill_weight": 0.5}
+    assert SuperMergeConfig(**where, method="adamerging").granularity == "tensor"
+    assert SuperMergeConfig(**where, method="ties").granularity == "tensor"
+    old = SuperMergeConfig(**where, granularity="tensor", method_kwargs={"objective": "labels", "temperature": 1.0})
+    reloaded = SuperMergeConfig.from_dict(json.loads(old.to_json_string()))
+    assert reloaded.granularity == "tensor" and reloaded.method_kwargs["objective"] == "labels"
 
 
 def test_row_granularity_is_validated(bert_family):
