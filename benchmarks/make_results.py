@@ -35,20 +35,28 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _cell_row(path: Path, reference: dict, tasks: list[str]) -> tuple[list[float], float, float]:
+    acc = json.loads(path.read_text())["per_task"]
+    return [acc[t] for t in tasks], sum(acc[t] for t in tasks) / len(tasks), \
+        sum(acc[t] / reference[t]["mean"] for t in tasks) / len(tasks)
+
+
 def sweep_markdown(reference: dict, tasks: list[str]) -> str | None:
-    """Seed-0 cells of ties and supermerge at 8, 32, 128 labelled examples per task."""
-    lines = ["| method | examples per task | " + " | ".join(tasks) + " | mean | normalized |",
-             "|" + "---|" * (len(tasks) + 4)]
-    for method in ("ties", "supermerge"):
+    """Seed-0 cells at 8, 32, 128 labelled examples per task (ties, the paper's SuperMerge, the default) and, for
+    the default, 0 / 64 / all the rest of the pool as unlabelled inputs."""
+    lines = ["| method | labelled per task | unlabelled per task | " + " | ".join(tasks) + " | mean | normalized |",
+             "|" + "---|" * (len(tasks) + 5)]
+    for method in ("ties", "supermerge_paper", "supermerge"):
         for k in (8, 32, 128):
-            path = RESULTS / "cells" / f"{method}-k{k}-seed0.json"
-            if not path.is_file():
-                continue
-            acc = json.loads(path.read_text())["per_task"]
-            mean = sum(acc[t] for t in tasks) / len(tasks)
-            norm = sum(acc[t] / reference[t]["mean"] for t in tasks) / len(tasks)
-            lines.append(f"| {method} | {k} | " + " | ".join(f"{acc[t]:.3f}" for t in tasks) +
-                         f" | {mean:.3f} | {norm:.3f} |")
+            for u in ([None] if method != "supermerge" else [0, 64, None]):
+                suffix = "" if u is None else f"-u{u}"
+                path = RESULTS / "cells" / f"{method}-k{k}{suffix}-seed0.json"
+                if not path.is_file():
+                    continue
+                acc, mean, norm = _cell_row(path, reference, tasks)
+                unlabelled = "-" if method != "supermerge" else f"{512 - k} (the rest)" if u is None else str(u)
+                lines.append(f"| {method} | {k} | {unlabelled} | " + " | ".join(f"{a:.3f}" for a in acc) +
+                             f" | {mean:.3f} | {norm:.3f} |")
     return "\n".join(lines) if len(lines) > 2 else None
 
 
@@ -131,32 +139,35 @@ def coefficient_heatmap(coefficients: dict, path: Path) -> None:
     plt.close(fig)
 
 
-BEYOND = ["supermerge", "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge_row_distill"]
+ABLATION = ["supermerge_paper", "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge",
+            "supermerge_singular", "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit"]
 
 
-def beyond_markdown(tasks: list[str]) -> str | None:
-    """The cells of the learned merge beyond the paper (issue 15), one row per (cell, seed) that exists."""
+def ablation_markdown(tasks: list[str]) -> str | None:
+    """One row per (cell, seed) of the learned merge's knobs (issue 15): the paper's setting, each knob alone, the
+    default (rows + distillation) and the options on top of it."""
     individual = RESULTS / "cells" / "individual-k32-seed0.json"
     if not individual.is_file():
         return None
     reference = json.loads(individual.read_text())["per_task"]
     rows = []
-    for method in BEYOND:
+    for method in ABLATION:
         for path in sorted((RESULTS / "cells").glob(f"{method}-k32-seed*.json")):
             cell = json.loads(path.read_text())
             normalized = sum(cell["per_task"][t] / reference[t] for t in tasks) / len(tasks)
             rows.append(f"| {method} | {cell['seed']} | " + " | ".join(f"{cell['per_task'][t]:.3f}" for t in tasks)
                         + f" | **{normalized:.3f}** | {cell['details'].get('selected_step')} | "
-                        f"{cell['merge_seconds']:.0f} |")
+                        f"{cell['merge_seconds']:.0f} | {cell['peak_rss_mb']:.0f} |")
     if len(rows) < 2:
         return None
-    head = "| cell | seed | " + " | ".join(tasks) + " | normalized | selected step | merge s |"
+    head = "| cell | seed | " + " | ".join(tasks) + " | normalized | selected step | merge s | peak RSS MB |"
     return "\n".join([
-        "`objective: distill` (KL to each task's fine-tune at T = 2 on the rest of its pool, 480 inputs without "
-        "labels; never the test split) and `granularity: row` (one coefficient per row of each block matrix), "
-        "beside the paper's `supermerge` (labels, one coefficient per tensor). `merge s` of the distill and row "
-        "cells were measured while other jobs loaded the 2 cores (load 6-10): not comparable with the others.", "",
-        head, "|---|---|" + "---|" * len(tasks) + "---|---|---|", *rows])
+        "`supermerge_paper`: the paper (one tanh coefficient per tensor, cross-entropy on the 32 labels). Knobs: "
+        "`_distill` (KL to each task's fine-tune at T = 2 on its inputs: the labelled ones and the rest of its "
+        "pool, 480 without labels; never the test split), `_both` (half labels, half distillation), `_row` (one "
+        "coefficient per row of each block matrix, labels). `supermerge`, the default: rows + distillation. "
+        "`merge s` is wall time on the 2 cores, often shared with other jobs (see the main table's note).", "",
+        head, "|---|---|" + "---|" * len(tasks) + "---|---|---|---|", *rows])
 
 
 def incremental_markdown(data: dict) -> str:
@@ -207,7 +218,7 @@ def main() -> None:
         text += ["Learned SuperMerge coefficients (seed 0), sources x blocks (mean over each block's tensors):",
                  "", "![SuperMerge coefficients](text5_coefficients.png)", ""]
     sections = [
-        ("Examples per task (seed 0)", sweep_markdown(methods["individual"]["per_task"], tasks)
+        ("Labelled and unlabelled examples per task (seed 0)", sweep_markdown(methods["individual"]["per_task"], tasks)
          if "individual" in methods else None),
         ("Flat vs hierarchical vs streaming SuperMerge (seed 0)",
          table_markdown({m: r for m, r in d["methods"].items() if m.startswith("supermerge") and m not in
@@ -220,7 +231,7 @@ def main() -> None:
          memory_markdown(d) if (d := load("memory.json")) else None),
         ("Tuning SuperMerge's defaults (validation examples of the pool, `benchmarks/tune_supermerge.py`)",
          tuning_markdown(d) if (d := load("tuning.json")) else None),
-        ("Beyond the paper: distillation and row coefficients (issue 15, per cell)", beyond_markdown(tasks)),
+        ("The learned merge, knob by knob (issue 15, per cell)", ablation_markdown(tasks)),
         ("Adding a task to a deployed merge (issue 16)",
          incremental_markdown(d) if (d := load("incremental.json")) else None),
     ]

@@ -199,8 +199,10 @@ def test_examples_run_as_shipped(tmp_path):
     shutil.copytree(Path(__file__).parents[1] / "examples", examples,
                     ignore=shutil.ignore_patterns("models", "data", "merged*"))
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "supermerge_hf.cli", "merge"]
     for cmd in ([sys.executable, examples / "build_tiny_inputs.py"],
-                [sys.executable, "-m", "supermerge_hf.cli", "merge", examples / "recipe.yaml", "--steps", "3"],
+                [*cli, examples / "recipe.yaml", "--steps", "3"],
+                [*cli, examples / "llm_recipe.yaml", "--steps", "3", "--adapter-output", examples / "llm-adapter"],
                 [sys.executable, examples / "quickstart.py"]):
         proc = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
@@ -208,6 +210,20 @@ def test_examples_run_as_shipped(tmp_path):
     assert (examples / "merged" / "model.safetensors").is_file()
     assert (examples / "merged-python" / "heads" / "nli" / "head.safetensors").is_file()
     assert "Saved to" in proc.stdout
+    # the LLM recipe: the combined LoRA adapter on the base is the dense merge, generations included
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dense = AutoModelForCausalLM.from_pretrained(examples / "llm-merged").eval()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(examples / "models" / "llm"),
+                                        examples / "llm-adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(examples / "llm-merged")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "the movie"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(**prompt).logits, dense(**prompt).logits, rtol=1e-5, atol=1e-5)
+        greedy = {"max_new_tokens": 5, "do_sample": False}
+        assert torch.equal(adapter.generate(**prompt, **greedy), dense.generate(**prompt, **greedy))
 
 
 def test_pushed_merge_of_local_sources_publishes_no_path(hub_server, bert_family, tmp_path):
