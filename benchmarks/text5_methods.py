@@ -25,7 +25,8 @@ from supermerge_hf.demo.finetune import evaluate_accuracy
 
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "tsv_m", "iso_c", "iso_cts", "lines",
                 "regmean", "regmean_plusplus", "adamerging", "supermerge_paper", "supermerge_none", "supermerge_block",
-                "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge", "individual",
+                "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge", "supermerge_singular",
+                "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "individual",
                 "multitask"]  # fmt: skip
 # memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
 MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
@@ -224,6 +225,33 @@ def run_supermerge(cell: Cell) -> Outcome:
     # the package's default: one coefficient per row of each block matrix, learned by distilling each fine-tune on
     # its task's inputs (the labelled ones and the rest of the pool, labels unread); the labelled hold-out selects
     return merge_and_evaluate(cell, unlabelled=True, method="supermerge")
+
+
+@runner("supermerge_singular")
+def run_supermerge_singular(cell: Cell) -> Outcome:
+    # the default, with one coefficient per singular direction of each source's task vector of a block matrix
+    # instead of per row (method.md section 9): U_i diag(c_i S_i) V_i^T
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", granularity="singular")
+
+
+@runner("supermerge_start_ties")
+def run_supermerge_start_ties(cell: Cell) -> Outcome:
+    # the default, learning from the TIES merge (top 20 % of each whole task vector, elected sign, λ picked on the
+    # labelled examples as the `ties` cell picks it) over each source's TIES component: step 0 is that merge
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"start": "ties"})
+
+
+@runner("supermerge_start_tsv_m")
+def run_supermerge_start_tsv_m(cell: Cell) -> Outcome:
+    # the default, learning from the TSV-M merge over each source's TSV-M component (method.md section 10)
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"start": "tsv_m"})
+
+
+@runner("supermerge_refit")
+def run_supermerge_refit(cell: Cell) -> Outcome:
+    # the default, then each task's classifier refit on the merged body by distillation from its fine-tune
+    # (200 full-batch Adam steps on the labelled and unlabelled inputs' cached features)
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"refit_heads": 200})
 
 
 @runner("supermerge_paper")

@@ -13,12 +13,13 @@ import torch
 import yaml
 
 from .hub import resolve
+from .hyperparameters import as_number
 from .methods import get_method
 
 CONFIG_NAME = "supermerge_config.json"
 LOCAL = "<local folder, not published>"  # a source's path in a merge saved for the Hub
 
-Granularity = Literal["tensor", "block", "task", "row"]
+Granularity = Literal["tensor", "block", "task", "row", "singular"]  # singular: tau = U S V^T -> U diag(c S) V^T
 Transform = Literal["tanh", "none"]
 LossCombination = Literal["sum", "mean", "normalized"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -39,11 +40,7 @@ def _check_types(obj: Any, prefix: str = "") -> None:
         if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{where} must be an integer, got {value!r}.")
         if f.type == "float":
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ValueError(f"{where} must be a number, got {value!r}.") from None
+            value = as_number(value)  # "1e-3" too
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{where} must be a finite number, got {value!r}.")
             setattr(obj, f.name, float(value))
@@ -98,11 +95,11 @@ class SuperMergeConfig:
         method (`str`, defaults to `"supermerge"`): A name from `supermerge_hf.METHODS`.
         method_kwargs (`dict`): The method's hyperparameters (`supermerge methods` lists them), checked here and
             completed with their defaults; `"auto"` picks `lam` / `density` on the examples.
-        granularity (`str`, *optional*): What shares a coefficient: `tensor`, `block`, `task`, or `row` (each row
-            of a block's matrices, other tensors one each); the method's by default (SuperMerge: `row`, else `tensor`).
+        granularity (`str`, *optional*): What shares a coefficient: `tensor`, `block`, `task`, `row` or `singular`
+            (per row / singular direction of block matrices, else per tensor); default: the method's (SuperMerge: row).
         transform (`str`, *optional*): c(w), `tanh` or `none`; defaults to the method's (AdaMerging: `none`).
         init_coefficient (`float`, defaults to 0.3): c(w) for every entry at the start of learning.
-        init_from_task_arithmetic (`bool`): Start instead from the task-arithmetic λ with the lowest train loss.
+        init_from_task_arithmetic (`bool`): Deprecated: read as SuperMerge's `method_kwargs.start: task_arithmetic`.
         learning_rate (`float`, defaults to 0.05): Adam learning rate on w.
         steps (`int`, defaults to 100): Optimisation steps; each visits one batch of every task.
         examples_per_task (`int`, defaults to 32): Examples used per task (the first ones given).
@@ -184,9 +181,12 @@ class SuperMergeConfig:
         self.granularity = self.granularity or method.granularity
         for name, allowed in (("granularity", Granularity), ("loss_combination", LossCombination), ("dtype", DType)):
             _check_choice(name, getattr(self, name), allowed)
+        if self.init_from_task_arithmetic and "start" in method.hyperparameters:  # `start`'s old spelling
+            if dict(self.method_kwargs).get("start", "task_arithmetic") != "task_arithmetic":
+                raise ValueError("init_from_task_arithmetic=True contradicts `method_kwargs.start`: drop one.")
+            self.init_from_task_arithmetic, self.method_kwargs = False, dict(self.method_kwargs, start="task_arithmetic")
         self.method_kwargs = method.check_kwargs(self.method_kwargs, len(self.sources))
-        if self.transform is None:
-            self.transform = method.transform or "tanh"
+        self.transform = self.transform or method.transform or "tanh"
         _check_choice("transform", self.transform, Transform)
         if method.transform and self.transform != method.transform:
             raise ValueError(f"{self.method!r} learns with transform {method.transform!r}; got {self.transform!r}.")

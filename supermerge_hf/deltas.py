@@ -1,5 +1,5 @@
-"""Task vectors of one tensor, over all sources: dense, low-rank (LoRA), scales of the base (IA³) or streamed from
-disk.
+"""Task vectors of one tensor, over all sources: dense, low-rank (LoRA), scales of the base (IA³), a matrix's singular
+directions (`granularity: singular`) or streamed from disk.
 
 `DeltaStack` gives the two operations learning needs (method.md sections 3 and 5), each written once: the merge
 base + sum_i c_i tau_i (`merge`, never differentiated: the gradient of c comes from `inner`) and <grad, tau_i>.
@@ -16,18 +16,76 @@ class LowRankDelta:
     def __init__(self, A: torch.Tensor, B: torch.Tensor, scale: float, transpose: bool = False) -> None:
         self.A, self.B, self.scale, self.transpose = A, B, scale, transpose  # A: (r, in), B: (out, r)
 
-    def dense(self) -> torch.Tensor:
-        delta = self.scale * (self.B @ self.A)  # (out, in)
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def dense(self, c: torch.Tensor | None = None) -> torch.Tensor:
+        """scale * B A, or with `c` `(>= r,)` rank by rank scale * B diag(c) A."""
+        B = self.B if c is None else self.B * c[: self.rank].to(self.B.dtype)  # (out, r)
+        delta = self.scale * (B @ self.A)  # (out, in)
         return delta.T if self.transpose else delta
 
-    def inner(self, grad: torch.Tensor) -> torch.Tensor:
-        """<grad, scale * B A> without forming B A: scale * sum(B * (grad @ A^T))."""
+    def inner(self, grad: torch.Tensor, *, per_rank: bool = False) -> torch.Tensor:
+        """<grad, scale * B A> without forming B A: scale * sum(B * (grad @ A^T)); `per_rank`: one per rank `(r,)`."""
         grad = grad.T if self.transpose else grad  # (out, in)
         A, B = self.A.to(grad.dtype), self.B.to(grad.dtype)
-        return self.scale * (B * (grad @ A.T)).sum()
+        values = self.scale * (B * (grad @ A.T)).sum(0)  # (r,)
+        return values if per_rank else values.sum()
+
+    def singular(self, c: torch.Tensor | None = None) -> LowRankDelta:
+        """The same task vector with its singular directions as ranks: scale * B A = U diag(S) V^T from the QRs of B
+        and A^T and the SVD of the small (r, r) core (never B A itself), in float64; returned as A = V^T, B = U diag(S)
+        (times `c` `(>= k,)` direction by direction), scale 1, directions with S numerically 0 dropped (one kept)."""
+        q_b, r_b = torch.linalg.qr(self.B.double())  # (out, r), (r, r)
+        q_a, r_a = torch.linalg.qr(self.A.double().T)  # (in, r), (r, r)
+        u, s, vh = torch.linalg.svd(self.scale * r_b @ r_a.T, full_matrices=False)  # the core (r, r)
+        k = max(_rank(s, self.B.shape[0], self.A.shape[1]), 1)  # B = 0 (an untrained LoRA): one direction of S 0
+        s = s[:k] if c is None else s[:k] * c[:k].double()  # (k,)
+        B, A = (q_b @ u[:, :k]) * s, vh[:k] @ q_a.T  # (out, k), (k, in)
+        return LowRankDelta(A.to(self.A.dtype), B.to(self.B.dtype), 1.0, self.transpose)
 
     def to(self, **kwargs) -> LowRankDelta:
         return LowRankDelta(self.A.to(**kwargs), self.B.to(**kwargs), self.scale, self.transpose)
+
+
+def _rank(s: torch.Tensor, *shape: int) -> int:
+    """How many singular values `s` (descending) are not numerically 0 (torch.linalg.matrix_rank's tolerance in
+    float32): dropping the others changes no merge beyond float32 rounding."""
+    return int((s > s[0] * max(shape) * torch.finfo(torch.float32).eps).sum()) if len(s) and s[0] > 0 else 0
+
+
+class SingularDelta:
+    """One source's task vector of a matrix (as stored) as its thin SVD U diag(S) V^T (method.md section 9), computed
+    once in float64, numerically-0 directions dropped: a coefficient per direction scales S."""
+
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+        self.U, self.S, self.Vh = U, S, Vh  # (m, k), (k,), (k, n)
+
+    @classmethod
+    def of(cls, delta: torch.Tensor) -> SingularDelta | None:
+        """The SVD of a dense `(m, n)` task vector, in its dtype; None where it is 0."""
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)  # (m, k), (k,), (k, n)
+        k = _rank(s, *delta.shape)
+        return cls(u[:, :k].to(delta.dtype), s[:k].to(delta.dtype), vh[:k].to(delta.dtype)) if k else None
+
+    @property
+    def rank(self) -> int:
+        return len(self.S)
+
+    def dense(self, c: torch.Tensor | None = None) -> torch.Tensor:
+        """U diag(S) V^T, or with `c` `(>= k,)` U diag(c S) V^T `(m, n)`."""
+        S = self.S if c is None else self.S * c[: self.rank].to(self.S.dtype)  # (k,)
+        return (self.U * S) @ self.Vh
+
+    def inner(self, grad: torch.Tensor, *, per_rank: bool = False) -> torch.Tensor:
+        """<grad, U diag(S) V^T>, or per direction `(k,)`: s_k u_k^T grad v_k."""
+        U, S, Vh = (t.to(grad.dtype) for t in (self.U, self.S, self.Vh))
+        values = ((grad @ Vh.T) * U).sum(0) * S  # (k,)
+        return values if per_rank else values.sum()
+
+    def to(self, **kwargs) -> SingularDelta:
+        return SingularDelta(self.U.to(**kwargs), self.S.to(**kwargs), self.Vh.to(**kwargs))
 
 
 class ScaleDelta:
@@ -77,13 +135,19 @@ class StreamedDelta:
         return self.scratch.read(self.source, self.name, self.shape, 1).sub_(base)
 
 
-Delta = torch.Tensor | LowRankDelta | ScaleDelta | StreamedDelta | None  # None: the source does not change this tensor
+# None: the source does not change this tensor
+Delta = torch.Tensor | LowRankDelta | ScaleDelta | SingularDelta | StreamedDelta | None
 
 
 def _as_dense(part: Delta, base: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(part, (LowRankDelta, ScaleDelta)):
+    if isinstance(part, (LowRankDelta, ScaleDelta, SingularDelta)):
         return part.dense()
     return part.dense(base) if isinstance(part, StreamedDelta) else part
+
+
+def _factored(part: Delta, base: torch.Tensor | None = None) -> LowRankDelta | SingularDelta | None:
+    """A part of a `singular()` stack in singular directions: a streamed one is factorised here, at each use."""
+    return SingularDelta.of(part.dense(base).float()) if isinstance(part, StreamedDelta) else part
 
 
 class DeltaStack:
@@ -103,15 +167,31 @@ class DeltaStack:
     def from_dense(cls, stacked: torch.Tensor) -> DeltaStack:
         return cls(tuple(stacked.shape[1:]), [], dtype=stacked.dtype, stacked=stacked)
 
+    def singular(self) -> DeltaStack:
+        """The same task vectors of a matrix in singular directions (method.md section 9): dense ones by their thin SVD
+        (`SingularDelta`), LoRA ones from their factors (`LowRankDelta.singular`); streamed ones stay (factorised at
+        each use: slow). A task vector that is 0 becomes None."""
+        parts = [p.singular() if isinstance(p, LowRankDelta) else SingularDelta.of(p) if isinstance(p, torch.Tensor)
+                 else p for p in self.parts]
+        return DeltaStack(self.shape, parts, dtype=self.dtype)
+
     @torch.no_grad()
-    def merge(self, base: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def merge(self, base: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None, *,
+              directions: bool = False) -> torch.Tensor:
         """base + sum_i c_i tau_i `(*shape)` for coefficients `c` `(S,)`, or `(S, R)`: one per row (`R` =
-        shape[0]), written into `out` (or a new tensor)."""
+        shape[0]) or, with `directions` (a `singular()` stack), one per singular direction, written into `out` (or a
+        new tensor)."""
         out = torch.empty_like(base) if out is None else out
         if self.stacked is not None and c.dim() == 1:  # (S, n)^T @ (S,) straight into `out`, then the base
             torch.mv(self.stacked.view(len(c), -1).T, c.to(self.stacked.dtype), out=out.view(-1))
             return out.add_(base)
         out.copy_(base)
+        if directions:  # source i: sum_k c[i, k] s_ik u_ik v_ik^T over its k_i directions
+            for ci, part in zip(c, self.parts):
+                part = _factored(part, base)
+                if part is not None:
+                    out.add_(part.dense(ci).to(out.dtype))
+            return out
         for ci, part in zip(c.to(self.dtype) if c.dim() == 2 else c.tolist(), self.parts):
             if part is None:
                 continue
@@ -121,8 +201,17 @@ class DeltaStack:
                 out.add_(_as_dense(part, base), alpha=ci)
         return out
 
-    def inner(self, grad: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
-        """<grad, tau_i> for every source `(S,)` float32, or per row `(S, R)`; streamed parts read one at a time."""
+    def inner(self, grad: torch.Tensor, *, per_row: bool = False, directions: int = 0) -> torch.Tensor:
+        """<grad, tau_i> for every source `(S,)` float32, or per row `(S, R)`, or per singular direction `(S,
+        directions)` (a `singular()` stack: s_ik u_ik^T grad v_ik, 0 past a part's k_i); streamed parts read one at a
+        time."""
+        if directions:
+            out = torch.zeros(len(self.parts), directions, device=grad.device)  # (S, k)
+            for row, part in zip(out, self.parts):
+                part = _factored(part)
+                if part is not None:
+                    row[: part.rank] = part.inner(grad.float(), per_rank=True)
+            return out
         if self.stacked is not None and not per_row:
             return self.stacked.reshape(len(self.stacked), -1).float() @ grad.flatten().float()  # (S,); 0-dim too
         if per_row:  # (S, R): one source at a time, no (S, *shape) temporary
@@ -130,7 +219,7 @@ class DeltaStack:
             return torch.stack([torch.zeros(len(rows), device=grad.device) if p is None
                                 else (_as_dense(p).flatten(1).float() * rows).sum(-1) for p in self.parts])
         values = [torch.zeros((), device=grad.device) if p is None else p.inner(grad.float()).float()
-                  if isinstance(p, (LowRankDelta, ScaleDelta))
+                  if isinstance(p, (LowRankDelta, ScaleDelta, SingularDelta))
                   else torch.dot(_as_dense(p).flatten().float(), grad.flatten().float()) for p in self.parts]
         return torch.stack(values)
 

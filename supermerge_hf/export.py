@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, PreTrainedModel
 
 from .card import build_adapter_card, build_model_card, published_config
 from .checkpoint import atomic_output_dir, copy_tokenizer
 from .config import SuperMergeConfig, locate
+from .heads import HEAD_FILE, HEADS_DIR, load_heads, save_heads
 from .hierarchy import rebuild
 from .hub import resolve
 from .ia3_export import check_ia3_export, has_ia3, save_ia3_adapter
@@ -24,11 +25,11 @@ from .plan import MergePlan, saved_dtype
 from .results import COEFFICIENTS_NAME, Coefficients, MergeResult, check_finite
 from .lora import LoraSpec
 from .sources import ModelSpec, model_class
+from .start import preprocesses
 from .vocab import UNION, has_tokenizer
 
 logger = logging.getLogger(__name__)
 
-HEADS_DIR = "heads"
 HIERARCHY_NAME = "hierarchy.json"
 EXAMPLES_DIR = "examples"
 
@@ -38,24 +39,17 @@ def save_merge(result: MergeResult, save_directory: str | Path, *, overwrite: bo
     """Write a merge as a standard checkpoint folder, built in a temporary folder moved into place at the end:
     the merged model (in the config's dtype), the base's tokenizer, `supermerge_config.json` (with what was
     resolved and chosen), `coefficients.json`, `hierarchy.json` (every level's), `README.md` (the card) and
-    `heads/<task>/` (the task's config and own tensors: `load_task_model`). Local source paths are written
-    relative to the output, or not at all when it is for the Hub repo `repo_id`. Raises `FileExistsError` for a
-    folder with files unless `overwrite`, and `FloatingPointError` (nothing written) for non-finite weights."""
+    `heads/<task>/` (the task's config and own tensors, refit with `refit_heads`: `load_task_model`). Local source
+    paths are written relative to the output, or not at all when it is for the Hub repo `repo_id`. Raises
+    `FileExistsError` for a folder with files unless `overwrite`, and `FloatingPointError` (nothing written) for
+    non-finite weights."""
     check_finite(result.merged, "The merge")
     plan, config = result.plan, result.config
     with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
         plan.base.build(result.merged, saved_dtype(plan, config.dtype)).save_pretrained(
             tmp, max_shard_size=config.max_shard_size)
         write_tokenizer(plan, config, tmp)
-        for task, source in plan.task_specs.items():
-            names = plan.task_specific[task]
-            if names:
-                head_dir = tmp / HEADS_DIR / task
-                head_dir.mkdir(parents=True)
-                source.config.save_pretrained(head_dir)
-                tensors = {source.param_names[n]: source.read_tensor(n).contiguous() for n in names}
-                check_finite(tensors, f"The head of task {task!r}")
-                save_file(tensors, head_dir / "head.safetensors", metadata={"format": "pt"})
+        save_heads(result, tmp)
         published_config(result, save_directory, hub=repo_id is not None).save_pretrained(tmp)
         if result.coefficients is not None:
             result.coefficients.save(tmp / COEFFICIENTS_NAME)
@@ -163,14 +157,15 @@ def load_result(folder: Path, info: dict[str, Any], method: MergeMethod, **resol
     """The merge that `folder` (written by `save_merge`, its `merge_info` = `info`) holds, rebuilt from its sources
     (`resolved`: config, plan, base, sources): from every level's coefficients (hierarchical) or its coefficient
     table; for a statistics merge (RegMean), whose inputs it does not keep, the saved weights; `None` for a data-free
-    merge (recomputed by `fit` with the saved `auto` choices)."""
+    merge (recomputed by `fit` with the saved `auto` choices). Refit heads (`refit_heads`) are the saved ones."""
     plan, config, extends = resolved["plan"], resolved["config"], info.get("extends")
+    heads = load_heads(folder, plan, config)
     if extends:  # the merge it extends, saved relative to this one
         extends = extends | {"merge": locate(extends["merge"], folder)}
     if levels := load_levels(folder):
         merged = {n: t.cpu() for n, t in rebuild(plan, config, method, levels).items()}
         return MergeResult(**resolved, merged=merged, coefficients=levels[-1]["coefficients"],
-                           selected_step=info.get("selected_step"), levels=levels, extends=extends)
+                           selected_step=info.get("selected_step"), levels=levels, extends=extends, heads=heads)
     if method.kind == "statistics":
         saved = ModelSpec.from_folder(folder)
         return MergeResult(**resolved, merged={n: saved.read_tensor(n).to(config.compute_dtype) for n in plan.merged})
@@ -178,7 +173,7 @@ def load_result(folder: Path, info: dict[str, Any], method: MergeMethod, **resol
         return None
     table, merged = merge_with(plan, config, method, Coefficients.load(folder / COEFFICIENTS_NAME))
     return MergeResult(**resolved, merged=merged, coefficients=table, selected_step=info.get("selected_step"),
-                       extends=extends)
+                       extends=extends, heads=heads)
 
 
 def load_task_model(merged_dir: str | Path, task: str, *, revision: str | None = None,
@@ -194,12 +189,12 @@ def load_task_model(merged_dir: str | Path, task: str, *, revision: str | None =
     """
     folder = resolve(merged_dir, revision=revision, token=token).path
     head_dir = folder / HEADS_DIR / task
-    if not (head_dir / "head.safetensors").is_file():
+    if not (head_dir / HEAD_FILE).is_file():
         known = sorted(p.name for p in (folder / HEADS_DIR).iterdir()) if (folder / HEADS_DIR).is_dir() else []
         raise FileNotFoundError(f"No head for task {task!r} in {str(merged_dir)!r} (tasks with heads: {known}). "
                                 "Without a head the merged model is complete: load it with AutoModel*.from_pretrained.")
     config = AutoConfig.from_pretrained(head_dir)
-    head = load_file(head_dir / "head.safetensors")
+    head = load_file(head_dir / HEAD_FILE)
     model = model_class(config).from_pretrained(folder, config=config, **kwargs)
     with torch.no_grad():
         for name, tensor in head.items():
@@ -215,7 +210,7 @@ def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: Merg
     full = [t for t, s in zip(plan.tasks, plan.sources) if not isinstance(s, LoraSpec)]
     reason = (f"sources {full} are full fine-tunes, whose task vectors no adapter holds exactly" if full else
               f"{method.name!r} learns no coefficients" if method.kind != "learned" else
-              f"{method.name!r} trims the task vectors first" if method.preprocess else
+              f"{method.name!r} learns over preprocessed task vectors" if preprocesses(method, config) else
               "a hierarchical merge's group results are dense" if config.hierarchical else
               "the merged vocabulary is not the base's" if plan.vocabulary is not None else None)
     if reason:
@@ -225,9 +220,9 @@ def check_adapter_export(plan: MergePlan, config: SuperMergeConfig, method: Merg
 
 def combined_factors(plan: MergePlan, coefficients: Coefficients, rank: int | None = None):
     """Per LoRA weight, `(A (R, in), B (out, R))` with B @ A = sum_i c_i s_i B_i A_i exactly: A = [A_1; ...; A_K],
-    B = [c_1 s_1 B_1, ..., c_K s_K B_K], R = sum r_i, scaling 1, no cross terms (per-row c: diag(c_i) B_i). With `rank`, each product is
-    cut to its best rank-`rank` approximation (SVD of the small core). Returns `(factors, report)` with
-    `report[weight] = {"rank", "relative_error"}`."""
+    B = [c_1 s_1 B_1, ..., c_K s_K B_K], R = sum r_i, scaling 1, no cross terms (per row: diag(c_i) B_i; per singular
+    direction: U_i diag(c_i S_i) and V_i^T). With `rank`, each product is cut to its best rank-`rank` approximation
+    (SVD of the small core). Returns `(factors, report)` with `report[weight] = {"rank", "relative_error"}`."""
     if rank is not None and rank < 1:
         raise ValueError(f"rank={rank!r}: the compressed adapter's rank must be a positive integer (or None).")
     c = coefficients.aligned(plan.source_names, plan.groups)  # (S, G)
@@ -242,6 +237,8 @@ def combined_factors(plan: MergePlan, coefficients: Coefficients, rank: int | No
             continue
         g = plan.group_index[name]  # per row (a slice): c_i scales B_i's rows, or A_i's columns when transposed
         rows = [c[i, g].view(-1, 1) if isinstance(g, slice) else c[i, g] for i, _ in parts]  # (out, 1) or ()
+        if plan.directions(name):  # s_i B_i A_i = U_i S_i V_i^T: A_i = V_i^T, B_i = U_i diag(c_i S_i), scale 1
+            parts, rows = [(i, p.singular(c[i, g])) for i, p in parts], [torch.ones(())] * len(parts)
         A = torch.cat([p.A * r.T if p.transpose and r.dim() else p.A for r, (_, p) in zip(rows, parts)])  # (R, in)
         B = torch.cat([(1 if p.transpose and r.dim() else r) * p.scale * p.B for r, (_, p) in zip(rows, parts)],
                       dim=1)  # (out, R)

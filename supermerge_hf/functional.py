@@ -28,9 +28,11 @@ EVAL_BATCH = 32
 class LowRankLayer:
     """The LoRA factors of one weight, all sources side by side: y += ((x A^T) * (c s per rank)) B^T. With one
     coefficient per row of the stored weight (`group` a slice), c scales the output features (`(out, in)`
-    weights) or, for transposed `(in, out)` ones (Conv1D), the input features, source by source."""
+    weights) or, for transposed `(in, out)` ones (Conv1D), the input features, source by source. With one per
+    singular direction (`directions`: factors from `LowRankDelta.singular`, rank k of source i is its direction k),
+    c scales each rank."""
 
-    def __init__(self, parts: list[tuple[int, LowRankDelta]], group: int | slice) -> None:
+    def __init__(self, parts: list[tuple[int, LowRankDelta]], group: int | slice, directions: bool = False) -> None:
         self.group, self.transpose = group, parts[0][1].transpose
         self.A = torch.cat([p.A for _, p in parts])  # (R, in), R = sum of the ranks
         self.B = torch.cat([p.B for _, p in parts], dim=1)  # (out, R)
@@ -38,17 +40,20 @@ class LowRankLayer:
         self.scale = torch.tensor([p.scale for _, p in parts for _ in range(p.A.shape[0])], device=self.A.device)
         ends = torch.cumsum(torch.tensor([p.A.shape[0] for _, p in parts]), 0).tolist()
         self.spans = [(i, end - p.A.shape[0], end) for (i, p), end in zip(parts, ends)]  # (source, first, end rank)
+        self.columns = torch.tensor([group.start + k for _, p in parts for k in range(p.A.shape[0])],
+                                    device=self.A.device) if directions else None  # (R,): each rank's group
 
     def __call__(self, module: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The summed low-rank update of the layer's output for input `x`; differentiable in `c` `(S, G)`."""
-        if isinstance(self.group, slice):  # per row: sum_i c_i * (s_i B_i A_i x), c_i on outputs (or inputs)
-            out = 0.0
+        if isinstance(self.group, slice) and self.columns is None:  # per row: sum_i c_i * (s_i B_i A_i x)
+            out = 0.0  # c_i on the outputs (transposed: on the inputs)
             for i, lo, hi in self.spans:
                 ci = c[i, self.group].to(self.A.dtype)  # (rows,)
                 y = ((x * ci if self.transpose else x) @ self.A[lo:hi].T * self.scale[lo]) @ self.B[:, lo:hi].T
                 out = out + (y if self.transpose else y * ci)  # (..., out)
             return out
-        weight = (c[self.source, self.group] * self.scale).to(self.A.dtype)  # (R,)
+        column = self.group if self.columns is None else self.columns  # per singular direction: one per rank
+        weight = (c[self.source, column] * self.scale).to(self.A.dtype)  # (R,)
         hidden = F.embedding(x, self.A.T) if isinstance(module, nn.Embedding) else x @ self.A.T  # (..., R)
         return (hidden * weight) @ self.B.T  # (..., out)
 
@@ -101,10 +106,11 @@ class FunctionalMerge:
         for name in self.plan.merged:
             parts = [(i, p) for i, p in enumerate(self.deltas[name].parts) if isinstance(p, LowRankDelta)]
             modules = [self._owner(task, name) for task in self.models] if parts else [None]
-            per_row_embedding = isinstance(self.plan.group_index[name], slice) and \
+            directions = self.plan.directions(name)
+            per_row_embedding = isinstance(self.plan.group_index[name], slice) and not directions and \
                 any(isinstance(m, nn.Embedding) for m in modules)  # rows are token ids there: merged densely
             if all(m is not None for m in modules) and not per_row_embedding:
-                layers[name] = layer = LowRankLayer(parts, self.plan.group_index[name])
+                layers[name] = layer = LowRankLayer(parts, self.plan.group_index[name], directions)
                 for module in modules:
                     module.register_forward_hook(
                         lambda m, args, out, layer=layer: out if self._adapter_c is None
@@ -138,7 +144,7 @@ class FunctionalMerge:
             if name not in self._buffers:
                 self._buffers[name] = torch.empty(stack.shape, dtype=self.dtype, device=self.device)
             out[name] = stack.merge(self.base_tensor(name), c[:, self.plan.group_index[name]].detach(),
-                                    out=self._buffers[name])
+                                    out=self._buffers[name], directions=self.plan.directions(name))
         if dense:
             self._buffers = {}  # handed over to the caller: the next merge allocates anew
         return out
@@ -235,10 +241,11 @@ class FunctionalMerge:
 
     def _fold_grad(self, name: str, grad_c: torch.Tensor):
         group, stack = self.plan.group_index[name], self.dense_deltas[name]
-        per_row = isinstance(group, slice)  # `row` granularity: one coefficient per row of the tensor
+        directions = group.stop - group.start if self.plan.directions(name) else 0  # `singular`: one per direction
+        per_row = isinstance(group, slice) and not directions  # `row`: one coefficient per row of the tensor
 
-        def hook(tensor: torch.Tensor) -> None:
-            grad_c[:, group] += stack.inner(tensor.grad, per_row=per_row).to(grad_c.device)  # (S,) or (S, R)
+        def hook(tensor: torch.Tensor) -> None:  # (S,), (S, R) or (S, k): s_ik u_ik^T grad v_ik
+            grad_c[:, group] += stack.inner(tensor.grad, per_row=per_row, directions=directions).to(grad_c.device)
             tensor.grad = None
 
         return hook

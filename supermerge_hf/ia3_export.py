@@ -18,6 +18,7 @@ from .methods import MergeMethod
 from .plan import MergePlan, saved_dtype
 from .results import Coefficients, MergeResult
 from .sources import AdapterSpec, IncompatibleSourceError
+from .start import preprocesses
 
 WHAT = "A combined IA³ adapter holds l = 1 + sum_i c_i (l_i - 1) of IA³ sources with learned coefficients"
 DENSE = "Save the dense merge with `save_pretrained` instead: it holds any mix of sources exactly."
@@ -54,7 +55,7 @@ def check_ia3_export(plan: MergePlan, config: SuperMergeConfig, method: MergeMet
         raise IncompatibleSourceError(f"{WHAT}; here sources {other} are not IA³ adapters: their task vectors are "
                                       f"not scalings of the base. {DENSE}")
     reason = (f"{method.name!r} learns no coefficients" if method.kind != "learned" else
-              f"{method.name!r} trims the task vectors first" if method.preprocess else
+              f"{method.name!r} learns over preprocessed task vectors" if preprocesses(method, config) else
               "a hierarchical merge's group results are dense" if config.hierarchical else
               "the merged vocabulary is not the base's" if plan.vocabulary is not None else None)
     if reason:

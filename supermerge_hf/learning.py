@@ -4,6 +4,7 @@ its result."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -22,10 +23,11 @@ from .config import SuperMergeConfig
 from .data import BatchSampler, Example, Split
 from .distill import attach_teachers
 from .functional import FunctionalMerge
-from .methods import LAMBDA_GRID, MergeMethod
+from .methods import MergeMethod
 from .plan import MergePlan, layer_depths
 from .results import Coefficients, LearnResult, check_finite, inverse_transform, transform
 from .sparsify import magnitude_thresholds
+from .start import choose_start_lam, initial_coefficient, preprocesses, score, start_preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +51,12 @@ class CoefficientModule(nn.Module):
 
 def functional_merge(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, *,
                      device: torch.device | str = "cpu") -> FunctionalMerge:
-    """The plan's merged model as the method sees it (AdaMerging++: over TIES-trimmed task vectors)."""
-    preprocess = functools.partial(method.preprocess, **config.method_kwargs) if method.preprocess else None
+    """The plan's merged model as the method sees it (AdaMerging++: over TIES-trimmed task vectors; SuperMerge's
+    `start: ties / tsv_m`: over the components of that merge, `start.start_preprocess`)."""
+    preprocess = functools.partial(method.preprocess, **config.method_kwargs) if method.preprocess else \
+        start_preprocess(plan, config, device=device)
     return FunctionalMerge(plan, dtype=config.compute_dtype, device=device, preprocess=preprocess,
                            streaming=config.streaming)
-
-
-def score(fm: FunctionalMerge, examples: Mapping[str, list[Example]], *, by: str = "accuracy",
-          c: torch.Tensor | None = None, params: Mapping[str, torch.Tensor] | None = None) -> float:
-    """Higher is better: the mean over tasks of accuracy (or of minus the loss), or minus the summed loss."""
-    metrics = [fm.evaluate(t, ex, c=c, params=params) for t, ex in examples.items()]
-    if by == "loss":
-        return -sum(m["loss"] for m in metrics)
-    return sum(m.get("accuracy", -m["loss"]) for m in metrics) / len(metrics)
 
 
 def one_hot(plan: MergePlan, task: str, device: torch.device | str) -> torch.Tensor:
@@ -82,15 +77,16 @@ def loss_weights(method: MergeMethod, kwargs: Mapping[str, Any]) -> dict[str, fl
 
 
 def check_unlabelled(method: MergeMethod, kwargs: Mapping[str, Any]) -> None:
-    """`ValueError` unless the method reads inputs without labels (distillation, entropy, the Gram matrices of
-    statistics methods): else they'd be ignored."""
+    """`ValueError` unless the method reads inputs without labels (distillation, entropy, head refitting, the Gram
+    matrices of statistics methods): else they'd be ignored."""
     if method.kind == "statistics":
         return
-    if method.kind != "learned" or {"distill", "entropy"}.isdisjoint(loss_weights(method, kwargs)):
+    if method.kind != "learned" or (not kwargs.get("refit_heads")
+                                    and {"distill", "entropy"}.isdisjoint(loss_weights(method, kwargs))):
         raise ValueError(f"`unlabelled` inputs are read only by objectives without labels (supermerge with "
-                         f"`method_kwargs` objective 'distill' or 'both', adamerging) and by the statistics methods "
-                         f"(regmean, regmean_plusplus); {method.name!r} with {dict(kwargs)} would ignore them. Drop "
-                         "them, or choose such a method or objective.")
+                         f"`method_kwargs` objective 'distill' or 'both', adamerging), by supermerge's `refit_heads` "
+                         f"and by the statistics methods (regmean, regmean_plusplus); {method.name!r} with "
+                         f"{dict(kwargs)} would ignore them. Drop them, or choose such a method or objective.")
 
 
 def merge_data_free(fm: FunctionalMerge, method: MergeMethod, kwargs: Mapping[str, Any], *, seed: int,
@@ -156,10 +152,16 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
     if "distill" in pools:
         attach_teachers(plan, pools["distill"], dtype=fm.dtype, device=acc.device)
     train = {t: s.train for t, s in splits.items()}
-    scale = loss_scale(plan, config, fm, train)
-    from_task_arithmetic = config.init_from_task_arithmetic and method.objective == "supervised"
+    chosen = choose_start_lam(fm, config, {t: [*s.train, *s.holdout] for t, s in splits.items()})
+    if chosen:  # the start's λ, picked: learning runs over the components scaled by it, as a reload builds them
+        del fm
+        config = dataclasses.replace(config, method_kwargs=config.method_kwargs | chosen)
+        fm = functional_merge(plan, config, method, device=acc.device)
+    own = FunctionalMerge(plan, dtype=fm.dtype, device=acc.device, streaming=True) \
+        if preprocesses(method, config) else fm  # where one-hot coefficients give each fine-tune
+    scale = loss_scale(plan, config, own, train)
     if init is None:
-        init = task_arithmetic_init(plan, config, fm, train) if from_task_arithmetic else config.init_coefficient
+        init = initial_coefficient(plan, config, fm, train)
     module = CoefficientModule(plan.num_sources, len(plan.groups), init=init, kind=config.transform)
     w0 = module.w.detach().clone().to(acc.device)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
@@ -246,14 +248,14 @@ def learn(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod, splits
                             config.transform)
 
     examples = {t: splits[t].holdout or splits[t].train for t in tasks}
-    finetunes = {t: fm.evaluate(t, examples[t], c=one_hot(plan, t, fm.device))
+    finetunes = {t: own.evaluate(t, examples[t], c=one_hot(plan, t, fm.device))
                  for t in (tasks if finetune_tasks is None else finetune_tasks)}
     merged = fm.params(transform(best_w, config.transform), dense=True)
     check_finite(merged, f"The {method.name} merge")
     metrics = {t: {"examples": "holdout" if splits[t].holdout else "train", "count": len(examples[t]),
                    "finetune": finetunes.get(t), "merged": fm.evaluate(t, examples[t], params=merged)} for t in tasks}
     return LearnResult(table(best_w), table(last_w), history, best_step, metrics,
-                       {n: t.cpu() for n, t in merged.items()})
+                       {n: t.cpu() for n, t in merged.items()}, chosen)
 
 
 def merge_with(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,
@@ -267,16 +269,6 @@ def merge_with(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,
     merged = functional_merge(plan, config, method).params(table.values, dense=True)
     check_finite(merged, "The merge")
     return table, {n: t.cpu() for n, t in merged.items()}
-
-
-def task_arithmetic_init(plan: MergePlan, config: SuperMergeConfig, fm: FunctionalMerge,
-                         train: Mapping[str, list[Example]]) -> float:
-    """The λ of the task-arithmetic grid with the lowest summed training loss, as initial coefficient."""
-    shape = (plan.num_sources, len(plan.groups))
-    scores = {lam: score(fm, train, by="loss", c=torch.full(shape, lam, device=fm.device)) for lam in LAMBDA_GRID}
-    lam = max(scores, key=scores.get)
-    logger.info("Task-arithmetic initialisation: scores %s, starting from c = %.1f", scores, lam)
-    return min(lam, 0.95) if config.transform == "tanh" else lam
 
 
 def loss_scale(plan: MergePlan, config: SuperMergeConfig, fm: FunctionalMerge,

@@ -26,6 +26,7 @@ from .merger import SuperMerger
 from .plan import MergePlan, saved_dtype
 from .results import COEFFICIENTS_NAME, Coefficients
 from .sources import AdapterSpec, canonical
+from .start import PREPROCESSED
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ def mergekit_recipe(merged_dir: str | Path, *, revision: str | None = None,
     Raises:
         `ValueError` (nothing written) where mergekit cannot redo the merge exactly: LoRA sources (adapter-space
         merges), methods other than supermerge / adamerging (learned) and task_arithmetic / average / ties,
-        preprocessed task vectors (adamerging_plus), ties with unequal weights, whole-task trimming or the
-        `frequency` sign, a base tensor that some source lacks or shapes otherwise. `FileNotFoundError` for a
-        folder without a merge, a local source that no longer exists, or one that was not published.
+        preprocessed task vectors (adamerging_plus, supermerge's start ties / tsv_m), ties with unequal weights,
+        whole-task trimming or the `frequency` sign, a base tensor that some source lacks or shapes otherwise.
+        `FileNotFoundError` for a folder without a merge, a local source that no longer exists, or one that was not
+        published.
 
     Example:
         ```python
@@ -96,6 +98,9 @@ def _build(folder: Path, token: str | bool | None) -> tuple[dict[str, Any], Supe
         raise ValueError(f"Method {method!r} of {str(folder)!r} cannot be exported to mergekit: only "
                          f"{list(EXPORTABLE)} are redone exactly (random masks and whole-tensor trimming differ). "
                          "Use the saved merge itself.")
+    if config.method_kwargs.get("start") in PREPROCESSED:  # its coefficients weight merge components
+        raise ValueError(f"The supermerge merge of {str(folder)!r} learned over the {config.method_kwargs['start']} "
+                         "merge's components (`start`), which mergekit does not compute. Use the saved merge itself.")
     plan = SuperMerger(config, token=token).plan  # resolves the sources and reads their headers; merges nothing
     _check_plan(plan, method)
     kwargs = config.method_kwargs | config.merge_info.get("chosen", {})  # `auto` -> the value that was chosen
@@ -135,10 +140,12 @@ def _check_plan(plan: MergePlan, method: str) -> None:
         raise ValueError("This merge re-indexed the embedding rows to another vocabulary (tokenizer_source union "
                          "or a task with added tokens), which a recipe of per-tensor weights does not redo. Use the "
                          "saved merged model instead.")
-    if plan.granularity == "row":
-        raise ValueError("This merge has one coefficient per row of each block matrix (granularity 'row', "
-                         "SuperMerge's default); a mergekit recipe gives one weight per tensor. Use the saved merged "
-                         "model, or merge with `granularity: tensor` to export a recipe.")
+    if plan.granularity in ("row", "singular"):
+        what = {"row": "row of each block matrix (granularity 'row', SuperMerge's default)",
+                "singular": "singular direction of each block matrix's task vectors (granularity 'singular')"}
+        raise ValueError(f"This merge has one coefficient per {what[plan.granularity]}; a mergekit recipe gives one "
+                         "weight per tensor. Use the saved merged model, or merge with `granularity: tensor` to export "
+                         "a recipe.")
     unmerged = [plan.base.param_names[n] for n in plan.base.shapes if n not in plan.group_index]
     if unmerged:
         raise ValueError(f"The base's tensors {unmerged[:5]} are missing from, or shaped otherwise in, some source, "

@@ -22,6 +22,7 @@ from .export import (check_adapter_export, check_tokenizer, load_examples, load_
                      save_merge)
 from .functional import FunctionalMerge
 from .gram import merge_with_statistics
+from .heads import refit_heads, use_heads
 from .hierarchy import fit_extension, fit_hierarchical, growth
 from .hub import resolve
 from .learning import check_unlabelled, functional_merge, learn, merge_data_free, merge_with, one_hot
@@ -30,6 +31,7 @@ from .plan import build_plan, load_source, saved_dtype
 from .publish import PushMixin
 from .results import Coefficients, MergeResult, check_finite
 from .sources import ModelSpec
+from .start import check_start
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class SuperMerger(PushMixin):
                  token: str | bool | None = None, cache_dir: str | None = None, endpoint: str | None = None) -> None:
         self.config, self.accelerator = config, accelerator
         self.method = get_method(config.method)
+        check_start(config)
         self._hub = {"token": token, "endpoint": endpoint}
         hub = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint, "allow_pickle": config.allow_pickle}
         self.resolved_base = resolve(config.base, revision=config.base_revision, **hub)
@@ -119,8 +122,8 @@ class SuperMerger(PushMixin):
             unlabelled (`dict[str, Any]`, *optional*): Per task name (any subset), more inputs in the same forms,
                 without labels (class labels given are ignored; a generative example's token labels only mark its
                 answer, which entropy and distillation average over), all used: what `supermerge` with `objective:
-                distill` or `both` and `adamerging` learn from, beside the labelled examples' own inputs (the
-                hold-out's excepted). Never the test split.
+                distill` or `both` (and its `refit_heads`) and `adamerging` learn from, beside the labelled
+                examples' own inputs (the hold-out's excepted). Never the test split.
             resume (`bool`): Continue from the state saved every `config.checkpoint_every` steps by a run that was
                 stopped (a fresh start when there is none).
 
@@ -168,10 +171,14 @@ class SuperMerger(PushMixin):
         else:
             result, levels = learn(plan, config, method, splits, generator, accelerator=self.accelerator,
                                    resume=resume, init=grow.get("init")), []
+        heads, metrics = refit_heads(plan, config, result.merged, splits, result.metrics,
+                                     device=self.accelerator.device) if config.method_kwargs.get("refit_heads") \
+            else ({}, result.metrics)  # each task's head refit on the merged body
         self.result = MergeResult(**resolved, merged=result.merged, coefficients=result.coefficients,
                                   last_coefficients=result.last_coefficients, history=result.history,
-                                  selected_step=result.selected_step, metrics=result.metrics, levels=levels,
-                                  extends=grow.get("extends"), examples=data if config.save_examples else None)
+                                  selected_step=result.selected_step, metrics=metrics, chosen=result.chosen,
+                                  levels=levels, extends=grow.get("extends"), heads=heads,
+                                  examples=data if config.save_examples else None)
         return self
 
     def add_source(self, task: str, path: str, *, revision: str | None = None, cheap: bool = False,
@@ -216,6 +223,8 @@ class SuperMerger(PushMixin):
         data = self._prepare(examples, require_labels=False, limit=None,
                              tasks=[t for t in self.plan.tasks if t in examples])
         fm = FunctionalMerge(self.plan, dtype=self.dtype, streaming=True)  # reads sources on demand, holds none
+        if not finetunes:
+            use_heads(fm, self.result.heads)  # `refit_heads`: the heads refit on the merged body
         out = {}
         for task in tqdm(list(data), desc="Evaluating", leave=False):
             c = one_hot(self.plan, task, fm.device) if finetunes else None

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .hyperparameters import Hyperparameter, check_hyperparameters
 from .regmean import regmean
 from .sparsify import (MajoritySignMethod, TrimScope, disjoint_mean, drop_and_rescale, elect_sign, ties_trimmed,
                        trim_to_density, weighted)
@@ -27,26 +28,7 @@ Statistics = Literal["gram", "gram_sequential"]
 LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 ISO_LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))  # Iso-C / Iso-CTS's α goes past 1 (authors: to 3)
 DENSITY_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
-
-
-@dataclass(frozen=True)
-class Hyperparameter:
-    """A `method_kwargs` entry of type `kind` (`float`, `str`, or `list`: one float per source), with bounds or
-    choices; if `auto`, the value `"auto"` picks one of `grid` on the labelled examples."""
-
-    kind: type
-    default: Any
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-    auto: bool = False
-    grid: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.auto and not self.grid:
-            raise ValueError(f"An `auto` hyperparameter needs the `grid` of values it picks from, got {self.grid!r}.")
-
-
+START_CHOICES = ("constant", "task_arithmetic", "ties", "tsv_m")  # SuperMerge's `start`, `start.py`
 LAM = Hyperparameter(float, 1.0, low=0.0, auto=True, grid=LAMBDA_GRID)
 ISO_LAM = Hyperparameter(float, 1.0, low=0.0, auto=True, grid=ISO_LAMBDA_GRID)
 WEIGHTS = Hyperparameter(list, None)
@@ -57,14 +39,6 @@ ALPHA = Hyperparameter(float, 0.9, low=0.0, high=1.0)  # RegMean's off-diagonal 
 
 def _density(default: float) -> Hyperparameter:
     return Hyperparameter(float, default, low=1e-6, high=1.0, auto=True, grid=DENSITY_GRID)
-
-
-def _number(value: Any) -> Any:
-    """A YAML string such as "1e-3" as the number it spells; anything else as it is."""
-    try:
-        return float(value) if isinstance(value, str) else value
-    except ValueError:
-        return value
 
 
 @dataclass(frozen=True)
@@ -97,34 +71,7 @@ class MergeMethod:
 
     def check_kwargs(self, kwargs: Mapping[str, Any], num_sources: int) -> dict[str, Any]:
         """`kwargs` checked against the declared hyperparameters (`ValueError` naming the field), with defaults."""
-        if not isinstance(kwargs, Mapping):
-            raise ValueError(f"`method_kwargs` must be a mapping of hyperparameters, got {kwargs!r}.")
-        unknown = sorted(set(kwargs) - set(self.hyperparameters))
-        if unknown:
-            known = sorted(self.hyperparameters) or "none"
-            raise ValueError(f"`method_kwargs` {unknown} are not hyperparameters of {self.name!r} (it takes: {known}).")
-        out = {}
-        for name, spec in self.hyperparameters.items():
-            value, where = kwargs.get(name, spec.default), f"`method_kwargs.{name}` of {self.name!r}"
-            if name not in kwargs or value == spec.default or (spec.auto and value == "auto"):
-                out[name] = value
-            elif spec.kind is float:
-                value = _number(value)
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"{where} must be a number{' or auto' if spec.auto else ''}, got {value!r}.")
-                if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
-                    raise ValueError(f"{where} must be in [{spec.low}, {spec.high}], got {value!r}.")
-                out[name] = float(value)
-            elif spec.kind is list:
-                if (not isinstance(value, (list, tuple)) or len(value) != num_sources
-                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-                    raise ValueError(f"{where} must be a list of {num_sources} numbers, one per source; got {value!r}.")
-                out[name] = [float(v) for v in value]
-            elif value not in spec.choices:
-                raise ValueError(f"{where} must be one of {list(spec.choices)}, got {value!r}.")
-            else:
-                out[name] = value
-        return out
+        return check_hyperparameters(self.name, self.hyperparameters, kwargs, num_sources)
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -293,8 +240,15 @@ register_method("adamerging_plus", url="https://arxiv.org/abs/2310.02575", objec
 register_method("supermerge", url="https://arxiv.org/abs/2412.10416", objective="supervised", granularity="row",
                 hyperparameters={"objective": Hyperparameter(str, "distill", choices=("labels", "distill", "both")),
                                  "temperature": Hyperparameter(float, 2.0, low=0.05, high=100.0),
-                                 "distill_weight": Hyperparameter(float, 0.5, low=0.0, high=1.0)},
+                                 "distill_weight": Hyperparameter(float, 0.5, low=0.0, high=1.0),
+                                 "start": Hyperparameter(str, "constant", choices=START_CHOICES),
+                                 "start_lam": Hyperparameter(float, "auto", low=1e-6, auto=True, grid=LAMBDA_GRID),
+                                 "density": Hyperparameter(float, 0.2, low=1e-6, high=1.0),
+                                 "refit_heads": Hyperparameter(int, 0, low=0),
+                                 "refit_lr": Hyperparameter(float, 1e-2, low=1e-12, high=10.0)},
                 description="tanh coefficients, by default one per row of each block matrix, learned by distilling "
                 "each fine-tune's outputs on its task's inputs (`objective: distill`, method.md section 9; `both`: "
                 "(1 - distill_weight) x labels + distill_weight x distill); the paper: `objective: labels` with "
-                "`granularity: tensor`.")(None)
+                "`granularity: tensor`. `start`: learning starts at c = init_coefficient, the task-arithmetic λ or "
+                "the TIES / TSV-M merge; `refit_heads`: Adam steps refitting each task's head to the merged "
+                "body.")(None)

@@ -58,9 +58,10 @@ def layer_depths(names: Iterable[str]) -> dict[str, float]:
 
 
 def group_name(name: str, granularity: str) -> str:
-    """The coefficient group of one tensor: itself (`tensor`, and `row` outside block matrices), its transformer
-    block, or the whole task (`all`)."""
-    return name if granularity in ("tensor", "row") else "all" if granularity == "task" else block_name(name)
+    """The coefficient group of one tensor: itself (`tensor`, and `row` / `singular` outside block matrices), its
+    transformer block, or the whole task (`all`)."""
+    return name if granularity in ("tensor", "row", "singular") else "all" if granularity == "task" else \
+        block_name(name)
 
 
 @dataclass
@@ -77,7 +78,7 @@ class MergePlan:
     merged: list[str] = field(default_factory=list)
     task_specific: dict[str, list[str]] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)
-    group_index: dict[str, int | slice] = field(default_factory=dict)  # a slice: one group per row (`row`)
+    group_index: dict[str, int | slice] = field(default_factory=dict)  # a slice: per row or singular direction
     source_names: list[str] = field(default_factory=list)
     task_specs: dict[str, Source] = field(default_factory=dict)
     task_rows: dict[str, int] = field(default_factory=dict)  # the source (row) that carries each task
@@ -86,6 +87,10 @@ class MergePlan:
     @property
     def num_sources(self) -> int:
         return len(self.sources)
+
+    def directions(self, name: str) -> bool:
+        """Whether merged tensor `name` has one coefficient per singular direction of its task vectors (`singular`)."""
+        return self.granularity == "singular" and isinstance(self.group_index[name], slice)
 
     def label_counts(self) -> dict[str, int | None]:
         """Per task, the number of classes of its classifier fine-tune (`None` for other heads)."""
@@ -149,11 +154,13 @@ def build_plan(base: ModelSpec, sources: list[Source], tasks: list[str], granula
     follows = {t: w for s in sources if isinstance(s, AdapterSpec) for t, w in s.follows.items() if w in merged_set}
     scaled = {n for s in sources if isinstance(s, IA3Spec) for n in s.vectors}
     for name in merged:
-        per_row = granularity == "row" and _in_block_matrix(name, base.shapes[name]) and name not in scaled
-        rows = base.shapes[name][0] if per_row else 0
-        if rows:  # `row`: a block's matrix has one group per row, `group_index` gives their slice
+        shape = base.shapes[name]
+        split = granularity in ("row", "singular") and _in_block_matrix(name, shape) and name not in scaled
+        rows = 0 if not split else shape[0] if granularity == "row" else _directions(name, shape, sources)
+        if rows:  # a block's matrix has one group per row (`row`) or singular direction, `group_index` their slice
             plan.group_index[name] = slice(len(index), len(index) + rows)
-            index.update({f"{name}[{r}]": len(index) + r for r in range(rows)})
+            label = "{}[{}]" if granularity == "row" else "{}[σ{}]"
+            index.update({label.format(name, r): len(index) + r for r in range(rows)})
         else:
             plan.group_index[name] = index.setdefault(group_name(follows.get(name, name), granularity), len(index))
     plan.groups = list(index)
@@ -163,6 +170,17 @@ def build_plan(base: ModelSpec, sources: list[Source], tasks: list[str], granula
 def _in_block_matrix(name: str, shape: tuple[int, ...]) -> bool:
     """A matrix inside a numbered transformer block (not an embedding, head or final norm)."""
     return len(shape) >= 2 and _BLOCK.match(name) is not None
+
+
+def _directions(name: str, shape: tuple[int, ...], sources: list[Source]) -> int:
+    """The singular directions a matrix's task vectors can have, from headers: min(out, in) where a source changes it
+    densely (a fine-tune, a saved module), else the largest LoRA rank; 0 (one group) where no source changes it or
+    it is not 2-D."""
+    if len(shape) != 2:
+        return 0
+    lora = [s.checkpoint.shape(s.factors[name][0])[0] for s in sources if name in getattr(s, "factors", {})]
+    dense = any(not isinstance(s, AdapterSpec) or name in s.saved for s in sources)
+    return min(shape) if dense else min(max(lora, default=0), *shape)
 
 
 def saved_dtype(plan: MergePlan, dtype: str) -> torch.dtype:

@@ -91,7 +91,8 @@ class Coefficients:
 @dataclass
 class LearnResult:
     """One learning run: the selected step's coefficients and the last step's, the curve, per-task `metrics`
-    (`{"examples": "holdout" | "train", "count", "finetune", "merged"}`) and the `merged` tensors."""
+    (`{"examples": "holdout" | "train", "count", "finetune", "merged"}`), the `merged` tensors and what the start
+    `chosen` (`start.choose_start_lam`)."""
 
     coefficients: Coefficients
     last_coefficients: Coefficients
@@ -99,13 +100,16 @@ class LearnResult:
     selected_step: int
     metrics: dict[str, Any]
     merged: dict[str, torch.Tensor]
+    chosen: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class MergeResult:
     """A finished merge, what `export.save_merge` writes: `levels` (hierarchical) holds each level's groups and
     `Coefficients`, `chosen` the hyperparameters picked by `auto`, `extends` the merge it added a task to (`merge`:
-    its folder or repo id, `commit`, `tasks`, `form`), `examples` the labelled examples kept with it (opt-in)."""
+    its folder or repo id, `commit`, `tasks`, `form`), `examples` the labelled examples kept with it (opt-in),
+    `heads` the heads refit on the merged body (`refit_heads`: per task, its own tensors by the task model's
+    parameter names; a task not in it keeps its fine-tune's head)."""
 
     config: SuperMergeConfig
     plan: MergePlan
@@ -122,6 +126,7 @@ class MergeResult:
     levels: list[dict[str, Any]] = field(default_factory=list)
     extends: dict[str, Any] | None = None
     examples: dict[str, list] | None = None
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def merge_info(self) -> dict[str, Any]:
         """What the merge resolved and decided, saved in `supermerge_config.json`."""

@@ -100,3 +100,11 @@ def ties_trimmed(deltas: Tensor, *, density: float = 0.2) -> Tensor:
     """TIES preprocessing of AdaMerging++: per source keep the top entries that agree with the elected sign."""
     trimmed = trim(deltas, magnitude_thresholds([deltas], density))  # (S, *shape)
     return trimmed * (trimmed.sign() == elect_sign(trimmed))  # (S, *shape)
+
+
+def ties_components(deltas: Tensor, threshold: Tensor) -> Tensor:
+    """Each source's share of the TIES merge (equal weights, λ = 1): its entries kept by `threshold  # (S,)` that
+    have the elected sign, divided by how many sources agree there; summed over sources, the [`disjoint_mean`]."""
+    trimmed = trim(deltas, threshold)  # (S, *shape)
+    agree = trimmed.sign() == elect_sign(trimmed)  # (S, *shape)
+    return trimmed * agree / agree.sum(dim=0).clamp(min=1)  # (S, *shape)

@@ -37,15 +37,31 @@ def isotropic(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
     return s.mean() * (u @ vh)  # (m, n)
 
 
-def tsv_merge(deltas: Tensor) -> Tensor:
-    """TSV-M: each source's top k = ⌊r / S⌋ (at least 1) singular triplets, stacked as U = [U_1 … U_S],
-    S = blockdiag(S_1 … S_S), V = [V_1 … V_S]; U and V replaced by their nearest orthogonal matrices; U S Vᵀ."""
+def _tsv_factors(deltas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """TSV-M's U `(m, S·k)`, σ `(S·k,)` and Vᵀ `(S·k, n)`: each source's top k = ⌊r / S⌋ (at least 1) singular
+    triplets side by side, U and V replaced by their nearest orthogonal matrices."""
     num_sources, rank = deltas.shape[0], min(deltas.shape[1:])
     k = max(1, rank // num_sources)
     u, s, vh = _svd(deltas)  # (S, m, r), (S, r), (S, r, n)
     u_all = nearest_orthogonal(_side_by_side(u, k))  # (m, S·k)
     vh_all = nearest_orthogonal(vh[:, :k].flatten(0, 1))  # (S, k, n) -> (S·k, n)
-    return ((u_all * s[:, :k].flatten()) @ vh_all).to(deltas.dtype)  # (m, S·k) · diag(S·k) · (S·k, n) -> (m, n)
+    return u_all, s[:, :k].flatten(), vh_all
+
+
+def tsv_merge(deltas: Tensor) -> Tensor:
+    """TSV-M: each source's top k = ⌊r / S⌋ (at least 1) singular triplets, stacked as U = [U_1 … U_S],
+    S = blockdiag(S_1 … S_S), V = [V_1 … V_S]; U and V replaced by their nearest orthogonal matrices; U S Vᵀ."""
+    u_all, s, vh_all = _tsv_factors(deltas)
+    return ((u_all * s) @ vh_all).to(deltas.dtype)  # (m, S·k) · diag(S·k) · (S·k, n) -> (m, n)
+
+
+def tsv_components(deltas: Tensor) -> Tensor:
+    """Each source's share of [`tsv_merge`], `(S, m, n)`: its k columns of the orthogonalised U times its σ times
+    its k rows of the orthogonalised Vᵀ; they sum to the TSV-M merge."""
+    u_all, s, vh_all = _tsv_factors(deltas)
+    num_sources = deltas.shape[0]
+    u = (u_all * s).unflatten(1, (num_sources, -1)).movedim(1, 0)  # (m, S·k) -> (S, m, k)
+    return (u @ vh_all.unflatten(0, (num_sources, -1))).to(deltas.dtype)  # (S, m, k) @ (S, k, n) -> (S, m, n)
 
 
 def iso_c_merge(deltas: Tensor) -> Tensor:

@@ -17,7 +17,8 @@ def load_task_vectors(plan: MergePlan, *, dtype: torch.dtype, device: torch.devi
                       preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       ) -> tuple[dict[str, torch.Tensor] | None, dict[str, DeltaStack], Scratch | None]:
     """Base tensors and the task vectors of every merged tensor, read one tensor at a time; with `streaming` the
-    base (`None`) and full fine-tunes are re-read into a `Scratch` when needed. `preprocess` maps each stack."""
+    base (`None`) and full fine-tunes are re-read into a `Scratch` when needed. `preprocess` maps each stack. Matrices
+    with one coefficient per singular direction (`granularity: singular`) get their task vectors' SVDs, here."""
     shapes = plan.base.shapes
     scratch = Scratch(max(torch.Size(shapes[n]).numel() for n in plan.merged), dtype=dtype, device=device) \
         if streaming else None
@@ -51,6 +52,8 @@ def load_task_vectors(plan: MergePlan, *, dtype: torch.dtype, device: torch.devi
         deltas[name] = DeltaStack(theta_p.shape, parts, dtype=dtype)
     if preprocess is not None:
         deltas = {n: DeltaStack.from_dense(preprocess(d.dense())) for n, d in deltas.items()}
+    for name in [n for n in deltas if plan.directions(n)]:  # `singular`: factorised once, one matrix at a time
+        deltas[name] = deltas[name].singular()
     return base, deltas, scratch
 
 

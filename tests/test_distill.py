@@ -129,7 +129,9 @@ def test_config_refuses_a_bad_objective_or_temperature_before_loading(kwargs, ma
         SuperMergeConfig(base="/nowhere/base", sources=[{"task": "a", "path": "/nowhere/a"}], method_kwargs=kwargs)
     config = SuperMergeConfig(base="/nowhere/base", sources=[{"task": "a", "path": "/nowhere/a"}],
                               method_kwargs={"objective": "distill", "temperature": "2"})
-    assert config.method_kwargs == {"objective": "distill", "temperature": 2.0, "distill_weight": 0.5}
+    assert config.method_kwargs == {"objective": "distill", "temperature": 2.0, "distill_weight": 0.5,
+                                    "start": "constant", "start_lam": "auto", "density": 0.2, "refit_heads": 0,
+                                    "refit_lr": 1e-2}
     assert SuperMergeConfig.from_dict(json.loads(config.to_json_string())).method_kwargs == config.method_kwargs
 
 

@@ -9,8 +9,8 @@ from transformers import AutoModel
 
 from supermerge_hf import METHODS, SuperMergeConfig, SuperMerger, load_task_model
 from supermerge_hf.data import as_examples
-from supermerge_hf.learning import LAMBDA_GRID, functional_merge
-from supermerge_hf.methods import ties
+from supermerge_hf.learning import functional_merge
+from supermerge_hf.methods import LAMBDA_GRID, ties
 from supermerge_hf.sparsify import magnitude_thresholds
 
 from .conftest import family_examples

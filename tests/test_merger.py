@@ -322,7 +322,7 @@ def test_examples_as_dataset_list_or_dataloader_give_the_same_merge(bert_family)
 
 
 def test_init_from_task_arithmetic_starts_at_the_best_lambda(bert_family):
-    from supermerge_hf.learning import LAMBDA_GRID
+    from supermerge_hf.methods import LAMBDA_GRID
 
     examples = family_examples(bert_family)
     merger = make_merger(bert_family, steps=1, init_from_task_arithmetic=True, learning_rate=1e-9).fit(examples)

@@ -79,7 +79,9 @@ def test_supermerge_defaults_to_rows_and_distillation():
     where = {"base": "/nowhere", "sources": [{"task": "a", "path": "/nowhere/a"}]}
     config = SuperMergeConfig(**where)
     assert config.granularity == "row"
-    assert config.method_kwargs == {"objective": "distill", "temperature": 2.0, "distill_weight": 0.5}
+    assert config.method_kwargs == {"objective": "distill", "temperature": 2.0, "distill_weight": 0.5,
+                                    "start": "constant", "start_lam": "auto", "density": 0.2, "refit_heads": 0,
+                                    "refit_lr": 1e-2}
     assert SuperMergeConfig(**where, method="adamerging").granularity == "tensor"
     assert SuperMergeConfig(**where, method="ties").granularity == "tensor"
     old = SuperMergeConfig(**where, granularity="tensor", method_kwargs={"objective": "labels", "temperature": 1.0})
