@@ -170,6 +170,38 @@ def ablation_markdown(tasks: list[str]) -> str | None:
         head, "|---|---|" + "---|" * len(tasks) + "---|---|---|---|", *rows])
 
 
+def gen5_markdown(lora: dict, ia3: dict | None) -> str:
+    """The gen-5 tables: rank-classification accuracy per adapter type, then greedy exact match of the individual
+    adapters and of the SuperMerge merge (every method that has it, in fact), and the fine-tuning recipes."""
+    tasks = list(next(iter(lora["methods"].values()))["per_task"])
+    protocol = lora["protocol"]
+    settings = protocol["settings"]
+    text = [f"SmolLM2-135M-Instruct (PyPI `{protocol['base'].get('package')}`, dequantized; sha256 "
+            f"`{protocol['base']['model_sha256'][:16]}…`), the text-5 tasks as chat instructions answered by "
+            f"the label name; one adapter per task; rank-classification accuracy over the label names on "
+            f"{settings['test_size']} test examples per task, mean ± std over seeds {settings['seeds']} of "
+            f"{settings['examples_per_task']} labelled examples per task (`python benchmarks/gen5.py`).", ""]
+    for title, data in (("LoRA sources (r 8, attention and MLP projections)", lora), ("IA³ sources", ia3)):
+        if data:
+            text += [f"### {title}", "", table_markdown(data["methods"], tasks), ""]
+    lines = ["| sources | method | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 3)]
+    for name, data in (("LoRA", lora), ("IA³", ia3)):
+        for method, row in (data or {"methods": {}})["methods"].items():
+            if "exact_match" in row and method in ("pretrained", "supermerge", "individual"):
+                match = row["exact_match"]
+                cells = " | ".join(f"{match['per_task'][t]['mean']:.3f}" for t in tasks)
+                lines.append(f"| {name} | {method} | {cells} | {match['mean']:.3f} |")
+    text += ["### Greedy exact match (the label name, then end of turn)", "", "\n".join(lines), ""]
+    for name, data in (("LoRA", lora), ("IA³", ia3)):
+        if data:
+            recipe = data["protocol"]["recipe"]
+            seconds = data["protocol"]["preparation_seconds"]["finetune_seconds"]
+            text.append(f"{name} recipe: {json.dumps(recipe['peft'])}, {data['protocol']['settings']['finetune_steps']}"
+                        f" steps of batch {recipe['batch_size']}, AdamW lr {recipe['learning_rate']}, answer tokens "
+                        f"only; fine-tuning seconds: " + ", ".join(f"{t} {s:.0f}" for t, s in seconds.items()) + ".")
+    return "\n".join(text)
+
+
 def incremental_markdown(data: dict) -> str:
     forms = [f for f in ("scratch", "incremental", "cheap") if f in data]
     tasks = list(data[forms[0]]["per_task"])
@@ -234,6 +266,8 @@ def main() -> None:
         ("The learned merge, knob by knob (issue 15, per cell)", ablation_markdown(tasks)),
         ("Adding a task to a deployed merge (issue 16)",
          incremental_markdown(d) if (d := load("incremental.json")) else None),
+        ("gen-5: merging adapters of an LLM (SmolLM2-135M-Instruct, issue 14.5)",
+         gen5_markdown(d, load("gen5_ia3.json")) if (d := load("gen5.json")) else None),
     ]
     for title, body in sections:
         if body:

@@ -219,7 +219,8 @@ def aggregate(records: list[dict], settings: Settings, methods: list[str]) -> di
     if "individual" in table:
         reference = table["individual"]["per_task"]
         for row in table.values():
-            ratios = [row["per_task"][t]["mean"] / reference[t]["mean"] for t in settings.tasks]
+            ratios = [row["per_task"][t]["mean"] / reference[t]["mean"] if reference[t]["mean"] else math.inf
+                      for t in settings.tasks]  # an individual accuracy of 0 (a smoke run): no normalisation
             row["normalized"] = round(statistics.fmean(ratios), 4) if all(map(math.isfinite, ratios)) else None
     return table
 

@@ -222,14 +222,15 @@ class SuperMerger(PushMixin):
             raise RuntimeError("Nothing merged yet: call `fit(examples)` first, or pass `finetunes=True`.")
         data = self._prepare(examples, require_labels=False, limit=None,
                              tasks=[t for t in self.plan.tasks if t in examples])
-        fm = FunctionalMerge(self.plan, dtype=self.dtype, streaming=True)  # reads sources on demand, holds none
+        device = self.accelerator.device if self.accelerator else "cuda" if torch.cuda.is_available() else "cpu"
+        fm = FunctionalMerge(self.plan, dtype=self.dtype, device=device, streaming=True)  # reads sources on demand
         if not finetunes:
             use_heads(fm, self.result.heads)  # `refit_heads`: the heads refit on the merged body
+        merged = None if finetunes else {n: t.to(fm.device) for n, t in self.result.merged.items()}
         out = {}
         for task in tqdm(list(data), desc="Evaluating", leave=False):
             c = one_hot(self.plan, task, fm.device) if finetunes else None
-            out[task] = fm.evaluate(task, data[task], c=c, params=None if finetunes else self.result.merged,
-                                    batch_size=batch_size)
+            out[task] = fm.evaluate(task, data[task], c=c, params=merged, batch_size=batch_size)
         return out
 
     def estimate_memory(self, *, group_size: int | None = None) -> list[Estimate]:
