@@ -62,7 +62,7 @@ def test_pickle_only_checkpoint_needs_opt_in(bert_family, tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("granularity", "layer", r"Unknown granularity 'layer'. Expected one of \['block', 'row', 'task', 'tensor'\]"),
+        ("granularity", "layer", r"Unknown granularity 'layer'. Expected one of \['block', 'row', 'singular'"),
         ("transform", "sigmoid", r"Unknown transform 'sigmoid'. Expected one of \['none', 'tanh'\]"),
         ("method", "fisher", r"fisher"),
         ("steps", 0, r"`steps` must be a positive integer, got 0"),
