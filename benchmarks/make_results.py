@@ -252,7 +252,7 @@ def main() -> None:
     sections = [
         ("Labelled and unlabelled examples per task (seed 0)", sweep_markdown(methods["individual"]["per_task"], tasks)
          if "individual" in methods else None),
-        ("Flat vs hierarchical vs streaming SuperMerge (seed 0)",
+        ("Flat vs hierarchical vs streaming SuperMerge, the paper's setting (seed 0)",
          table_markdown({m: r for m, r in d["methods"].items() if m.startswith("supermerge") and m not in
                          ("supermerge_none", "supermerge_block") or m == "individual"}, tasks)
          if (d := load("text5_memory_modes.json")) else None),
