@@ -22,6 +22,7 @@ from transformers import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker, the cores shared between them
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in the subprocesses a test starts, whose results it compares
 VOCAB = 64
 
 

@@ -3,6 +3,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,15 @@ from supermerge_hf.demo.finetune import evaluate_accuracy, finetune_classifier, 
 from supermerge_hf.demo.tasks import POOL_SIZE, TaskData, load_task, register_task, tokenize_examples
 
 # The benchmark-only tasks (spam, wn_noun, austen) live outside the package; importing them registers them.
-_spec = importlib.util.spec_from_file_location("benchmark_tasks", Path(__file__).parents[1] / "benchmarks" / "tasks.py")
-benchmark_tasks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmark_tasks)
+# Under the name the benchmark scripts import it by (`import tasks`), once per process: a second copy would register
+# the same tasks again (tests/test_gen5_benchmark.py imports the scripts).
+_path = Path(__file__).parents[1] / "benchmarks" / "tasks.py"
+if getattr(sys.modules.get("tasks"), "__file__", None) == str(_path):
+    benchmark_tasks = sys.modules["tasks"]
+else:
+    _spec = importlib.util.spec_from_file_location("tasks", _path)
+    benchmark_tasks = sys.modules["tasks"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(benchmark_tasks)
 
 
 def _installed(module: str) -> bool:
