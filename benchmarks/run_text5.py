@@ -82,12 +82,19 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _recipe(path: Path) -> bytes:
+    """A fine-tune's recipe file without what differs between machines for the same fine-tune (its wall time and
+    the base's absolute path): re-training it elsewhere with the same recipe keeps its cells."""
+    recipe = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("train_seconds", "base_path")}
+    return json.dumps(recipe, sort_keys=True).encode()
+
+
 def cell_settings(method: str, settings: Settings) -> dict:
     """The settings a cell's result depends on, with a fingerprint of each fine-tune (its recipe file)."""
     folders = [settings.finetune_dir(t) / "finetune.json" for t in settings.tasks]
     if method == "multitask":
         folders.append(settings.multitask_dir / "multitask.json")
-    fingerprint = hashlib.sha256(b"".join(p.read_bytes() for p in folders if p.is_file())).hexdigest()[:16]
+    fingerprint = hashlib.sha256(b"".join(_recipe(p) for p in folders if p.is_file())).hexdigest()[:16]
     keep = {k: v for k, v in dataclasses.asdict(settings).items()
             if k != "seeds" and not (k == "unlabelled_per_task" and v is None)}  # cells from before the sweep
     return keep | {"method": method, "finetunes": fingerprint}
