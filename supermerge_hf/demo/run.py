@@ -51,7 +51,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     logger.info("Fine-tunes ready after %.0f s: %s", time.perf_counter() - start, finetunes)
 
     rng = random.Random(args.seed)
-    labelled = {t: tokenize_examples(tokenizer, rng.sample(data[t].pool, args.examples_per_task)) for t in args.tasks}
+    pools = {t: rng.sample(data[t].pool, len(data[t].pool)) for t in args.tasks}  # shuffled: labelled ones first
+    labelled = {t: tokenize_examples(tokenizer, pools[t][: args.examples_per_task]) for t in args.tasks}
+    # the rest of each pool without its labels: the inputs SuperMerge's default distils each fine-tune on
+    unlabelled = {t: [{k: v for k, v in ex.items() if k != "labels"}
+                      for ex in tokenize_examples(tokenizer, pools[t][args.examples_per_task:])] for t in args.tasks}
     test = {t: tokenize_examples(tokenizer, data[t].test[: args.test_size]) for t in args.tasks}
     config = SuperMergeConfig(
         base=str(base),
@@ -68,7 +72,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     del arithmetic
     merger = SuperMerger(config)
     learn_start = time.perf_counter()
-    merger.fit(labelled)
+    merger.fit(labelled, unlabelled=unlabelled)
     learn_seconds = time.perf_counter() - learn_start
     rows["supermerge"] = _accuracy(merger.evaluate(test))
 
