@@ -55,7 +55,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     labelled = {t: tokenize_examples(tokenizer, pools[t][: args.examples_per_task]) for t in args.tasks}
     # the rest of each pool without its labels: the inputs SuperMerge's default distils each fine-tune on
     unlabelled = {t: [{k: v for k, v in ex.items() if k != "labels"}
-                      for ex in tokenize_examples(tokenizer, pools[t][args.examples_per_task:])] for t in args.tasks}
+                      for ex in tokenize_examples(tokenizer, pools[t][args.examples_per_task:])]
+                  for t in args.tasks if len(pools[t]) > args.examples_per_task}
     test = {t: tokenize_examples(tokenizer, data[t].test[: args.test_size]) for t in args.tasks}
     config = SuperMergeConfig(
         base=str(base),
