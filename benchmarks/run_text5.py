@@ -113,10 +113,10 @@ def run_cell(method: str, seed: int, settings: Settings, tasks: dict[str, TaskDa
                   for t in settings.tasks},  # fmt: skip
         test={t: tokenize_examples(tokenizer, test_text[t]) for t in settings.tasks},
         test_text=test_text,
-        unlabelled={t: [{k: v for k, v in ex.items() if k != "labels"} for ex in tokenize_examples(
-            tokenizer, draw_unlabelled(tasks[t], seed, settings.examples_per_task, settings.unlabelled_per_task))]
-            for t in settings.tasks},
-    )
+        unlabelled={t: [{k: v for k, v in ex.items() if k != "labels"} for ex in tokenize_examples(tokenizer, rest)]
+                    for t in settings.tasks if (rest := draw_unlabelled(tasks[t], seed, settings.examples_per_task,
+                                                                        settings.unlabelled_per_task))},
+    )  # --unlabelled-per-task 0: no entry, the methods read the labelled inputs only
     outcome = RUNNERS[method](cell)
     return {
         "method": method,

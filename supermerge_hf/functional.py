@@ -15,8 +15,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .data import Example, collate
 from .deltas import DeltaStack, LowRankDelta, ScaleDelta
-from .generative import AnswerMetrics, answer_batch, rank_accuracy
-from .objectives import TEACHER, distillation_loss, entropy, output_logits
+from .generative import answer_batch
+from .scoring import AnswerMetrics, rank_accuracy
+from .objectives import TEACHER, answer_distillation, entropy, output_logits
 from .plan import MergePlan, load_task_specific
 from .ia3 import hook_scale_layers
 from .sources import Source
@@ -155,7 +156,7 @@ class FunctionalMerge:
         names = self.plan.task_specs[task].param_names
         weights = {names[n]: params[n] for n in self.plan.merged if n in names} | self.heads[task]
         inputs = collate(batch, self.pad_id) if isinstance(batch, list) else batch
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}  # a KV cache
         self._adapter_c = c if self.lowrank or self.scaled else None
         try:
             return torch.func.functional_call(self.models[task], weights, (), inputs)
@@ -193,7 +194,7 @@ class FunctionalMerge:
             if classification:
                 metrics["accuracy"] = totals["correct"] / n
             if answers is not None:
-                ranked = rank_accuracy(examples, lambda batch: self.forward(task, params, batch, c).logits,
+                ranked = rank_accuracy(examples, lambda batch: self.forward(task, params, batch, c),
                                        shift=answers.shift, pad_id=self.pad_id, batch_size=batch_size)
                 metrics |= answers.result() | ({} if ranked is None else {"accuracy": ranked})
         return metrics
@@ -224,7 +225,7 @@ class FunctionalMerge:
                     teacher = batch.pop(TEACHER, None)
                     logits = output_logits(self.forward(task, merged, batch, c_adapter))  # (B, C) or (B, T, V)
                     loss = entropy(logits, mask) if objective == "entropy" else \
-                        distillation_loss(logits, teacher.to(logits.device), temperature, mask)
+                        answer_distillation(logits, teacher, temperature, mask)
                 else:
                     loss = self.forward(task, merged, batch, c_adapter).loss
                 if inputs:

@@ -1,18 +1,16 @@
 """Generative tasks (method.md section 8): prompt/completion, chat, plain-text and seq2seq records tokenised into
-model inputs whose `labels` keep the answer tokens only (-100 on prompt, system text and padding); the metrics of
-the answer tokens (mean loss, greedy exact match), rank classification over answer choices (T0), and the answer
-positions that the objectives without labels (entropy, distillation) average over."""
+model inputs whose `labels` keep the answer tokens only (-100 on prompt, system text and padding), and the answer
+positions that the objectives without labels (entropy, distillation) average over. Their metrics: `scoring.py`."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from .data import ASIDE, Example, collate, read_rows
 
@@ -185,18 +183,6 @@ def read_generative(path: str | Path, tokenizer, **options: Any) -> list[Example
     return tokenize_examples(rows, tokenizer, **options)
 
 
-def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per label position: the answer token's log-probability (0 off the answer), the answer mask, and whether the
-    greedy (argmax) prediction is that token (True off the answer). `shift`: position t predicts token t + 1
-    (decoder-only models); encoder-decoder logits align with their labels. `logits` `(B, T, V)`, `labels` `(B, T)`."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T - 1, V), (B, T - 1)
-    mask = labels != IGNORE  # (B, T)
-    log_p = -F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T)
-    return log_p * mask, mask, (logits.argmax(-1) == labels) | ~mask
-
-
 def _mark_answer(example: Example, *, shift: bool) -> Example:
     """The example with `answer_mask` `(T,)`: the positions of its logits that predict an answer token (token
     labels != -100; `shift`: one position earlier, decoder-only models), else its real tokens (attention mask)."""
@@ -228,52 +214,3 @@ def answer_batch(examples: list[Example], model, pad_id: int = 0, *, labels: boo
     if encoder_decoder and not labels:
         batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch.pop("labels"))
     return batch, batch.pop(ANSWER_MASK, None)
-
-
-class AnswerMetrics:
-    """Totals over batches of the answer-token metrics: `loss`, the mean cross-entropy per answer token, and
-    `exact_match`, the share of examples whose every answer token is the greedy prediction given the tokens before
-    it (teacher forcing: exactly greedy decoding's first answer-length tokens, so with EOS ending the answer, the
-    greedy answer is the answer)."""
-
-    def __init__(self, *, shift: bool) -> None:
-        self.shift, self.nll, self.tokens, self.exact, self.examples = shift, 0.0, 0, 0, 0
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        if logits.dim() != 3 or labels.dim() != 2:
-            return
-        log_p, mask, hit = answer_log_probs(logits, labels.to(logits.device), shift=self.shift)
-        self.nll -= float(log_p.sum())
-        self.tokens += int(mask.sum())
-        self.exact += int((hit.all(-1) & mask.any(-1)).sum())
-        self.examples += len(labels)
-
-    def result(self) -> dict[str, float]:
-        if not self.examples:
-            return {}
-        return {"loss": self.nll / max(self.tokens, 1), "exact_match": self.exact / self.examples}
-
-
-def rank_accuracy(examples: list[Example], logits: Callable[[dict[str, torch.Tensor]], torch.Tensor], *, shift: bool,
-                  pad_id: int = 0, batch_size: int = 32, reduce: Literal["sum", "mean"] = "sum") -> float | None:
-    """Rank classification (T0): each choice of the examples that have choices scored by the summed (or mean) log-
-    probability of its answer tokens given the prompt, `logits(batch)` `(B, T, V)` giving the model's; the share of
-    examples whose best-scored choice is the right one (first best on ties), `None` if no example has choices."""
-    ranked = [ex for ex in examples if CHOICE_INDEX in ex]
-    rows = [dict(zip(("input_ids", "attention_mask", "labels"), row))
-            for ex in ranked for row in zip(*(ex[k] for k in CHOICE_FIELDS))]  # one per choice
-    scores = []
-    for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i: i + batch_size], pad_id)
-        out = logits(batch)
-        log_p, mask, _ = answer_log_probs(out, batch["labels"].to(out.device), shift=shift)  # (B, T)
-        score = log_p.sum(-1) / (mask.sum(-1).clamp(min=1) if reduce == "mean" else 1)  # (B,)
-        scores.append(score.cpu())
-    if not ranked:
-        return None
-    scores, correct, start = torch.cat(scores), 0, 0
-    for ex in ranked:
-        count = len(ex[CHOICE_FIELDS[0]])
-        correct += int(int(scores[start: start + count].argmax()) == int(ex[CHOICE_INDEX]))
-        start += count
-    return correct / len(ranked)

@@ -26,7 +26,7 @@ from .data import Example, Split
 from .distill import attach_teachers
 from .functional import EVAL_BATCH, FunctionalMerge
 from .generative import answer_batch
-from .objectives import TEACHER, distillation_loss, output_logits
+from .objectives import TEACHER, answer_distillation, output_logits
 from .plan import MergePlan
 from .results import MergeResult, check_finite
 
@@ -87,7 +87,7 @@ def _refit(module: nn.Module, path: str, head: Mapping[str, torch.Tensor], cache
         loss = 0.0
         for features, teacher, mask in cache:
             logits = torch.func.functional_call(module, params, (features,))  # (B, C) or (B, T, V)
-            part = distillation_loss(logits, teacher, temperature, mask) * (len(features) / n)
+            part = answer_distillation(logits, teacher, temperature, mask) * (len(features) / n)
             part.backward()
             loss += float(part.detach())
         losses.append(loss)

@@ -35,3 +35,15 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: 
     log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)  # (..., C) the teacher
     log_q = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., C) the merge
     return temperature**2 * _mean_over_real((log_p.exp() * (log_p - log_q)).sum(-1), mask)
+
+
+def answer_distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`distillation_loss` over the answer positions of token logits `(B, T, V)` (`mask` `(B, T)`), whose teacher
+    holds only those: its answer positions' logits packed at the start of each row `(B, A, V)`, the rest padding
+    (`distill.attach_teachers`). Other logits (a classifier's, or no mask) as `distillation_loss`."""
+    if logits.dim() != 3 or mask is None:
+        return distillation_loss(logits, teacher, temperature, mask)
+    mask = mask.to(logits.device).bool()  # (B, T)
+    packed = torch.arange(teacher.shape[1], device=mask.device) < mask.sum(1, keepdim=True)  # (B, A)
+    return distillation_loss(logits[mask], teacher.to(logits.device)[packed], temperature)  # (N, V) each

@@ -13,7 +13,7 @@ from supermerge_hf import merger as merger_module
 from supermerge_hf.data import as_examples, collate, read_examples
 from supermerge_hf.distill import attach_teachers
 from supermerge_hf.functional import FunctionalMerge
-from supermerge_hf.objectives import TEACHER, distillation_loss
+from supermerge_hf.objectives import TEACHER, answer_distillation, distillation_loss
 
 from .conftest import classification_examples, family_examples, lm_examples, tiny_tokenizer, write_text_examples
 
@@ -71,6 +71,32 @@ def test_cached_teacher_equals_the_finetune_lm_per_token(llama_family):
     before = examples[0][TEACHER]
     attach_teachers(plan, {"math": examples}, dtype=torch.float32)  # computed once: kept when present
     assert examples[0][TEACHER] is before
+
+
+def test_lm_teacher_keeps_only_the_answer_positions_and_the_loss_is_unchanged(llama_family):
+    plan = SuperMerger(make_config(llama_family)).plan
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for prompt, answer in ((4, 2), (2, 3), (6, 1)):  # unequal prompts and answers
+        ids = torch.randint(1, 64, (prompt + answer,), generator=g)
+        examples.append({"input_ids": ids, "labels": torch.cat([torch.full((prompt,), -100), ids[prompt:]])})
+    attach_teachers(plan, {"math": examples}, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(llama_family.sources["math"]).eval()
+    with torch.no_grad():
+        full = [model(input_ids=ex["input_ids"][None]).logits[0] for ex in examples]  # (T, V) each
+    for ex, logits in zip(examples, full):  # position t predicts token t + 1: the answer's tokens from t = prompt - 1
+        prompt = int((ex["labels"] == -100).sum())
+        torch.testing.assert_close(ex[TEACHER], logits[prompt - 1: -1], rtol=1e-5, atol=1e-5)
+    student = torch.randn(3, 9, full[0].shape[-1], generator=g)  # (B, T, V) padded to the longest
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    padded = torch.zeros_like(student)
+    for k, (ex, logits) in enumerate(zip(examples, full)):
+        prompt, length = int((ex["labels"] == -100).sum()), len(ex["input_ids"])
+        mask[k, prompt - 1: length - 1] = 1
+        padded[k, :length] = logits
+    packed = collate([{"t": ex[TEACHER]} for ex in examples])["t"]  # (B, A, V)
+    torch.testing.assert_close(answer_distillation(student, packed, 2.0, mask),
+                               distillation_loss(student, padded, 2.0, mask), rtol=1e-5, atol=1e-6)
 
 
 def test_distill_moves_a_single_source_merge_towards_its_finetune(bert_family):

@@ -18,6 +18,7 @@ from supermerge_hf.card import metrics_table
 from supermerge_hf.cli import main
 from supermerge_hf.data import as_examples, collate, make_splits
 from supermerge_hf.functional import FunctionalMerge
+from supermerge_hf.scoring import rank_scores
 
 from .conftest import Family, perturb, tiny_tokenizer
 
@@ -169,6 +170,38 @@ def test_rank_classification_equals_the_finetunes_own_scores(gpt2_family, tok):
              for ex, b in zip(examples, best)]
     assert merger.evaluate({"a": right}, finetunes=True)["a"]["accuracy"] == 1.0  # one-hot merge = fine-tune a
     assert merger.evaluate({"a": wrong}, finetunes=True, batch_size=2)["a"]["accuracy"] == 0.0
+
+
+def each_choice_alone(model, example: dict) -> torch.Tensor:
+    """The summed log-probability of each choice's answer tokens, the choice run alone and unpadded."""
+    scores = []
+    for i, m, lab in zip(example["choice_input_ids"], example["choice_attention_mask"], example["choice_labels"]):
+        i, lab = i[m.bool()], lab[m.bool()]
+        log_p = torch.log_softmax(model(i[None]).logits[0, :-1].double(), -1)  # position t predicts token t + 1
+        scores.append(sum(float(log_p[t, lab[t + 1]]) for t in range(len(lab) - 1) if lab[t + 1] != X))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["gpt2_family", "llama_family"])
+def test_rank_scores_read_each_prompt_once_and_equal_each_choice_alone(family, tok, request):
+    fam = request.getfixturevalue(family)
+    examples = ranked_examples(tok) + tokenize_examples([{"prompt": "x", "choices": ["a b", "c"], "label": 1}], tok)
+    model = AutoModelForCausalLM.from_pretrained(fam.sources[next(iter(fam.sources))]).eval()
+    calls = []
+
+    def forward(batch):
+        calls.append("cache" in batch or "past_key_values" in batch)
+        return model(**batch)
+
+    with torch.no_grad():
+        scores = rank_scores(examples, forward, shift=True, batch_size=2)
+        for ex, score in zip(examples, scores):
+            assert torch.allclose(score.double(), each_choice_alone(model, ex), atol=1e-4), (score, each_choice_alone(model, ex))
+    prompt = [int((ex["choice_labels"][0] != X).int().argmax()) for ex in examples]  # tokens before the answer
+    shared = sum(1 for p in prompt if p > 1)
+    alone = sum(len(ex["choice_input_ids"]) for ex, p in zip(examples, prompt) if p <= 1)  # one sequence per choice
+    assert 0 < shared < len(examples)  # a one-token prompt has nothing to share
+    assert calls.count(True) == shared and len(calls) == 2 * shared + -(-alone // 2)  # a prompt, then its choices
 
 
 def test_greedy_exact_match(gpt2_family):

@@ -181,6 +181,8 @@ def tokenize_examples(tokenizer: PreTrainedTokenizerBase, examples: list[dict], 
         `list[dict]`: `{"input_ids": list[int], "attention_mask": list[int], "labels": int}` per example, plus
         `"token_type_ids"` when the tokenizer returns them.
     """
+    if not examples:
+        return []
     encoding = tokenizer([e["text"] for e in examples], truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding]
     return [{**{k: encoding[k][i] for k in keys}, "labels": e["label"]} for i, e in enumerate(examples)]
