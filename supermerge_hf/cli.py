@@ -135,8 +135,10 @@ def run_estimate(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from .demo.run import run_demo as demo  # imports the demo's data helpers only when asked
-
+    if args.llm:  # the demo's modules are imported only when asked
+        from .demo.run_llm import run_llm_demo as demo
+    else:
+        from .demo.run import run_demo as demo
     demo(args)
 
 

