@@ -37,7 +37,8 @@ def test_llm_demo_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch, capsys):
                                       str(tmp_path / "cache"), "--finetune-steps", "2", "--steps", "2",
                                       "--examples-per-task", "4", "--test-size", "3"])
     rows = run_llm.run_llm_demo(args)
-    assert list(rows)[0] == "LoRA adapters (each on its own task)" and list(rows)[-1] == "supermerge"
+    assert list(rows)[:2] == ["base model (zero-shot)", "LoRA adapters (each on its own task)"]
+    assert list(rows)[2].startswith("task arithmetic (lambda=") and list(rows)[-1] == "supermerge"
     assert all(set(acc) == {"bbc", "tweets"} and all(0 <= a <= 1 for a in acc.values()) for acc in rows.values())
     out = capsys.readouterr().out
     assert "Rank-classification accuracy" in out and "Greedy exact match" in out

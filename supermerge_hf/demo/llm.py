@@ -208,13 +208,15 @@ def tokenized(tokenizer, task: TaskData, examples: list[dict], *, text_tokens: i
 
 
 def finetune_adapter(base: Path, task: TaskData, folder: Path, *, adapter: str, steps: int, text_tokens: int,
-                     max_length: int, device: str = "cpu") -> Path:
-    """One PEFT adapter of `base` on `task.train` with `RECIPES[adapter]` (`steps` of it), or the cached one in
-    `folder` (reused with a warning if its `finetune.json` recipe differs; other step counts get their own folder,
-    `gen5.Settings.adapter_dir`). Saved atomically: adapter, tokenizer, `finetune.json`."""
+                     max_length: int, device: str = "cpu", learning_rate: float | None = None) -> Path:
+    """One PEFT adapter of `base` on `task.train` with `RECIPES[adapter]` (`steps` of it, at `learning_rate` if
+    given), or the cached one in `folder` (reused with a warning if its `finetune.json` recipe differs; other step
+    counts get their own folder, `gen5.Settings.adapter_dir`). Saved atomically: adapter, tokenizer,
+    `finetune.json`."""
     from peft import IA3Config, LoraConfig, get_peft_model
 
-    recipe = RECIPES[adapter] | {"steps": steps, "text_tokens": text_tokens, "max_length": max_length,
+    recipe = RECIPES[adapter] | {"learning_rate": learning_rate or RECIPES[adapter]["learning_rate"],
+                                 "steps": steps, "text_tokens": text_tokens, "max_length": max_length,
                                  "task": task.name, "answer": "label name + end of turn; loss on those tokens only",
                                  "optimizer": "AdamW, constant lr", "autocast": "bfloat16"}  # fmt: skip
     if (folder / "adapter_model.safetensors").is_file():
