@@ -35,27 +35,32 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _cell_row(path: Path, reference: dict, tasks: list[str]) -> tuple[list[float], float, float]:
-    acc = json.loads(path.read_text())["per_task"]
-    return [acc[t] for t in tasks], sum(acc[t] for t in tasks) / len(tasks), \
-        sum(acc[t] / reference[t]["mean"] for t in tasks) / len(tasks)
+def _cell_row(paths: list[Path], reference: dict, tasks: list[str]) -> tuple[list[float], float, float]:
+    """Per-task accuracy, mean and normalized mean of cells (the mean over their seeds)."""
+    cells = [json.loads(path.read_text())["per_task"] for path in paths]
+    acc = [sum(c[t] for c in cells) / len(cells) for t in tasks]
+    return acc, sum(acc) / len(tasks), sum(a / reference[t]["mean"] for a, t in zip(acc, tasks)) / len(tasks)
+
+
+SWEEP_UNLABELLED = (0, 64, 480, None)  # `--unlabelled-per-task`; None: the rest of the pool (512 - k)
 
 
 def sweep_markdown(reference: dict, tasks: list[str]) -> str | None:
-    """Seed-0 cells at 8, 32, 128 labelled examples per task (ties, the paper's SuperMerge, the default) and, for
-    the default, 0 / 64 / all the rest of the pool as unlabelled inputs."""
-    lines = ["| method | labelled per task | unlabelled per task | " + " | ".join(tasks) + " | mean | normalized |",
-             "|" + "---|" * (len(tasks) + 5)]
+    """Cells at 8, 32, 128 labelled examples per task (ties, the paper's SuperMerge, the default) and, for the
+    default, 0 / 64 / 480 (or the rest of the pool) unlabelled inputs; each row the mean over its seeds."""
+    lines = ["| method | labelled per task | unlabelled per task | seeds | " + " | ".join(tasks) +
+             " | mean | normalized |", "|" + "---|" * (len(tasks) + 6)]
     for method in ("ties", "supermerge_paper", "supermerge"):
         for k in (8, 32, 128):
-            for u in ([None] if method != "supermerge" else [0, 64, None]):
+            for u in ([None] if method != "supermerge" else SWEEP_UNLABELLED):
                 suffix = "" if u is None else f"-u{u}"
-                path = RESULTS / "cells" / f"{method}-k{k}{suffix}-seed0.json"
-                if not path.is_file():
+                paths = sorted((RESULTS / "cells").glob(f"{method}-k{k}{suffix}-seed[0-9].json"))
+                if not paths:
                     continue
-                acc, mean, norm = _cell_row(path, reference, tasks)
+                acc, mean, norm = _cell_row(paths, reference, tasks)
                 unlabelled = "-" if method != "supermerge" else f"{512 - k} (the rest)" if u is None else str(u)
-                lines.append(f"| {method} | {k} | {unlabelled} | " + " | ".join(f"{a:.3f}" for a in acc) +
+                seeds = ", ".join(p.stem.rsplit("seed", 1)[1] for p in paths)
+                lines.append(f"| {method} | {k} | {unlabelled} | {seeds} | " + " | ".join(f"{a:.3f}" for a in acc) +
                              f" | {mean:.3f} | {norm:.3f} |")
     return "\n".join(lines) if len(lines) > 2 else None
 
@@ -250,8 +255,8 @@ def main() -> None:
         text += ["Learned SuperMerge coefficients (seed 0), sources x blocks (mean over each block's tensors):",
                  "", "![SuperMerge coefficients](text5_coefficients.png)", ""]
     sections = [
-        ("Labelled and unlabelled examples per task (seed 0)", sweep_markdown(methods["individual"]["per_task"], tasks)
-         if "individual" in methods else None),
+        ("Labelled and unlabelled examples per task (mean over the seeds run)",
+         sweep_markdown(methods["individual"]["per_task"], tasks) if "individual" in methods else None),
         ("Flat vs hierarchical vs streaming SuperMerge, the paper's setting (seed 0)",
          table_markdown({m: r for m, r in d["methods"].items() if m.startswith("supermerge") and m not in
                          ("supermerge_none", "supermerge_block") or m == "individual"}, tasks)
