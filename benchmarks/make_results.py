@@ -42,7 +42,17 @@ def _cell_row(paths: list[Path], reference: dict, tasks: list[str]) -> tuple[lis
     return acc, sum(acc) / len(tasks), sum(a / reference[t]["mean"] for a, t in zip(acc, tasks)) / len(tasks)
 
 
-SWEEP_UNLABELLED = (0, 64, 480, None)  # `--unlabelled-per-task`; None: the rest of the pool (512 - k)
+SWEEP_UNLABELLED = (0, 64, 480)  # `--unlabelled-per-task`; a cell without `-u`: the rest of the pool (512 - k)
+POOL = 512  # examples per task pool
+
+
+def _sweep_cells(method: str, k: int, u: int | None) -> list[Path]:
+    """The cells of `method` at k labelled and u unlabelled examples per task (any seed); u = 512 - k includes
+    the cells run with the pool's rest (no `-u` in their name)."""
+    names = [f"{method}-k{k}-u{u}"] if u is not None else []
+    if u is None or u == POOL - k:
+        names.append(f"{method}-k{k}")
+    return sorted(p for n in names for p in (RESULTS / "cells").glob(f"{n}-seed*.json"))
 
 
 def sweep_markdown(reference: dict, tasks: list[str]) -> str | None:
@@ -52,14 +62,14 @@ def sweep_markdown(reference: dict, tasks: list[str]) -> str | None:
              " | mean | normalized |", "|" + "---|" * (len(tasks) + 6)]
     for method in ("ties", "supermerge_paper", "supermerge"):
         for k in (8, 32, 128):
-            for u in ([None] if method != "supermerge" else SWEEP_UNLABELLED):
-                suffix = "" if u is None else f"-u{u}"
-                paths = sorted((RESULTS / "cells").glob(f"{method}-k{k}{suffix}-seed[0-9].json"))
+            sizes = sorted({u for u in SWEEP_UNLABELLED if u <= POOL - k} | {POOL - k})
+            for u in ([None] if method != "supermerge" else sizes):
+                paths = _sweep_cells(method, k, u)
                 if not paths:
                     continue
                 acc, mean, norm = _cell_row(paths, reference, tasks)
-                unlabelled = "-" if method != "supermerge" else f"{512 - k} (the rest)" if u is None else str(u)
-                seeds = ", ".join(p.stem.rsplit("seed", 1)[1] for p in paths)
+                unlabelled = "-" if u is None else f"{u} (the rest)" if u == POOL - k else str(u)
+                seeds = ", ".join(sorted(p.stem.rsplit("seed", 1)[1] for p in paths))
                 lines.append(f"| {method} | {k} | {unlabelled} | {seeds} | " + " | ".join(f"{a:.3f}" for a in acc) +
                              f" | {mean:.3f} | {norm:.3f} |")
     return "\n".join(lines) if len(lines) > 2 else None

@@ -64,7 +64,7 @@ def _features(fm: FunctionalMerge, task: str, path: str, merged: Mapping[str, to
     try:
         for i in range(0, len(examples), EVAL_BATCH):
             batch, mask = answer_batch(examples[i: i + EVAL_BATCH], fm.models[task], fm.pad_id)  # mask (B, T)
-            teacher = batch.pop(TEACHER)  # (B, C) or (B, T, V)
+            teacher = batch.pop(TEACHER)  # (B, C) or (B, A, V): the answer positions'
             seen.clear()
             logits = output_logits(fm.forward(task, merged, batch))
             if len(seen) != 1 or len(seen[0][0]) != 1 or seen[0][1] or seen[0][2] is not logits:

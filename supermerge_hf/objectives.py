@@ -45,5 +45,11 @@ def answer_distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature
     if logits.dim() != 3 or mask is None:
         return distillation_loss(logits, teacher, temperature, mask)
     mask = mask.to(logits.device).bool()  # (B, T)
-    packed = torch.arange(teacher.shape[1], device=mask.device) < mask.sum(1, keepdim=True)  # (B, A)
+    counts = mask.sum(1, keepdim=True)  # (B, 1) answer positions per example
+    if int(counts.max()) > teacher.shape[1]:
+        raise ValueError(f"An example has {int(counts.max())} answer positions but its teacher logits only "
+                         f"{teacher.shape[1]}: the teachers were computed on other inputs (`attach_teachers`).")
+    if not mask.any():  # every answer cut off (max_length): nothing to match, as over an empty mask
+        return logits.sum() * 0.0
+    packed = torch.arange(teacher.shape[1], device=mask.device) < counts  # (B, A)
     return distillation_loss(logits[mask], teacher.to(logits.device)[packed], temperature)  # (N, V) each

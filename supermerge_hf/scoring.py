@@ -68,21 +68,22 @@ def _score(out_logits: torch.Tensor, labels: torch.Tensor, shift: bool, reduce: 
     return (log_p.sum(-1) / (mask.sum(-1).clamp(min=1) if reduce == "mean" else 1)).cpu()  # (B,)
 
 
-def _score_shared(rows: dict[str, torch.Tensor], forward: Callable[[dict[str, Any]], Any],
-                  reduce: str) -> torch.Tensor | None:
-    """The choices' scores `(C,)` of a decoder-only example from its prompt's cache, repeated for the choices;
-    `None` if it has no prompt to share or the model returns no cache."""
-    shared = _shared_prompt(rows)
-    if not shared:
-        return None
+class _NoSharedCache(Exception):
+    """The model returns no key/value cache that can be repeated for the choices (e.g. a state-space model's)."""
+
+
+def _score_shared(rows: dict[str, torch.Tensor], forward: Callable[[dict[str, Any]], Any], shared: int,
+                  reduce: str) -> torch.Tensor:
+    """The choices' scores `(C,)` of a decoder-only example whose first `shared` tokens all choices share, from
+    those tokens' cache, repeated for the choices. `_NoSharedCache` if the model gives none that repeats."""
     out = forward({"input_ids": rows["input_ids"][:1, :shared], "attention_mask": rows["attention_mask"][:1, :shared],
                    "use_cache": True})
     name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # transformers >= 5.24: cache
-    cache = getattr(out, name, None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    count = len(rows["input_ids"])
-    cache.batch_repeat_interleave(count)
+    cache, count = getattr(out, name, None), len(rows["input_ids"])
+    try:
+        cache.batch_repeat_interleave(count)
+    except (AttributeError, NotImplementedError, TypeError) as error:  # no cache, or layers that cannot repeat
+        raise _NoSharedCache from error
     mask = torch.cat([rows["attention_mask"].new_ones(count, shared), rows["attention_mask"][:, shared:]], dim=1)
     out = forward({"input_ids": rows["input_ids"][:, shared:], "attention_mask": mask, name: cache, "use_cache": True})
     return _score(out.logits, rows["labels"][:, shared:], True, reduce)
@@ -98,7 +99,15 @@ def rank_scores(examples: list[Example], forward: Callable[[dict[str, Any]], Any
     to float rounding). Encoder-decoders, and models whose forward returns no cache, run one sequence per choice,
     `batch_size` at a time."""
     ranked = [_choice_rows(ex) for ex in examples if CHOICE_INDEX in ex]
-    scores = [_score_shared(rows, forward, reduce) if shift else None for rows in ranked]
+    scores: list[torch.Tensor | None] = []
+    cached = shift  # until the model shows it gives no cache to repeat: then one sequence per choice for all
+    for rows in ranked:
+        shared = _shared_prompt(rows) if cached else 0
+        try:
+            scores.append(_score_shared(rows, forward, shared, reduce) if shared else None)
+        except _NoSharedCache:
+            cached = False
+            scores.append(None)
     alone = [k for k, score in enumerate(scores) if score is None]
     flat = [dict(zip(("input_ids", "attention_mask", "labels"), row))
             for k in alone for row in zip(*(ranked[k][f] for f in ("input_ids", "attention_mask", "labels")))]

@@ -4,16 +4,15 @@ and that equals the merge."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from supermerge_hf.cli import build_parser
 from supermerge_hf.demo import llm, run_llm
 from supermerge_hf.demo.tasks import TaskData
+from supermerge_hf.scoring import rank_accuracy
 
 WORDS = "good bad great awful movie film plot actor fun boring love hate".split()
 
@@ -45,8 +44,16 @@ def test_llm_demo_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "smollm2-135m-instruct", "smollm2-lora-2-bbc", "smollm2-lora-2-tweets"]  # fmt: skip
 
+    base_dir = tmp_path / "cache" / "smollm2-135m-instruct"
+    tokenizer, plain = AutoTokenizer.from_pretrained(base_dir), AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    for name, task in tasks.items():  # the zero-shot row is the base's own rank classification
+        test = llm.tokenized(tokenizer, task, task.test[:3], text_tokens=16, max_length=512)
+        with torch.no_grad():
+            direct = rank_accuracy(test, lambda batch: plain(**batch), shift=True)
+        assert rows["base model (zero-shot)"][name] == direct
+
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "cache" / "smollm2-135m-instruct")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
     adapted = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -59,7 +66,11 @@ def test_llm_demo_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch, capsys):
         run_llm.run_llm_demo(args)
 
 
-def test_llm_demo_options_are_listed():
-    help_text = build_parser()._subparsers._group_actions[0].choices["demo"].format_help()
-    assert "--llm" in help_text and "--finetune-steps" in help_text
-    assert isinstance(build_parser().parse_args(["demo"]), argparse.Namespace)
+@pytest.mark.parametrize("extra, message", [(["--tasks", "bbc", "imdb"], "chat prompts for the tasks"),
+                                            (["--lora"], "drop --lora")])
+def test_llm_demo_refuses_bad_options_before_building_anything(extra, message, monkeypatch, tmp_path):
+    monkeypatch.setattr(run_llm, "build_base", lambda folder: pytest.fail("built the base"))
+    args = build_parser().parse_args(["demo", "--llm", "--cache-dir", str(tmp_path), *extra])
+    assert args.llm and args.finetune_steps is None
+    with pytest.raises(ValueError, match=message):
+        run_llm.run_llm_demo(args)

@@ -76,10 +76,7 @@ def test_cached_teacher_equals_the_finetune_lm_per_token(llama_family):
 def test_lm_teacher_keeps_only_the_answer_positions_and_the_loss_is_unchanged(llama_family):
     plan = SuperMerger(make_config(llama_family)).plan
     g = torch.Generator().manual_seed(1)
-    examples = []
-    for prompt, answer in ((4, 2), (2, 3), (6, 1)):  # unequal prompts and answers
-        ids = torch.randint(1, 64, (prompt + answer,), generator=g)
-        examples.append({"input_ids": ids, "labels": torch.cat([torch.full((prompt,), -100), ids[prompt:]])})
+    examples = answer_examples(1)
     attach_teachers(plan, {"math": examples}, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(llama_family.sources["math"]).eval()
     with torch.no_grad():
@@ -97,6 +94,37 @@ def test_lm_teacher_keeps_only_the_answer_positions_and_the_loss_is_unchanged(ll
     packed = collate([{"t": ex[TEACHER]} for ex in examples])["t"]  # (B, A, V)
     torch.testing.assert_close(answer_distillation(student, packed, 2.0, mask),
                                distillation_loss(student, padded, 2.0, mask), rtol=1e-5, atol=1e-6)
+
+
+def answer_examples(seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt, answer in ((4, 2), (2, 3), (6, 1)):  # unequal prompts and answers
+        ids = torch.randint(1, 64, (prompt + answer,), generator=g)
+        out.append({"input_ids": ids, "labels": torch.cat([torch.full((prompt,), -100), ids[prompt:]])})
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_lm_distillation_through_the_gradient_is_zero_at_the_finetune(llama_family, granularity):
+    # the answer mask of learning's batches lines up with the teachers' packed rows: at c = 1 the one-source merge
+    # is its fine-tune (KL 0, gradient 0); elsewhere the KL is positive
+    plan = SuperMerger(make_config(llama_family, ["math"], granularity=granularity)).plan
+    examples = answer_examples(2)
+    attach_teachers(plan, {"math": examples}, dtype=torch.float32)
+    fm = FunctionalMerge(plan, dtype=torch.float32)
+    ones = torch.ones(1, len(plan.groups))
+    grad, losses = fm.coefficient_grad(ones, {"math": examples}, {"math": 1.0}, "distill", temperature=2.0)
+    assert float(losses["math"]) < 1e-9 and float(grad.abs().max()) < 1e-6
+    _, losses = fm.coefficient_grad(ones * 0.5, {"math": examples}, {"math": 1.0}, "distill", temperature=2.0)
+    assert float(losses["math"]) > 1e-5
+
+
+def test_answer_distillation_edges():
+    logits, teacher = torch.randn(2, 4, 5), torch.randn(2, 1, 5)
+    assert float(answer_distillation(logits, teacher[:, :0], 2.0, torch.zeros(2, 4))) == 0.0  # every answer cut off
+    with pytest.raises(ValueError, match="2 answer positions but its teacher logits only 1"):
+        answer_distillation(logits, teacher, 2.0, torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]))
 
 
 def test_distill_moves_a_single_source_merge_towards_its_finetune(bert_family):

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,12 +197,33 @@ def test_rank_scores_read_each_prompt_once_and_equal_each_choice_alone(family, t
     with torch.no_grad():
         scores = rank_scores(examples, forward, shift=True, batch_size=2)
         for ex, score in zip(examples, scores):
-            assert torch.allclose(score.double(), each_choice_alone(model, ex), atol=1e-4), (score, each_choice_alone(model, ex))
+            assert torch.allclose(score.double(), each_choice_alone(model, ex), atol=1e-4)
     prompt = [int((ex["choice_labels"][0] != X).int().argmax()) for ex in examples]  # tokens before the answer
     shared = sum(1 for p in prompt if p > 1)
     alone = sum(len(ex["choice_input_ids"]) for ex, p in zip(examples, prompt) if p <= 1)  # one sequence per choice
     assert 0 < shared < len(examples)  # a one-token prompt has nothing to share
     assert calls.count(True) == shared and len(calls) == 2 * shared + -(-alone // 2)  # a prompt, then its choices
+
+
+def test_rank_scores_without_a_cache_run_each_choice_and_mean_divides_by_the_answer(gpt2_family, tok):
+    examples = ranked_examples(tok)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_family.sources["a"]).eval()
+    calls = []
+
+    def no_cache(batch):  # a model that returns logits only (as a state-space model whose cache cannot repeat)
+        calls.append(len(batch["input_ids"]))
+        return SimpleNamespace(logits=model(**{k: v for k, v in batch.items() if k != "use_cache"}).logits)
+
+    with torch.no_grad():
+        summed = rank_scores(examples, no_cache, shift=True, batch_size=4)
+        mean = rank_scores(examples, lambda batch: model(**batch), shift=True, reduce="mean")
+        for ex, total, average in zip(examples, summed, mean):
+            alone = each_choice_alone(model, ex)
+            assert torch.allclose(total.double(), alone, atol=1e-4)
+            lengths = (ex["choice_labels"] != X).sum(-1)  # answer tokens of each choice
+            assert torch.allclose(average.double(), alone / lengths, atol=1e-4)
+    rows = sum(len(ex["choice_input_ids"]) for ex in examples)
+    assert calls == [1] + [4] * (rows // 4) + [rows % 4] * bool(rows % 4)  # one try at a cache, then batches
 
 
 def test_greedy_exact_match(gpt2_family):

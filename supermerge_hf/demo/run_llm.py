@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
 
-from .llm import build_base, finetune_adapter, tokenized
+from .llm import PROMPTS, build_base, finetune_adapter, tokenized
 from .run import check_outputs, format_table
 from .tasks import load_task
 
@@ -34,6 +34,11 @@ def run_llm_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Build the base (once), fine-tune one LoRA adapter per task (cached), merge with task arithmetic and
     SuperMerge, print rank-classification accuracy and greedy exact match; optionally save the merge and the
     combined adapter."""
+    if unknown := sorted(set(args.tasks) - set(PROMPTS)):
+        raise ValueError(f"--llm has chat prompts for the tasks {sorted(PROMPTS)}, not {unknown}: pick from those.")
+    if args.lora:
+        raise ValueError("--lora picks the classification demo's LoRA fine-tunes; --llm always merges LoRA adapters: "
+                         "drop --lora.")
     start = time.perf_counter()
     cache = Path(args.cache_dir or Path.home() / ".cache" / "supermerge_hf" / "demo").expanduser()
     output, adapter = check_outputs(args, adapter=True)
