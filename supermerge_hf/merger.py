@@ -138,6 +138,7 @@ class SuperMerger(PushMixin):
             check_unlabelled(method, config.method_kwargs)
         extra = None if unlabelled is None else self._prepare(
             unlabelled, require_labels=False, limit=None, tasks=[t for t in plan.tasks if t in unlabelled])
+        check_unlabelled(method, config.method_kwargs, given=any((extra or {}).values()))
         data = None
         if self.needs_examples:
             statistics = method.kind == "statistics"  # a task's inputs may all be `unlabelled` ones

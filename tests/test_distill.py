@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -118,6 +119,20 @@ def test_lm_distillation_through_the_gradient_is_zero_at_the_finetune(llama_fami
     assert float(losses["math"]) < 1e-9 and float(grad.abs().max()) < 1e-6
     _, losses = fm.coefficient_grad(ones * 0.5, {"math": examples}, {"math": 1.0}, "distill", temperature=2.0)
     assert float(losses["math"]) > 1e-5
+
+
+def test_distillation_without_unlabelled_inputs_warns(bert_family, caplog):
+    examples = family_examples(bert_family, n=4)
+    config = make_config(bert_family, steps=1, method_kwargs={"objective": "distill", "temperature": 2.0})
+    with caplog.at_level(logging.WARNING, logger="supermerge_hf.learning"):
+        SuperMerger(config).fit(examples)
+    assert "fit(unlabelled={task: inputs})" in caplog.text
+    caplog.clear()
+    unlabelled = {t: inputs_of(ex) for t, ex in family_examples(bert_family, n=8).items()}
+    with caplog.at_level(logging.WARNING, logger="supermerge_hf.learning"):
+        SuperMerger(config).fit(examples, unlabelled=unlabelled)
+        SuperMerger(make_config(bert_family, steps=1, method_kwargs={"objective": "labels"})).fit(examples)  # no KL
+    assert "unlabelled" not in caplog.text
 
 
 def test_answer_distillation_edges():
