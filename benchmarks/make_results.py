@@ -56,14 +56,15 @@ def _sweep_cells(method: str, k: int, u: int | None) -> list[Path]:
 
 
 def sweep_markdown(reference: dict, tasks: list[str]) -> str | None:
-    """Cells at 8, 32, 128 labelled examples per task (ties, the paper's SuperMerge, the default) and, for the
-    default, 0 / 64 / 480 (or the rest of the pool) unlabelled inputs; each row the mean over its seeds."""
+    """Cells at 8, 32, 128 labelled examples per task (ties, the paper's SuperMerge, the default, the default
+    started from TSV-M) and, for the last two, 0 / 64 / 480 (or the rest of the pool) unlabelled inputs; each row
+    the mean over its seeds."""
     lines = ["| method | labelled per task | unlabelled per task | seeds | " + " | ".join(tasks) +
              " | mean | normalized |", "|" + "---|" * (len(tasks) + 6)]
-    for method in ("ties", "supermerge_paper", "supermerge"):
+    for method in ("ties", "supermerge_paper", "supermerge", "supermerge_start_tsv_m"):
         for k in (8, 32, 128):
             sizes = sorted({u for u in SWEEP_UNLABELLED if u <= POOL - k} | {POOL - k})
-            for u in ([None] if method != "supermerge" else sizes):
+            for u in (sizes if method.startswith("supermerge_start") or method == "supermerge" else [None]):
                 paths = _sweep_cells(method, k, u)
                 if not paths:
                     continue
