@@ -156,7 +156,8 @@ def coefficient_heatmap(coefficients: dict, path: Path) -> None:
 
 
 ABLATION = ["supermerge_paper", "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge",
-            "supermerge_singular", "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit"]
+            "supermerge_singular", "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit",
+            "supermerge_tsv_m_refit"]
 
 
 def ablation_markdown(tasks: list[str]) -> str | None:

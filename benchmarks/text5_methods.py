@@ -26,7 +26,7 @@ from supermerge_hf.demo.finetune import evaluate_accuracy
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "tsv_m", "iso_c", "iso_cts", "lines",
                 "regmean", "regmean_plusplus", "adamerging", "supermerge_paper", "supermerge_none", "supermerge_block",
                 "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge", "supermerge_singular",
-                "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "individual",
+                "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "supermerge_tsv_m_refit", "individual",
                 "multitask"]  # fmt: skip
 # memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
 MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
@@ -252,6 +252,13 @@ def run_supermerge_refit(cell: Cell) -> Outcome:
     # the default, then each task's classifier refit on the merged body by distillation from its fine-tune
     # (200 full-batch Adam steps on the labelled and unlabelled inputs' cached features)
     return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"refit_heads": 200})
+
+
+@runner("supermerge_tsv_m_refit")
+def run_supermerge_tsv_m_refit(cell: Cell) -> Outcome:
+    # the two options that each gained on seed 0 together: learning from the TSV-M merge, then the heads refit
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge",
+                              method_kwargs={"start": "tsv_m", "refit_heads": 200})
 
 
 @runner("supermerge_paper")
