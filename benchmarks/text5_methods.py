@@ -26,8 +26,8 @@ from supermerge_hf.demo.finetune import evaluate_accuracy
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "tsv_m", "iso_c", "iso_cts", "lines",
                 "regmean", "regmean_plusplus", "adamerging", "supermerge_paper", "supermerge_none", "supermerge_block",
                 "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge", "supermerge_singular",
-                "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "supermerge_tsv_m_refit", "individual",
-                "multitask"]  # fmt: skip
+                "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "supermerge_tsv_m_refit",
+                "individual", "multitask"]  # fmt: skip
 # memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
 MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
 DISTILL = {"objective": "distill", "temperature": 2.0}  # the distillation cells' method_kwargs
