@@ -182,7 +182,10 @@ def ablation_markdown(tasks: list[str]) -> str | None:
         "`supermerge_paper`: the paper (one tanh coefficient per tensor, cross-entropy on the 32 labels). Knobs: "
         "`_distill` (KL to each task's fine-tune at T = 2 on its inputs: the labelled ones and the rest of its "
         "pool, 480 without labels; never the test split), `_both` (half labels, half distillation), `_row` (one "
-        "coefficient per row of each block matrix, labels). `supermerge`, the default: rows + distillation. "
+        "coefficient per row of each block matrix, labels). `supermerge`, the default: rows + distillation. On top "
+        "of it: `_singular` (one coefficient per singular direction instead of per row), `_start_ties` / "
+        "`_start_tsv_m` (learning starts from that merge), `_refit` (each head refit by distillation, 200 steps), "
+        "`_tsv_m_refit` (both). "
         "`merge s` is wall time on the 2 cores, often shared with other jobs (see the main table's note).", "",
         head, "|---|---|" + "---|" * len(tasks) + "---|---|---|---|", *rows])
 
