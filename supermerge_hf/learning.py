@@ -76,16 +76,18 @@ def loss_weights(method: MergeMethod, kwargs: Mapping[str, Any]) -> dict[str, fl
     return {k: v for k, v in {"supervised": 1.0 - weight, "distill": weight}.items() if v}
 
 
-def check_unlabelled(method: MergeMethod, kwargs: Mapping[str, Any], given: bool = True) -> None:
+def warn_without_unlabelled(method: MergeMethod, kwargs: Mapping[str, Any]) -> None:
+    """A warning when a distilling method got no inputs without labels (it then distils on the labelled ones)."""
+    if method.kind == "learned" and "distill" in loss_weights(method, kwargs):
+        logger.warning("%s distils each fine-tune on its task's inputs and got only the labelled examples': on "
+                       "text-5 (one draw) that gave 0.839 of the fine-tunes' accuracy, 0.966 with 480 more inputs "
+                       "per task, 0.943 starting from TSV-M. Pass any inputs of the tasks, no labels needed "
+                       "(fit(unlabelled={task: inputs})), or set method_kwargs start: tsv_m.", method.name)
+
+
+def check_unlabelled(method: MergeMethod, kwargs: Mapping[str, Any]) -> None:
     """`ValueError` unless the method reads inputs without labels (distillation, entropy, head refitting, the Gram
-    matrices of statistics methods): else they'd be ignored. None `given` to a distillation: a warning."""
-    if not given:
-        if method.kind == "learned" and "distill" in loss_weights(method, kwargs):
-            logger.warning("%s distils each fine-tune on its task's inputs and got only the labelled examples': on "
-                           "text-5 (one draw) that gave 0.839 of the fine-tunes' accuracy, 0.966 with 480 more "
-                           "inputs per task, 0.944 starting from TSV-M. Pass any inputs of the tasks, no labels "
-                           "needed (fit(unlabelled={task: inputs})), or set method_kwargs start: tsv_m.", method.name)
-        return
+    matrices of statistics methods): else they'd be ignored."""
     if method.kind == "statistics":
         return
     if method.kind != "learned" or (not kwargs.get("refit_heads")

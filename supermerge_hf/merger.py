@@ -25,7 +25,8 @@ from .gram import merge_with_statistics
 from .heads import refit_heads, use_heads
 from .hierarchy import fit_extension, fit_hierarchical, growth
 from .hub import resolve
-from .learning import check_unlabelled, functional_merge, learn, merge_data_free, merge_with, one_hot
+from .learning import (check_unlabelled, functional_merge, learn, merge_data_free, merge_with, one_hot,
+                       warn_without_unlabelled)
 from .methods import get_method
 from .plan import build_plan, load_source, saved_dtype
 from .publish import PushMixin
@@ -138,7 +139,8 @@ class SuperMerger(PushMixin):
             check_unlabelled(method, config.method_kwargs)
         extra = None if unlabelled is None else self._prepare(
             unlabelled, require_labels=False, limit=None, tasks=[t for t in plan.tasks if t in unlabelled])
-        check_unlabelled(method, config.method_kwargs, given=any((extra or {}).values()))
+        if not any((extra or {}).values()):
+            warn_without_unlabelled(method, config.method_kwargs)
         data = None
         if self.needs_examples:
             statistics = method.kind == "statistics"  # a task's inputs may all be `unlabelled` ones

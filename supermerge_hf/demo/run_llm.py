@@ -67,7 +67,6 @@ def run_llm_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     test = {t: chat(t, data[t].test[: args.test_size or TEST_SIZE], choices=True) for t in args.tasks}
     config = SuperMergeConfig(base=str(base), sources=[{"task": t, "path": str(p)} for t, p in adapters.items()],
                               examples_per_task=k, seed=args.seed, steps=args.steps or LEARN_STEPS, eval_every=10)
-    rows, exact = {}, {}
     zero_shot = SuperMerger(dataclasses.replace(config, method="task_arithmetic", method_kwargs={"lam": 0.0}))
     arithmetic = SuperMerger(dataclasses.replace(config, method="task_arithmetic", method_kwargs={"lam": "auto"}))
     finetuned = arithmetic.evaluate(test, finetunes=True)
@@ -75,17 +74,14 @@ def run_llm_demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     arithmetic.fit(labelled)  # lambda from a grid, by the answer tokens' loss on the labelled examples
     merged = arithmetic.evaluate(test)
     name = f"task arithmetic (lambda={arithmetic.chosen['lam']:g})"
-    for row, metrics in (("base model (zero-shot)", base_only), ("LoRA adapters (each on its own task)", finetuned),
-                         (name, merged)):
-        rows[row], exact[row] = ({t: m[key] for t, m in metrics.items()} for key in ("accuracy", "exact_match"))
     del arithmetic, zero_shot
-    merger = SuperMerger(config)
+    merger, rows, exact = SuperMerger(config), {}, {}
     learn_start = time.perf_counter()
     merger.fit(labelled, unlabelled=unlabelled)
     learn_seconds = time.perf_counter() - learn_start
-    metrics = merger.evaluate(test)
-    rows["supermerge"], exact["supermerge"] = ({t: m[key] for t, m in metrics.items()}
-                                               for key in ("accuracy", "exact_match"))
+    for row, metrics in (("base model (zero-shot)", base_only), ("LoRA adapters (each on its own task)", finetuned),
+                         (name, merged), ("supermerge", merger.evaluate(test))):
+        rows[row], exact[row] = ({t: m[key] for t, m in metrics.items()} for key in ("accuracy", "exact_match"))
     print(f"\nSmolLM2-135M-Instruct, one LoRA adapter per task ({steps} steps each); {k} labelled chat examples per "
           f"task for merging; test: {', '.join(f'{t}: {len(test[t])}' for t in args.tasks)} examples")
     print("\nRank-classification accuracy over the label names\n")
