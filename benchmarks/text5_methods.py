@@ -25,13 +25,15 @@ from supermerge_hf.demo.finetune import evaluate_accuracy
 
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "tsv_m", "iso_c", "iso_cts", "lines",
                 "regmean", "regmean_plusplus", "adamerging", "supermerge_paper", "supermerge_none", "supermerge_block",
-                "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge", "supermerge_singular",
-                "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "supermerge_tsv_m_refit",
-                "individual", "multitask"]  # fmt: skip
+                "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge_row_distill", "supermerge_singular",
+                "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "supermerge", "individual",
+                "multitask"]  # fmt: skip
 # memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
 MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
-DISTILL = {"objective": "distill", "temperature": 2.0}  # the distillation cells' method_kwargs
-PAPER = {"granularity": "tensor", "transform": "tanh", "method_kwargs": {"objective": "labels"}}  # arXiv 2412.10416
+TASK_VECTORS = {"start": "constant", "refit_heads": 0}  # learning over the task vectors, the fine-tunes' heads
+DISTILL = {"objective": "distill", "temperature": 2.0} | TASK_VECTORS  # the distillation cells' method_kwargs
+PAPER = {"granularity": "tensor", "transform": "tanh",
+         "method_kwargs": {"objective": "labels"} | TASK_VECTORS}  # arXiv 2412.10416
 QUICK_METHODS = ["pretrained", "average", "task_arithmetic", "ties", "supermerge", "individual"]
 QUICK = {"tasks": ["bbc", "spam"], "seeds": [0], "test_size": 100, "finetune_steps": 30, "learn_steps": 10}
 
@@ -222,43 +224,48 @@ def run_adamerging(cell: Cell) -> Outcome:
 
 @runner("supermerge")
 def run_supermerge(cell: Cell) -> Outcome:
-    # the package's default: one coefficient per row of each block matrix, learned by distilling each fine-tune on
-    # its task's inputs (the labelled ones and the rest of the pool, labels unread); the labelled hold-out selects
+    # the package's default: one coefficient per row of each block matrix over each source's TSV-M component
+    # (`start: auto` on full fine-tunes), learned by distilling each fine-tune on its task's inputs (the labelled
+    # ones and the rest of the pool, labels unread; the labelled hold-out selects), then each task's classifier
+    # refit on the merged body by distillation from its fine-tune (`refit_heads: 200`)
     return merge_and_evaluate(cell, unlabelled=True, method="supermerge")
+
+
+@runner("supermerge_row_distill")
+def run_supermerge_row_distill(cell: Cell) -> Outcome:
+    # the default of sessions 18-21: per row, distillation, over the task vectors from c = 0.3, the fine-tunes' heads
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs=TASK_VECTORS)
 
 
 @runner("supermerge_singular")
 def run_supermerge_singular(cell: Cell) -> Outcome:
-    # the default, with one coefficient per singular direction of each source's task vector of a block matrix
-    # instead of per row (method.md section 9): U_i diag(c_i S_i) V_i^T
-    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", granularity="singular")
+    # `supermerge_row_distill` with one coefficient per singular direction of each source's task vector of a block
+    # matrix instead of per row (method.md section 9): U_i diag(c_i S_i) V_i^T
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", granularity="singular",
+                              method_kwargs=TASK_VECTORS)
 
 
 @runner("supermerge_start_ties")
 def run_supermerge_start_ties(cell: Cell) -> Outcome:
-    # the default, learning from the TIES merge (top 20 % of each whole task vector, elected sign, λ picked on the
-    # labelled examples as the `ties` cell picks it) over each source's TIES component: step 0 is that merge
-    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"start": "ties"})
+    # `supermerge_row_distill` learning from the TIES merge (top 20 % of each whole task vector, elected sign, λ
+    # picked on the labelled examples as the `ties` cell picks it) over each source's TIES component
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"start": "ties",
+                                                                                          "refit_heads": 0})
 
 
 @runner("supermerge_start_tsv_m")
 def run_supermerge_start_tsv_m(cell: Cell) -> Outcome:
-    # the default, learning from the TSV-M merge over each source's TSV-M component (method.md section 10)
-    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"start": "tsv_m"})
+    # the default without the head refit: learning from the TSV-M merge over each source's TSV-M component
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"start": "tsv_m",
+                                                                                          "refit_heads": 0})
 
 
 @runner("supermerge_refit")
 def run_supermerge_refit(cell: Cell) -> Outcome:
-    # the default, then each task's classifier refit on the merged body by distillation from its fine-tune
+    # the default learning over the task vectors from c = 0.3 instead of the TSV-M components, heads refit
     # (200 full-batch Adam steps on the labelled and unlabelled inputs' cached features)
-    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"refit_heads": 200})
-
-
-@runner("supermerge_tsv_m_refit")
-def run_supermerge_tsv_m_refit(cell: Cell) -> Outcome:
-    # the two options that each gained on seed 0 together: learning from the TSV-M merge, then the heads refit
-    return merge_and_evaluate(cell, unlabelled=True, method="supermerge",
-                              method_kwargs={"start": "tsv_m", "refit_heads": 200})
+    return merge_and_evaluate(cell, unlabelled=True, method="supermerge", method_kwargs={"start": "constant",
+                                                                                          "refit_heads": 200})
 
 
 @runner("supermerge_paper")

@@ -32,7 +32,7 @@ from .plan import build_plan, load_source, saved_dtype
 from .publish import PushMixin
 from .results import Coefficients, MergeResult, check_finite
 from .sources import ModelSpec
-from .start import check_start
+from .start import check_start, resolve_start
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class SuperMerger(PushMixin):
         self.plan = build_plan(base, sources, config.tasks, config.granularity,
                                tokenizer_source=config.tokenizer_source)
         check_tokenizer(self.plan, config)
+        self.config = resolve_start(config, self.plan)  # `start: auto` made concrete (start.py)
         self.result: MergeResult | None = None
         self._origin, self._kept, self._grow = None, {}, None  # from_pretrained: (resolved, folder); add_source
         logger.info("Merging %d sources: %d shared tensors in %d groups; task-specific tensors: %s",

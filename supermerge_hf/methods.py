@@ -28,7 +28,7 @@ Statistics = Literal["gram", "gram_sequential"]
 LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 ISO_LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))  # Iso-C / Iso-CTS's α goes past 1 (authors: to 3)
 DENSITY_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
-START_CHOICES = ("constant", "task_arithmetic", "ties", "tsv_m")  # SuperMerge's `start`, `start.py`
+START_CHOICES = ("auto", "constant", "task_arithmetic", "ties", "tsv_m")  # SuperMerge's `start`, `start.py`
 LAM = Hyperparameter(float, 1.0, low=0.0, auto=True, grid=LAMBDA_GRID)
 ISO_LAM = Hyperparameter(float, 1.0, low=0.0, auto=True, grid=ISO_LAMBDA_GRID)
 WEIGHTS = Hyperparameter(list, None)
@@ -241,14 +241,15 @@ register_method("supermerge", url="https://arxiv.org/abs/2412.10416", objective=
                 hyperparameters={"objective": Hyperparameter(str, "distill", choices=("labels", "distill", "both")),
                                  "temperature": Hyperparameter(float, 2.0, low=0.05, high=100.0),
                                  "distill_weight": Hyperparameter(float, 0.5, low=0.0, high=1.0),
-                                 "start": Hyperparameter(str, "constant", choices=START_CHOICES),
+                                 "start": Hyperparameter(str, "auto", choices=START_CHOICES),
                                  "start_lam": Hyperparameter(float, "auto", low=1e-6, auto=True, grid=LAMBDA_GRID),
                                  "density": Hyperparameter(float, 0.2, low=1e-6, high=1.0),
-                                 "refit_heads": Hyperparameter(int, 0, low=0),
+                                 "refit_heads": Hyperparameter(int, 200, low=0),
                                  "refit_lr": Hyperparameter(float, 1e-2, low=1e-12, high=10.0)},
                 description="tanh coefficients, by default one per row of each block matrix, learned by distilling "
                 "each fine-tune's outputs on its task's inputs (`objective: distill`, method.md section 9; `both`: "
                 "(1 - distill_weight) x labels + distill_weight x distill); the paper: `objective: labels` with "
-                "`granularity: tensor`. `start`: learning starts at c = init_coefficient, the task-arithmetic λ or "
-                "the TIES / TSV-M merge; `refit_heads`: Adam steps refitting each task's head to the merged "
-                "body.")(None)
+                "`granularity: tensor`, `start: constant`, `refit_heads: 0`. `start`: learning starts at c = "
+                "init_coefficient, the task-arithmetic λ or the TIES / TSV-M merge (`auto`: TSV-M for a flat merge "
+                "of full fine-tunes, else constant); `refit_heads`: Adam steps refitting each task's head to the "
+                "merged body by distillation.")(None)

@@ -38,12 +38,18 @@ class Family:
         return [{"task": t, "path": str(p)} for t, p in self.sources.items()]
 
 
+PAPER = {"objective": "labels", "start": "constant", "refit_heads": 0}  # the paper's `method_kwargs`
+# SuperMerge over the task vectors with the fine-tunes' heads: merged == base + sum_i c_i tau_i exactly
+OVER_TASK_VECTORS = {"start": "constant", "refit_heads": 0}
+
+
 def paper(**kwargs) -> dict:
-    """Config arguments with the paper's SuperMerge (one tanh coefficient per tensor, learned on labels) where
-    `kwargs` leave them open; another method's as given. For tests of what the paper's setting computes."""
+    """Config arguments with the paper's SuperMerge (one tanh coefficient per tensor over the task vectors, learned
+    on labels, the fine-tunes' heads) where `kwargs` leave them open; another method's as given. For tests of what
+    the paper's setting computes."""
     if kwargs.get("method", "supermerge") != "supermerge":
         return kwargs
-    method_kwargs = {"objective": "labels"} | kwargs.get("method_kwargs", {})
+    method_kwargs = PAPER | kwargs.get("method_kwargs", {})
     return {"granularity": "tensor"} | kwargs | {"method_kwargs": method_kwargs}
 
 
