@@ -49,7 +49,8 @@ def paper(**kwargs) -> dict:
     the paper's setting computes."""
     if kwargs.get("method", "supermerge") != "supermerge":
         return kwargs
-    method_kwargs = PAPER | kwargs.get("method_kwargs", {})
+    old_start = kwargs.get("init_from_task_arithmetic")  # `start: task_arithmetic`'s old spelling
+    method_kwargs = {k: v for k, v in PAPER.items() if k != "start" or not old_start} | kwargs.get("method_kwargs", {})
     return {"granularity": "tensor"} | kwargs | {"method_kwargs": method_kwargs}
 
 

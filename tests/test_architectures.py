@@ -20,7 +20,7 @@ from supermerge_hf.deltas import DeltaStack
 from supermerge_hf.functional import FunctionalMerge
 from supermerge_hf.sparsify import magnitude_thresholds
 
-from .conftest import VOCAB, Family, classification_examples, perturb, tiny_tokenizer
+from .conftest import OVER_TASK_VECTORS, VOCAB, Family, classification_examples, perturb, tiny_tokenizer
 
 LEARN = {"steps": 2, "eval_every": 1, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0,
          "init_from_task_arithmetic": False}
@@ -89,7 +89,10 @@ def clip_examples(n: int, seed: int) -> list[dict]:
 
 
 def learn(family: Family, examples: dict[str, list[dict]], **config) -> SuperMerger:
+    """SuperMerge over the task vectors (what `check_formula` checks) unless `config` names another method."""
     sources = [{"task": t, "path": str(p)} for t, p in family.sources.items()]
+    if config.get("method", "supermerge") == "supermerge":
+        config["method_kwargs"] = OVER_TASK_VECTORS | config.get("method_kwargs", {})
     return SuperMerger(SuperMergeConfig(base=str(family.base), sources=sources, **(LEARN | config))).fit(examples)
 
 

@@ -16,13 +16,17 @@ from supermerge_hf.distill import attach_teachers
 from supermerge_hf.functional import FunctionalMerge
 from supermerge_hf.objectives import TEACHER, answer_distillation, distillation_loss
 
-from .conftest import classification_examples, family_examples, lm_examples, tiny_tokenizer, write_text_examples
+from .conftest import (OVER_TASK_VECTORS, classification_examples, family_examples, lm_examples, tiny_tokenizer,
+                       write_text_examples)
 
 
 def make_config(family, tasks=None, **kwargs) -> SuperMergeConfig:
+    """SuperMerge per tensor over the task vectors, the fine-tunes' heads, unless `kwargs` say otherwise."""
     sources = [s for s in family.source_list() if tasks is None or s["task"] in tasks]
     kwargs = {"steps": 2, "eval_every": 1, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0,
               "granularity": "tensor"} | kwargs
+    if kwargs.get("method", "supermerge") == "supermerge":
+        kwargs["method_kwargs"] = OVER_TASK_VECTORS | kwargs.get("method_kwargs", {})
     return SuperMergeConfig(base=str(family.base), sources=sources, **kwargs)
 
 
@@ -199,7 +203,7 @@ def test_config_refuses_a_bad_objective_or_temperature_before_loading(kwargs, ma
     config = SuperMergeConfig(base="/nowhere/base", sources=[{"task": "a", "path": "/nowhere/a"}],
                               method_kwargs={"objective": "distill", "temperature": "2"})
     assert config.method_kwargs == {"objective": "distill", "temperature": 2.0, "distill_weight": 0.5,
-                                    "start": "constant", "start_lam": "auto", "density": 0.2, "refit_heads": 0,
+                                    "start": "auto", "start_lam": "auto", "density": 0.2, "refit_heads": 200,
                                     "refit_lr": 1e-2}
     assert SuperMergeConfig.from_dict(json.loads(config.to_json_string())).method_kwargs == config.method_kwargs
 

@@ -19,7 +19,7 @@ from supermerge_hf.ia3 import IA3Spec
 from supermerge_hf.results import Coefficients, transform
 from supermerge_hf.sources import IncompatibleSourceError, ModelSpec
 
-from .conftest import classification_examples, family_examples
+from .conftest import PAPER, classification_examples, family_examples
 
 LABELS = {"sst": 2, "nli": 3}
 VARIANTS = {  # family -> the IA³ configs of its two adapters (attention and feed-forward types, biases, Conv1D)
@@ -55,7 +55,7 @@ def make_ia3(base: Path, out: Path, *, seed: int, num_labels: int | None = None,
 
 def config(base: Path, sources: dict[str, Path], **kwargs) -> SuperMergeConfig:
     kwargs = {"steps": 2, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0, "granularity": "tensor",
-              "method_kwargs": {"objective": "labels"}} | kwargs
+              "method_kwargs": PAPER} | kwargs
     return SuperMergeConfig(base=str(base), sources=[{"task": t, "path": str(p)} for t, p in sources.items()],
                             **kwargs)
 

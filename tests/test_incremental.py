@@ -12,7 +12,7 @@ from transformers import BertForSequenceClassification
 from supermerge_hf import SuperMergeConfig, SuperMerger
 from supermerge_hf.cli import main
 
-from .conftest import classification_examples, family_examples, perturb, write_text_examples
+from .conftest import OVER_TASK_VECTORS, classification_examples, family_examples, perturb, write_text_examples
 
 LEARN = dict(steps=3, eval_every=1, batch_size=4, examples_per_task=8, holdout_fraction=0.25)
 
@@ -27,14 +27,23 @@ def third(bert_family, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def deployed(bert_family, tmp_path_factory) -> Path:
+def deploy(bert_family, folder: Path, **method_kwargs) -> Path:
     """A saved SuperMerge of sst and nli that kept its examples."""
-    folder = tmp_path_factory.mktemp("deployed") / "merged"
     config = SuperMergeConfig(base=str(bert_family.base), sources=bert_family.source_list(), save_examples=True,
-                              **LEARN)
+                              method_kwargs=method_kwargs, **LEARN)
     SuperMerger(config).fit(family_examples(bert_family, 8)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def deployed(bert_family, tmp_path_factory) -> Path:
+    """With the defaults: over the TSV-M components (`start: auto`), heads refit."""
+    return deploy(bert_family, tmp_path_factory.mktemp("deployed") / "merged")
+
+
+@pytest.fixture(scope="module")
+def deployed_over_task_vectors(bert_family, tmp_path_factory) -> Path:
+    return deploy(bert_family, tmp_path_factory.mktemp("deployed_tv") / "merged", **OVER_TASK_VECTORS)
 
 
 POS = {"pos": classification_examples(2, 8, seed=9)}
@@ -69,9 +78,11 @@ def test_incremental_merge_saves_its_lineage_and_reloads(deployed, third, tmp_pa
     assert sorted(p.name for p in (out / "examples").iterdir()) == ["nli.jsonl", "pos.jsonl", "sst.jsonl"]
 
 
-def test_cheap_form_merges_the_deployed_merge_as_one_source(deployed, third, bert_family, tmp_path):
+def test_cheap_form_merges_the_deployed_merge_as_one_source(deployed_over_task_vectors, third, bert_family,
+                                                           tmp_path):
     from safetensors.torch import load_file
 
+    deployed = deployed_over_task_vectors
     new = SuperMerger.from_pretrained(deployed).add_source("pos", str(third), cheap=True).fit(POS)
     assert new.coefficients.sources == ["(sst+nli)", "pos"]
     name = "encoder.layer.0.attention.self.query.weight"

@@ -32,7 +32,7 @@ from supermerge_hf.lora import LoraSpec
 from supermerge_hf.sources import IncompatibleSourceError, ModelSpec
 from tests.hub_server import hub_server_fixture  # noqa: F401  (fixture `hub_server`)
 
-from .conftest import BERT_CONFIG, classification_examples, coefficient, family_examples, write_text_examples
+from .conftest import OVER_TASK_VECTORS, BERT_CONFIG, classification_examples, coefficient, family_examples, write_text_examples
 
 SEQ_CLS = {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}
 CAUSAL_LM = {"task_type": "CAUSAL_LM"}
@@ -62,7 +62,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def config(base: Path, sources: dict[str, Path], **kwargs) -> SuperMergeConfig:
+    """SuperMerge over the task vectors with the fine-tunes' heads (what the exactness tests compare) unless `kwargs`
+    name another method."""
     kwargs = {"steps": 3, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0} | kwargs
+    if kwargs.get("method", "supermerge") == "supermerge":
+        kwargs["method_kwargs"] = OVER_TASK_VECTORS | kwargs.get("method_kwargs", {})
     return SuperMergeConfig(base=str(base), sources=[{"task": t, "path": str(p)} for t, p in sources.items()],
                             **kwargs)
 
@@ -174,6 +178,26 @@ def test_combined_adapter_equals_dense_merge_bert(bert_family, bert_adapters, tm
     for task, adapter in bert_adapters.items():
         head = load_file(adapter / "adapter_model.safetensors")["base_model.model.classifier.weight"]
         assert torch.equal(load_task_model(tmp_path / "merged", task).classifier.weight, head)
+
+
+def test_default_on_adapters_learns_over_task_vectors_and_exports_the_adapter(bert_family, bert_adapters, tmp_path):
+    """`start: auto` is `constant` for adapter sources: the combined adapter stays exact; the refit heads (the
+    default) stay per task in the dense merge."""
+    sources = [{"task": t, "path": str(p)} for t, p in bert_adapters.items()]
+    merger = SuperMerger(SuperMergeConfig(base=str(bert_family.base), sources=sources, steps=2, batch_size=4,
+                                          holdout_fraction=0.0))
+    assert merger.config.method_kwargs["start"] == "constant" and merger.config.method_kwargs["refit_heads"] == 200
+    merger.fit(bert_examples())
+    merger.save_pretrained(tmp_path / "merged")
+    merger.save_adapter(tmp_path / "adapter")
+    x = torch.randint(1, 64, (3, 7))
+    expected = AutoModel.from_pretrained(tmp_path / "merged")(x).last_hidden_state
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(bert_family.base), tmp_path / "adapter")
+    assert relative_error(peft_model(x).last_hidden_state, expected) < 1e-5
+    for task, adapter in bert_adapters.items():
+        head = load_file(adapter / "adapter_model.safetensors")["base_model.model.classifier.weight"]
+        saved = load_task_model(tmp_path / "merged", task).classifier.weight
+        assert torch.equal(saved, merger.result.heads[task]["classifier.weight"]) and not torch.equal(saved, head)
 
 
 @pytest.mark.parametrize("granularity", ["row", "tensor"])

@@ -80,7 +80,7 @@ def test_supermerge_defaults_to_rows_and_distillation():
     config = SuperMergeConfig(**where)
     assert config.granularity == "row"
     assert config.method_kwargs == {"objective": "distill", "temperature": 2.0, "distill_weight": 0.5,
-                                    "start": "constant", "start_lam": "auto", "density": 0.2, "refit_heads": 0,
+                                    "start": "auto", "start_lam": "auto", "density": 0.2, "refit_heads": 200,
                                     "refit_lr": 1e-2}
     assert SuperMergeConfig(**where, method="adamerging").granularity == "tensor"
     assert SuperMergeConfig(**where, method="ties").granularity == "tensor"

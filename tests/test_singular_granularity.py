@@ -16,7 +16,7 @@ from supermerge_hf.deltas import LowRankDelta, SingularDelta
 from supermerge_hf.functional import FunctionalMerge
 from supermerge_hf.mergekit_recipe import mergekit_recipe
 
-from .conftest import classification_examples, family_examples
+from .conftest import OVER_TASK_VECTORS, classification_examples, family_examples
 from .test_ia3 import VARIANTS as IA3_VARIANTS
 from .test_ia3 import make_ia3
 from .test_lora import CAUSAL_LM, SEQ_CLS, make_adapter
@@ -27,7 +27,7 @@ FAST = {"steps": 2, "eval_every": 1, "batch_size": 4, "learning_rate": 0.1, "hol
 
 
 def make_merger(base, sources: dict, **kwargs) -> SuperMerger:
-    kwargs = FAST | {"granularity": "singular"} | kwargs
+    kwargs = FAST | {"granularity": "singular", "method_kwargs": OVER_TASK_VECTORS} | kwargs
     return SuperMerger(SuperMergeConfig(base=str(base), sources=[{"task": t, "path": str(p)}
                                                                  for t, p in sources.items()], **kwargs))
 

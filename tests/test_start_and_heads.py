@@ -21,16 +21,15 @@ from supermerge_hf.results import transform
 from supermerge_hf.sparsify import magnitude_thresholds, ties_components
 from supermerge_hf.spectral import tsv_components
 
-from .conftest import classification_examples, coefficient, family_examples, lm_examples
+from .conftest import classification_examples, coefficient, family_examples, lm_examples, paper
 
-TEXT = {"objective": "labels"}
 
 
 def make_config(family, *, method_kwargs=None, **kwargs) -> SuperMergeConfig:
     kwargs = {"steps": 1, "eval_every": 1, "batch_size": 4, "learning_rate": 1e-9, "holdout_fraction": 0.0,
               "granularity": "tensor"} | kwargs
     return SuperMergeConfig(base=str(family.base), sources=family.source_list(), method="supermerge",
-                            method_kwargs=TEXT | (method_kwargs or {}), **kwargs)
+                            **paper(method_kwargs=method_kwargs or {}, **kwargs))
 
 
 def data_free(family, method: str, **method_kwargs) -> SuperMerger:
@@ -226,3 +225,33 @@ def test_refit_reads_unlabelled_inputs_even_with_labels_objective(bert_family):
     merger = SuperMerger(make_config(bert_family, method_kwargs={"refit_heads": 2}))
     merger.fit(family_examples(bert_family, n=4), unlabelled=unlabelled)
     assert sorted(merger.result.heads) == ["nli", "sst"]
+
+
+# ---------------------------------------------------------------- the default: `start: auto`, heads refit
+
+def test_default_learns_over_tsv_m_components_of_full_finetunes_and_refits_heads(bert_family, tmp_path):
+    where = {"base": str(bert_family.base), "sources": bert_family.source_list(), "steps": 2, "eval_every": 1,
+             "batch_size": 4, "holdout_fraction": 0.0}
+    config = SuperMergeConfig(**where, output_dir=str(tmp_path / "merged"))
+    assert config.method_kwargs["start"] == "auto" and config.method_kwargs["refit_heads"] == 200
+    assert SuperMerger(SuperMergeConfig(**where, hierarchical={"group_size": 2})).config.method_kwargs["start"] == \
+        "constant"  # a hierarchical merge learns over the task vectors
+    merger = SuperMerger(config)
+    assert merger.config.method_kwargs["start"] == "tsv_m"  # full fine-tunes, flat
+    merger.fit(family_examples(bert_family, n=8)).save_pretrained()
+    saved = json.loads((tmp_path / "merged" / "supermerge_config.json").read_text())
+    assert saved["method_kwargs"]["start"] == "tsv_m" and saved["method_kwargs"]["refit_heads"] == 200
+    again = SuperMerger.from_pretrained(tmp_path / "merged")  # rebuilt from the sources: the same merge and heads
+    assert all(torch.equal(again.merged_tensors[n], t) for n, t in merger.merged_tensors.items())
+    fm = FunctionalMerge(merger.plan, dtype=torch.float32)
+    use_heads(fm, merger.result.heads)
+    input_ids = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(4))
+    for task in bert_family.num_labels:
+        head = merger.result.heads[task]
+        assert not torch.equal(head["classifier.weight"],
+                               merger.plan.task_specs[task].read_tensor("classifier.weight"))  # refit
+        assert all(torch.equal(again.result.heads[task][k], v) for k, v in head.items())
+        with torch.no_grad():
+            expected = fm.forward(task, merger.merged_tensors, {"input_ids": input_ids}).logits
+            reloaded = load_task_model(tmp_path / "merged", task)(input_ids=input_ids).logits
+        torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-6)

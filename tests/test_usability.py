@@ -245,7 +245,7 @@ def test_pushed_merge_of_local_sources_publishes_no_path(hub_server, bert_family
     assert "a local folder (not published)" in card.text
     # the heads load from the Hub repo id (the test double), as `from_pretrained` does
     sst = load_task_model("user/local-merge", "sst", revision=oid, token=False)
-    assert torch.equal(sst.classifier.weight, merger.plan.task_specs["sst"].read_tensor("classifier.weight"))
+    assert torch.equal(sst.classifier.weight, merger.result.heads["sst"]["classifier.weight"])  # refit (default)
     with pytest.raises(FileNotFoundError, match="not published"):
         SuperMerger.from_pretrained("user/local-merge", token=False)
 
@@ -381,13 +381,14 @@ def test_kept_examples_stay_local_when_pushed(hub_server, bert_family, tmp_path)
     assert not [f for f in hub_server.repos["user/private-examples"].commits[oid].files if f.startswith("examples")]
 
 
-@pytest.mark.parametrize(("objective", "code"), [("distill", 0), ("labels", 2)])
-def test_recipe_unlabelled_entries_reach_learning(bert_family, tmp_path, capsys, objective, code):
+@pytest.mark.parametrize(("objective", "refit_heads", "code"), [("distill", 200, 0), ("labels", 0, 2)])
+def test_recipe_unlabelled_entries_reach_learning(bert_family, tmp_path, capsys, objective, refit_heads, code):
     import yaml
 
     from .conftest import write_text_examples
 
-    recipe = yaml.safe_load(write_recipe(bert_family, tmp_path, method_kwargs={"objective": objective}).read_text())
+    recipe = yaml.safe_load(write_recipe(bert_family, tmp_path, method_kwargs={"objective": objective,
+                                                                                "refit_heads": refit_heads}).read_text())
     for i, source in enumerate(recipe["sources"]):
         write_text_examples(tmp_path / f"{source['task']}-more.jsonl", 10, 2, seed=10 + i)
         source["unlabelled"] = {"path": f"{source['task']}-more.jsonl"}  # its labels are never read

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from supermerge_hf import IncompatibleSourceError, SuperMergeConfig, SuperMerger
 from supermerge_hf.vocab import union_tokenizer
 
-from .conftest import VOCAB, perturb, tiny_tokenizer
+from .conftest import OVER_TASK_VECTORS, VOCAB, perturb, tiny_tokenizer
 
 CHAT_TOKENS = [AddedToken("<|im_start|>", special=True, normalized=False),
                AddedToken("<|im_end|>", special=True, normalized=False)]
@@ -66,7 +66,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_added_tokens_keep_their_ids_and_the_fine_tunes_rows(added, tmp_path, tokenizer_source):
     base, sources = added
     merger = merger_for(base, sources, method="supermerge", steps=2, eval_every=1, examples_per_task=8,
-                        batch_size=4, tokenizer_source=tokenizer_source)
+                        batch_size=4, tokenizer_source=tokenizer_source, method_kwargs=OVER_TASK_VECTORS)
     merger.fit({"chat": chat_examples(), "plain": chat_examples()})  # examples with the new token ids learn
     out = Path(merger.save_pretrained(tmp_path / "merged"))
     tokenizer = AutoTokenizer.from_pretrained(out)
