@@ -56,15 +56,15 @@ def _sweep_cells(method: str, k: int, u: int | None) -> list[Path]:
 
 
 def sweep_markdown(reference: dict, tasks: list[str]) -> str | None:
-    """Cells at 8, 32, 128 labelled examples per task (ties, the paper's SuperMerge, the default, the default
-    started from TSV-M) and, for the last two, 0 / 64 / 480 (or the rest of the pool) unlabelled inputs; each row
-    the mean over its seeds."""
+    """Cells at 8, 32, 128 labelled examples per task (ties, the paper's SuperMerge, the default, the previous
+    default, the TSV-M start without the head refit) and, for the last three, 0 / 64 / 480 (or the rest of the
+    pool) unlabelled inputs; each row the mean over its seeds."""
     lines = ["| method | labelled per task | unlabelled per task | seeds | " + " | ".join(tasks) +
              " | mean | normalized |", "|" + "---|" * (len(tasks) + 6)]
-    for method in ("ties", "supermerge_paper", "supermerge", "supermerge_start_tsv_m"):
+    for method in ("ties", "supermerge_paper", "supermerge", "supermerge_row_distill", "supermerge_start_tsv_m"):
         for k in (8, 32, 128):
             sizes = sorted({u for u in SWEEP_UNLABELLED if u <= POOL - k} | {POOL - k})
-            for u in (sizes if method.startswith("supermerge_start") or method == "supermerge" else [None]):
+            for u in (sizes if method not in ("ties", "supermerge_paper") else [None]):
                 paths = _sweep_cells(method, k, u)
                 if not paths:
                     continue
@@ -155,14 +155,13 @@ def coefficient_heatmap(coefficients: dict, path: Path) -> None:
     plt.close(fig)
 
 
-ABLATION = ["supermerge_paper", "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge",
-            "supermerge_singular", "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit",
-            "supermerge_tsv_m_refit"]
+ABLATION = ["supermerge_paper", "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge_row_distill",
+            "supermerge_singular", "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "supermerge"]
 
 
 def ablation_markdown(tasks: list[str]) -> str | None:
-    """One row per (cell, seed) of the learned merge's knobs (issue 15): the paper's setting, each knob alone, the
-    default (rows + distillation) and the options on top of it."""
+    """One row per (cell, seed) of the learned merge's knobs (issue 15): the paper's setting, each knob alone, rows
+    + distillation, the options on top of it, and the default (all of them but `_singular` and `_start_ties`)."""
     individual = RESULTS / "cells" / "individual-k32-seed0.json"
     if not individual.is_file():
         return None
@@ -179,13 +178,14 @@ def ablation_markdown(tasks: list[str]) -> str | None:
         return None
     head = "| cell | seed | " + " | ".join(tasks) + " | normalized | selected step | merge s | peak RSS MB |"
     return "\n".join([
-        "`supermerge_paper`: the paper (one tanh coefficient per tensor, cross-entropy on the 32 labels). Knobs: "
-        "`_distill` (KL to each task's fine-tune at T = 2 on its inputs: the labelled ones and the rest of its "
-        "pool, 480 without labels; never the test split), `_both` (half labels, half distillation), `_row` (one "
-        "coefficient per row of each block matrix, labels). `supermerge`, the default: rows + distillation. On top "
-        "of it: `_singular` (one coefficient per singular direction instead of per row), `_start_ties` / "
-        "`_start_tsv_m` (learning starts from that merge), `_refit` (each head refit by distillation, 200 steps), "
-        "`_tsv_m_refit` (both). "
+        "`supermerge_paper`: the paper (one tanh coefficient per tensor over the task vectors, from c = 0.3, "
+        "cross-entropy on the 32 labels, the fine-tunes' heads). Knobs: `_distill` (KL to each task's fine-tune at "
+        "T = 2 on its inputs: the labelled ones and the rest of its pool, 480 without labels; never the test "
+        "split), `_both` (half labels, half distillation), `_row` (one coefficient per row of each block matrix, "
+        "labels). `_row_distill`: rows + distillation (the default of earlier versions). On top of it: `_singular` "
+        "(one coefficient per singular direction instead of per row), `_start_ties` / `_start_tsv_m` (learning "
+        "starts from that merge, over its components), `_refit` (each head refit by distillation, 200 steps). "
+        "`supermerge`, the default: `_start_tsv_m` + `_refit`. "
         "`merge s` is wall time on the 2 cores, often shared with other jobs (see the main table's note).", "",
         head, "|---|---|" + "---|" * len(tasks) + "---|---|---|---|", *rows])
 

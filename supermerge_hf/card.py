@@ -166,6 +166,18 @@ def _lineage(cfg: SuperMergeConfig) -> str:
             f"{', '.join(new)}: {how}.\n\n")
 
 
+def _how(cfg: SuperMergeConfig, result: MergeResult) -> str:
+    """What the coefficients weight (a TIES / TSV-M start) and whether the heads were refit, in words."""
+    start, text = cfg.method_kwargs.get("start"), ""
+    if start in ("ties", "tsv_m"):
+        text += (f"Learning started from the {start} merge: each coefficient weights its source's {start} component "
+                 f"(scaled so that c = {cfg.init_coefficient} everywhere is that merge), not its task vector. ")
+    if result.heads:
+        text += (f"The heads of {', '.join(f'`{t}`' for t in result.heads)} were refit on the merged body by "
+                 f"distillation from each fine-tune ({cfg.method_kwargs['refit_heads']} steps). ")
+    return text + "\n\n" if text else ""
+
+
 def build_model_card(result: MergeResult, save_directory: str | Path, *, name: str, hub: bool = False) -> ModelCard:
     """The model card of a merge; writes its coefficient heatmap (with matplotlib) into `save_directory`. Metadata:
     the Hub sources as `base_model`, `base_model_relation: merge`, `tags: [merge, supermerge, <method>]`; body: the
@@ -197,7 +209,7 @@ def build_model_card(result: MergeResult, save_directory: str | Path, *, name: s
         f"---\n{data.to_yaml()}\n---\n\n# Merge of {', '.join(cfg.tasks)}\n\n"
         f"This model merges {len(cfg.sources)} fine-tunes of {_source_cell(cfg.base, result.base.repo_id)} with "
         f"[supermerge_hf](https://arxiv.org/abs/2412.10416) (method: `{cfg.method}`, granularity: "
-        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + chosen + _lineage(cfg)
+        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + _how(cfg, result) + chosen + _lineage(cfg)
         + _sources_table(cfg, result)
         + _metrics_section(result.metrics) + coefficients
         + f"## Recipe\n\n```yaml\n{recipe}```\n\n## Loading\n\n```python\nfrom transformers import {auto}\n\n"

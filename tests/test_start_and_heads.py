@@ -241,6 +241,8 @@ def test_default_learns_over_tsv_m_components_of_full_finetunes_and_refits_heads
     merger.fit(family_examples(bert_family, n=8)).save_pretrained()
     saved = json.loads((tmp_path / "merged" / "supermerge_config.json").read_text())
     assert saved["method_kwargs"]["start"] == "tsv_m" and saved["method_kwargs"]["refit_heads"] == 200
+    card = (tmp_path / "merged" / "README.md").read_text()  # the card says what the coefficients weight
+    assert "started from the tsv_m merge" in card and "`sst`, `nli` were refit" in card
     again = SuperMerger.from_pretrained(tmp_path / "merged")  # rebuilt from the sources: the same merge and heads
     assert all(torch.equal(again.merged_tensors[n], t) for n, t in merger.merged_tensors.items())
     fm = FunctionalMerge(merger.plan, dtype=torch.float32)
