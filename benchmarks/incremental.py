@@ -41,8 +41,12 @@ FORMS = ["scratch", "incremental", "cheap"]
 RESULTS = HERE / "results"
 
 
+# the setting of results/incremental.json (labelled examples only): the paper's, as when it was measured
+PAPER = {"granularity": "tensor", "method_kwargs": {"objective": "labels", "start": "constant", "refit_heads": 0}}
+
+
 def config(tasks: list[str], seed: int, **extra) -> SuperMergeConfig:
-    return SuperMergeConfig(base=str(minilm_path()), seed=seed, **extra,
+    return SuperMergeConfig(base=str(minilm_path()), seed=seed, **PAPER | extra,
                             sources=[{"task": t, "path": str(FINETUNES / t)} for t in tasks])
 
 
