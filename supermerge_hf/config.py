@@ -17,6 +17,8 @@ from .hyperparameters import as_number
 from .methods import get_method
 
 CONFIG_NAME = "supermerge_config.json"
+# SuperMerge's `method_kwargs` as a merge saved before they existed ran (a saved config names every other one)
+SAVED_BEFORE = {"start": "constant", "refit_heads": 0}
 LOCAL = "<local folder, not published>"  # a source's path in a merge saved for the Hub
 
 Granularity = Literal["tensor", "block", "task", "row", "singular"]  # singular: tau = U S V^T -> U diag(c S) V^T
@@ -294,7 +296,10 @@ class SuperMergeConfig:
         folder = resolve(path_or_repo_id, revision=revision, token=token).path
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{str(path_or_repo_id)!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")
-        config = cls.from_file(folder / CONFIG_NAME)
+        data = yaml.safe_load((folder / CONFIG_NAME).read_text())
+        if isinstance(data, dict) and data.get("method", "supermerge") == "supermerge":  # saved before these existed
+            data["method_kwargs"] = SAVED_BEFORE | dict(data.get("method_kwargs") or {})
+        config = cls.from_dict(data)
         located = [locate(p, folder) for p in [config.base, *config.paths]]
         return dataclasses.replace(config, base=located[0], sources=[
             dataclasses.replace(s, path=p) for s, p in zip(config.sources, located[1:])])

@@ -257,3 +257,19 @@ def test_default_learns_over_tsv_m_components_of_full_finetunes_and_refits_heads
             expected = fm.forward(task, merger.merged_tensors, {"input_ids": input_ids}).logits
             reloaded = load_task_model(tmp_path / "merged", task)(input_ids=input_ids).logits
         torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_merge_saved_before_start_and_refit_existed_reloads_as_it_ran(tmp_path):
+    """A saved config without `start` / `refit_heads` learned over the task vectors with the fine-tunes' heads: it
+    must not be rebuilt with today's defaults (a recipe without them gets the defaults)."""
+    old = {"base": "/nowhere/base", "sources": [{"task": "a", "path": "/nowhere/a"}], "granularity": "tensor",
+           "method_kwargs": {"objective": "labels", "temperature": 1.0, "distill_weight": 0.5}}
+    (tmp_path / "supermerge_config.json").write_text(json.dumps(old))
+    kwargs = SuperMergeConfig.from_pretrained(tmp_path).method_kwargs
+    assert kwargs["start"] == "constant" and kwargs["refit_heads"] == 0 and kwargs["objective"] == "labels"
+    (tmp_path / "recipe.json").write_text(json.dumps(old))
+    recipe = SuperMergeConfig.from_file(tmp_path / "recipe.json").method_kwargs
+    assert recipe["start"] == "auto" and recipe["refit_heads"] == 200
+    ties = dict(old, method="ties", method_kwargs={"lam": 0.5})  # another method's kwargs are left as saved
+    (tmp_path / "supermerge_config.json").write_text(json.dumps(ties))
+    assert SuperMergeConfig.from_pretrained(tmp_path).method_kwargs["lam"] == 0.5
