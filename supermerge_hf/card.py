@@ -166,7 +166,7 @@ def _lineage(cfg: SuperMergeConfig) -> str:
             f"{', '.join(new)}: {how}.\n\n")
 
 
-def _how(cfg: SuperMergeConfig, result: MergeResult) -> str:
+def _start_and_heads_note(cfg: SuperMergeConfig, result: MergeResult) -> str:
     """What the coefficients weight (a TIES / TSV-M start) and whether the heads were refit, in words."""
     start, text = cfg.method_kwargs.get("start"), ""
     if start in ("ties", "tsv_m"):
@@ -209,7 +209,8 @@ def build_model_card(result: MergeResult, save_directory: str | Path, *, name: s
         f"---\n{data.to_yaml()}\n---\n\n# Merge of {', '.join(cfg.tasks)}\n\n"
         f"This model merges {len(cfg.sources)} fine-tunes of {_source_cell(cfg.base, result.base.repo_id)} with "
         f"[supermerge_hf](https://arxiv.org/abs/2412.10416) (method: `{cfg.method}`, granularity: "
-        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + _how(cfg, result) + chosen + _lineage(cfg)
+        f"`{cfg.granularity}`, transform: `{cfg.transform}`).\n\n" + _start_and_heads_note(cfg, result) + chosen
+        + _lineage(cfg)
         + _sources_table(cfg, result)
         + _metrics_section(result.metrics) + coefficients
         + f"## Recipe\n\n```yaml\n{recipe}```\n\n## Loading\n\n```python\nfrom transformers import {auto}\n\n"

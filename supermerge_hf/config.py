@@ -17,8 +17,6 @@ from .hyperparameters import as_number
 from .methods import get_method
 
 CONFIG_NAME = "supermerge_config.json"
-# SuperMerge's `method_kwargs` as a merge saved before they existed ran (a saved config names every other one)
-SAVED_BEFORE = {"start": "constant", "refit_heads": 0}
 LOCAL = "<local folder, not published>"  # a source's path in a merge saved for the Hub
 
 Granularity = Literal["tensor", "block", "task", "row", "singular"]  # singular: tau = U S V^T -> U diag(c S) V^T
@@ -96,11 +94,13 @@ class SuperMergeConfig:
         base_revision (`str`, *optional*): Revision of `base` when it is a Hub repo id.
         method (`str`, defaults to `"supermerge"`): A name from `supermerge_hf.METHODS`.
         method_kwargs (`dict`): The method's hyperparameters (`supermerge methods` lists them), checked here and
-            completed with their defaults; `"auto"` picks `lam` / `density` on the examples.
+            completed with their defaults; `"auto"` picks `lam` / `density` / `start_lam` on the examples, and
+            SuperMerge's `start: auto` the TSV-M start for a flat merge of full fine-tunes (`start.py`).
         granularity (`str`, *optional*): What shares a coefficient: `tensor`, `block`, `task`, `row` or `singular`
             (per row / singular direction of block matrices, else per tensor); default: the method's (SuperMerge: row).
         transform (`str`, *optional*): c(w), `tanh` or `none`; defaults to the method's (AdaMerging: `none`).
-        init_coefficient (`float`, defaults to 0.3): c(w) for every entry at the start of learning.
+        init_coefficient (`float`, defaults to 0.3): c(w) for every entry at the start of learning (over the task
+            vectors, or the TIES / TSV-M components scaled so that it is that merge: SuperMerge's `start`).
         init_from_task_arithmetic (`bool`): Deprecated: read as SuperMerge's `method_kwargs.start: task_arithmetic`.
         learning_rate (`float`, defaults to 0.05): Adam learning rate on w.
         steps (`int`, defaults to 100): Optimisation steps; each visits one batch of every task.
@@ -297,8 +297,9 @@ class SuperMergeConfig:
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{str(path_or_repo_id)!r} has no {CONFIG_NAME}: is it a supermerge_hf output?")
         data = yaml.safe_load((folder / CONFIG_NAME).read_text())
-        if isinstance(data, dict) and data.get("method", "supermerge") == "supermerge":  # saved before these existed
-            data["method_kwargs"] = SAVED_BEFORE | dict(data.get("method_kwargs") or {})
+        if isinstance(data, dict) and not data.get("init_from_task_arithmetic"):  # (`start`'s old spelling)
+            method = get_method(data.get("method", cls.method))
+            data["method_kwargs"] = method.saved_kwargs(data.get("method_kwargs") or {})
         config = cls.from_dict(data)
         located = [locate(p, folder) for p in [config.base, *config.paths]]
         return dataclasses.replace(config, base=located[0], sources=[

@@ -10,7 +10,8 @@ from typing import Any
 @dataclass(frozen=True)
 class Hyperparameter:
     """A `method_kwargs` entry of type `kind` (`float`, `int`, `str`, or `list`: one float per source), with bounds
-    or choices; if `auto`, the value `"auto"` picks one of `grid` on the labelled examples."""
+    or choices; if `auto`, the value `"auto"` picks one of `grid` on the labelled examples. `saved_before`: the value
+    a merge saved before this entry existed (or had another default) ran with, which reloading it reads."""
 
     kind: type
     default: Any
@@ -19,6 +20,7 @@ class Hyperparameter:
     choices: tuple[str, ...] = ()
     auto: bool = False
     grid: tuple[float, ...] = ()
+    saved_before: Any = None
 
     def __post_init__(self) -> None:
         if self.auto and not self.grid:

@@ -27,7 +27,7 @@ from .methods import MergeMethod
 from .plan import MergePlan, layer_depths
 from .results import Coefficients, LearnResult, check_finite, inverse_transform, transform
 from .sparsify import magnitude_thresholds
-from .start import choose_start_lam, initial_coefficient, preprocesses, score, start_preprocess
+from .start import check_lam_known, choose_start_lam, initial_coefficient, preprocesses, score, start_preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +273,7 @@ def merge_with(plan: MergePlan, config: SuperMergeConfig, method: MergeMethod,
     another merge's table, transform, or out-of-range values."""
     if coefficients.transform != config.transform:
         raise ValueError(f"The table's transform {coefficients.transform!r} is not this merge's {config.transform!r}.")
+    check_lam_known(config)
     values = coefficients.aligned(plan.source_names, plan.groups)
     table = Coefficients.from_values(plan.source_names, plan.groups, values, config.transform)
     merged = functional_merge(plan, config, method).params(table.values, dense=True)

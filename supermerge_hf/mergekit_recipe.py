@@ -101,7 +101,8 @@ def _build(folder: Path, token: str | bool | None) -> tuple[dict[str, Any], Supe
     if config.method_kwargs.get("start") in PREPROCESSED:  # its coefficients weight merge components
         raise ValueError(f"The supermerge merge of {str(folder)!r} learned over the {config.method_kwargs['start']} "
                          "merge's components (`start`; `auto` picks tsv_m for full fine-tunes), which mergekit does not "
-                         "compute. Use the saved merge itself, or learn with `method_kwargs` start: constant.")
+                         "compute. Use the saved merge itself, or learn with `method_kwargs` start: constant and "
+                         "`granularity` tensor, block or task.")
     plan = SuperMerger(config, token=token).plan  # resolves the sources and reads their headers; merges nothing
     _check_plan(plan, method)
     kwargs = config.method_kwargs | config.merge_info.get("chosen", {})  # `auto` -> the value that was chosen

@@ -32,7 +32,7 @@ from .plan import build_plan, load_source, saved_dtype
 from .publish import PushMixin
 from .results import Coefficients, MergeResult, check_finite
 from .sources import ModelSpec
-from .start import check_start, resolve_start
+from .start import check_start, preprocesses, resolve_start
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,8 @@ class SuperMerger(PushMixin):
         `init_coefficient`; `cheap=True` merges this merge as one source (its task vector) with the new fine-tune
         instead: two rows to learn. `overrides`: config fields to change (e.g. `output_dir`); `steps` defaults to
         twice the step this merge selected (at least `eval_every`, at most its `steps`): learning that starts from
-        the deployed merge needs no longer than the first run did."""
+        the deployed merge needs no longer than the first run did. A merge learned over TIES / TSV-M components
+        (the default's `start` for full fine-tunes) keeps its `steps`: the new source changes every component."""
         if self._origin is None or self.coefficients is None:
             raise ValueError("`add_source` extends a saved learned merge: load it with "
                              "`SuperMerger.from_pretrained(merged_dir)` first (a data-free merge has nothing learned).")
@@ -202,7 +203,7 @@ class SuperMerger(PushMixin):
         if self.levels and not cheap:
             raise ValueError("This merge is hierarchical: add a task with cheap=True (one more level).")
         sources = [*self.config.sources, SourceConfig(task, str(path), revision)]
-        if self.selected_step is not None:
+        if self.selected_step is not None and not preprocesses(self.method, self.config):
             overrides.setdefault("steps", min(self.config.steps, max(2 * self.selected_step, self.config.eval_every)))
         config = dataclasses.replace(self.config, **overrides, sources=sources, hierarchical=None, merge_info={})
         new = SuperMerger(config, accelerator=self.accelerator, **self._hub)

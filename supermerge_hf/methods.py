@@ -69,6 +69,11 @@ class MergeMethod:
     def kind(self) -> str:
         return "learned" if self.objective else "statistics" if self.statistics else "data_free"
 
+    def saved_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """A saved merge's `kwargs` with what it ran with where it predates an entry (`saved_before`)."""
+        older = {n: h.saved_before for n, h in self.hyperparameters.items() if h.saved_before is not None}
+        return older | dict(kwargs)
+
     def check_kwargs(self, kwargs: Mapping[str, Any], num_sources: int) -> dict[str, Any]:
         """`kwargs` checked against the declared hyperparameters (`ValueError` naming the field), with defaults."""
         return check_hyperparameters(self.name, self.hyperparameters, kwargs, num_sources)
@@ -241,10 +246,10 @@ register_method("supermerge", url="https://arxiv.org/abs/2412.10416", objective=
                 hyperparameters={"objective": Hyperparameter(str, "distill", choices=("labels", "distill", "both")),
                                  "temperature": Hyperparameter(float, 2.0, low=0.05, high=100.0),
                                  "distill_weight": Hyperparameter(float, 0.5, low=0.0, high=1.0),
-                                 "start": Hyperparameter(str, "auto", choices=START_CHOICES),
+                                 "start": Hyperparameter(str, "auto", choices=START_CHOICES, saved_before="constant"),
                                  "start_lam": Hyperparameter(float, "auto", low=1e-6, auto=True, grid=LAMBDA_GRID),
                                  "density": Hyperparameter(float, 0.2, low=1e-6, high=1.0),
-                                 "refit_heads": Hyperparameter(int, 200, low=0),
+                                 "refit_heads": Hyperparameter(int, 200, low=0, saved_before=0),
                                  "refit_lr": Hyperparameter(float, 1e-2, low=1e-12, high=10.0)},
                 description="tanh coefficients, by default one per row of each block matrix, learned by distilling "
                 "each fine-tune's outputs on its task's inputs (`objective: distill`, method.md section 9; `both`: "

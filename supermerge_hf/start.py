@@ -1,8 +1,8 @@
 """Where SuperMerge's learning starts (`method_kwargs.start`): the coefficients of step 0 and the vectors they weight.
 
-- `auto` (default): `tsv_m` for a flat merge of full fine-tunes (0.989 of the fine-tunes' accuracy on text-5 with
-  `refit_heads`, against 0.975 from `constant`), else `constant`: LoRA / IA³ sources keep their exact combined
-  adapter and one-hot coefficients that give each fine-tune; hierarchical merges learn over task vectors.
+- `auto` (default): `tsv_m` for a flat, non-streaming merge of full fine-tunes (the best start on text-5:
+  benchmarks/RESULTS.md), else `constant`: LoRA / IA³ sources keep their exact combined adapter and one-hot
+  coefficients that give each fine-tune; hierarchical and streaming merges learn over task vectors.
   `resolve_start` makes it concrete once the sources are read; the saved config holds the start that ran.
 - `constant`: c = `init_coefficient` everywhere, over the task vectors (method.md section 2).
 - `task_arithmetic`: c = the λ of the task-arithmetic grid with the lowest training loss (the former
@@ -56,21 +56,35 @@ def resolve_start(config: SuperMergeConfig, plan: MergePlan) -> SuperMergeConfig
     if start_of(config) != "auto":
         return config
     adapters = [t for t, s in zip(plan.tasks, plan.sources) if isinstance(s, AdapterSpec)]
-    start = "constant" if adapters or config.hierarchical or config.init_coefficient <= 0 else "tsv_m"
-    logger.info("start: auto -> %s (%s)", start, f"adapter sources {adapters}" if adapters else
-                "a hierarchical merge" if config.hierarchical else "init_coefficient <= 0" if start == "constant"
-                else "a flat merge of full fine-tunes")
+    if adapters:
+        start, why = "constant", f"adapter sources {adapters}"
+    elif config.hierarchical or config.streaming or config.init_coefficient <= 0:
+        start, why = "constant", "a hierarchical or streaming merge, or init_coefficient <= 0"
+    else:
+        start, why = "tsv_m", "a flat merge of full fine-tunes"
+    logger.info("start: auto -> %s (%s)", start, why)
     return dataclasses.replace(config, method_kwargs=dict(config.method_kwargs, start=start))
 
 
 def check_start(config: SuperMergeConfig) -> None:
     """`ValueError`, before any work, for a TIES / TSV-M start that cannot run as asked."""
     start = start_of(config)
-    if start in PREPROCESSED and (config.init_coefficient <= 0 or config.hierarchical):
+    if start in PREPROCESSED and (config.init_coefficient <= 0 or config.hierarchical or config.streaming):
         raise ValueError(f"`start: {start}` learns c from init_coefficient over the {start} merge's components "
-                         f"scaled by λ / init_coefficient: it needs init_coefficient > 0 (got "
-                         f"{config.init_coefficient}) and a flat merge (got hierarchical={config.hierarchical}). "
-                         "Change those, or use start: constant or task_arithmetic.")
+                         f"(all held in memory) scaled by λ / init_coefficient: it needs init_coefficient > 0 (got "
+                         f"{config.init_coefficient}) and a flat merge that does not stream (got hierarchical="
+                         f"{config.hierarchical}, streaming={config.streaming}). Change those, or use start: "
+                         "constant or task_arithmetic.")
+
+
+def check_lam_known(config: SuperMergeConfig) -> None:
+    """`ValueError` for coefficients applied over TIES / TSV-M components whose λ is still `auto` (only `fit` picks
+    it; `SuperMerger.from_pretrained` restores the saved one)."""
+    if start_of(config) in PREPROCESSED and config.method_kwargs.get("start_lam") == "auto":
+        raise ValueError(f"These coefficients weight the {start_of(config)} merge's components at the λ that `fit` "
+                         "picked (`start_lam: auto`), unknown here. Load the saved merge with "
+                         "`SuperMerger.from_pretrained(merged_dir)`, or set `method_kwargs.start_lam` to its "
+                         "`merge_info.chosen` value.")
 
 
 def score(fm: FunctionalMerge, examples: Mapping[str, list[Example]], *, by: str = "accuracy",

@@ -129,7 +129,10 @@ def test_later_source_commit_does_not_change_pinned_merge(hub_server: HubServer,
     assert again.result.merged.keys() == first.result.merged.keys()
     assert all(torch.equal(again.result.merged[n], t) for n, t in first.result.merged.items())
     # the same recipe following `main` does pick up the new commit (so the pin is what kept the merge unchanged)
-    latest = SuperMerger(hub_config({**repos, "sst": ("user/bert-sst", "main")}), endpoint=hub_server.url)
+    newest = {**repos, "sst": ("user/bert-sst", "main")}
+    with pytest.raises(ValueError, match="start_lam"):  # the default learned over TSV-M components at a picked λ
+        SuperMerger(hub_config(newest), endpoint=hub_server.url).apply_coefficients(first.coefficients)
+    latest = SuperMerger(hub_config(newest, method_kwargs=first.chosen), endpoint=hub_server.url)  # that λ
     latest.apply_coefficients(first.coefficients)
     assert latest.result.merge_info()["source_commits"]["sst"] == new_sha
     assert not torch.equal(latest.result.merged["pooler.dense.weight"], first.result.merged["pooler.dense.weight"])

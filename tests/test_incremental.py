@@ -49,12 +49,15 @@ def deployed_over_task_vectors(bert_family, tmp_path_factory) -> Path:
 POS = {"pos": classification_examples(2, 8, seed=9)}
 
 
-def test_incremental_starts_from_the_saved_coefficients(deployed, third):
-    old = SuperMerger.from_pretrained(deployed)
+def test_incremental_starts_from_the_saved_coefficients(deployed, deployed_over_task_vectors, third):
+    over_task_vectors = SuperMerger.from_pretrained(deployed_over_task_vectors)
+    shortened = over_task_vectors.add_source("pos", str(third))
+    # steps: twice the step the deployed merge selected, within [eval_every, its steps]
+    assert shortened.config.steps == min(LEARN["steps"], max(2 * over_task_vectors.selected_step, LEARN["eval_every"]))
+    old = SuperMerger.from_pretrained(deployed)  # the default: over TSV-M components, which the new source changes
     new = old.add_source("pos", str(third), learning_rate=1e-9)  # ~ no step: what learning started from
     assert new.config.tasks == ["sst", "nli", "pos"] and new.config.learning_rate == 1e-9
-    # steps: twice the step the deployed merge selected, within [eval_every, its steps]
-    assert new.config.steps == min(LEARN["steps"], max(2 * old.selected_step, LEARN["eval_every"]))
+    assert new.config.method_kwargs["start"] == "tsv_m" and new.config.steps == LEARN["steps"]
     assert old.add_source("pos", str(third), steps=7).config.steps == 7
     new.fit(POS)  # the old tasks' examples come from the merged folder (save_examples)
     values = new.coefficients.values
@@ -96,6 +99,15 @@ def test_cheap_form_merges_the_deployed_merge_as_one_source(deployed_over_task_v
     out = Path(new.save_pretrained(tmp_path / "cheap"))
     assert json.loads((out / "supermerge_config.json").read_text())["merge_info"]["extends"]["form"] == "cheap"
     reloaded = SuperMerger.from_pretrained(out)  # level 0: the deployed merge's coefficients, level 1: these
+    assert all(torch.equal(reloaded.merged_tensors[n], t) for n, t in new.merged_tensors.items())
+
+
+def test_cheap_form_of_the_default_merge_reloads(deployed, third, tmp_path):
+    """The default (learned over TSV-M components) extended the cheap way: over the TSV-M components of the
+    deployed merge's task vector and the new one; `from_pretrained` rebuilds it."""
+    new = SuperMerger.from_pretrained(deployed).add_source("pos", str(third), cheap=True).fit(POS)
+    assert new.config.method_kwargs["start"] == "tsv_m" and new.coefficients.sources == ["(sst+nli)", "pos"]
+    reloaded = SuperMerger.from_pretrained(new.save_pretrained(tmp_path / "cheap"))
     assert all(torch.equal(reloaded.merged_tensors[n], t) for n, t in new.merged_tensors.items())
 
 

@@ -32,7 +32,8 @@ from supermerge_hf.lora import LoraSpec
 from supermerge_hf.sources import IncompatibleSourceError, ModelSpec
 from tests.hub_server import hub_server_fixture  # noqa: F401  (fixture `hub_server`)
 
-from .conftest import OVER_TASK_VECTORS, BERT_CONFIG, classification_examples, coefficient, family_examples, write_text_examples
+from .conftest import (BERT_CONFIG, OVER_TASK_VECTORS, classification_examples, coefficient, family_examples,
+                       write_text_examples)
 
 SEQ_CLS = {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}
 CAUSAL_LM = {"task_type": "CAUSAL_LM"}

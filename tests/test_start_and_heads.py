@@ -24,7 +24,6 @@ from supermerge_hf.spectral import tsv_components
 from .conftest import classification_examples, coefficient, family_examples, lm_examples, paper
 
 
-
 def make_config(family, *, method_kwargs=None, **kwargs) -> SuperMergeConfig:
     kwargs = {"steps": 1, "eval_every": 1, "batch_size": 4, "learning_rate": 1e-9, "holdout_fraction": 0.0,
               "granularity": "tensor"} | kwargs
@@ -139,6 +138,8 @@ def test_start_errors(bert_family):
         SuperMerger(make_config(bert_family, method_kwargs={"start": "tsv_m"}, hierarchical={"group_size": 2}))
     with pytest.raises(ValueError, match="init_coefficient > 0"):
         SuperMerger(make_config(bert_family, method_kwargs={"start": "ties"}, init_coefficient=0.0))
+    with pytest.raises(ValueError, match="does not stream"):
+        SuperMerger(make_config(bert_family, method_kwargs={"start": "tsv_m"}, streaming=True))
     with pytest.raises(ValueError, match="must be one of"):
         make_config(bert_family, method_kwargs={"start": "dare"})
 
@@ -234,8 +235,8 @@ def test_default_learns_over_tsv_m_components_of_full_finetunes_and_refits_heads
              "batch_size": 4, "holdout_fraction": 0.0}
     config = SuperMergeConfig(**where, output_dir=str(tmp_path / "merged"))
     assert config.method_kwargs["start"] == "auto" and config.method_kwargs["refit_heads"] == 200
-    assert SuperMerger(SuperMergeConfig(**where, hierarchical={"group_size": 2})).config.method_kwargs["start"] == \
-        "constant"  # a hierarchical merge learns over the task vectors
+    for memory in ({"hierarchical": {"group_size": 2}}, {"streaming": True}):  # these learn over the task vectors
+        assert SuperMerger(SuperMergeConfig(**where, **memory)).config.method_kwargs["start"] == "constant"
     merger = SuperMerger(config)
     assert merger.config.method_kwargs["start"] == "tsv_m"  # full fine-tunes, flat
     merger.fit(family_examples(bert_family, n=8)).save_pretrained()
@@ -270,6 +271,8 @@ def test_a_merge_saved_before_start_and_refit_existed_reloads_as_it_ran(tmp_path
     (tmp_path / "recipe.json").write_text(json.dumps(old))
     recipe = SuperMergeConfig.from_file(tmp_path / "recipe.json").method_kwargs
     assert recipe["start"] == "auto" and recipe["refit_heads"] == 200
+    (tmp_path / "supermerge_config.json").write_text(json.dumps(old | {"init_from_task_arithmetic": True}))
+    assert SuperMergeConfig.from_pretrained(tmp_path).method_kwargs["start"] == "task_arithmetic"  # the old flag
     ties = dict(old, method="ties", method_kwargs={"lam": 0.5})  # another method's kwargs are left as saved
     (tmp_path / "supermerge_config.json").write_text(json.dumps(ties))
     assert SuperMergeConfig.from_pretrained(tmp_path).method_kwargs["lam"] == 0.5
