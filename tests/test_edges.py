@@ -23,7 +23,7 @@ from supermerge_hf import Coefficients, SuperMergeConfig, SuperMerger
 from supermerge_hf import hierarchy as hierarchy_module
 from supermerge_hf.checkpoint import Checkpoint
 
-from .conftest import BERT_CONFIG, classification_examples, family_examples, perturb
+from .conftest import BERT_CONFIG, OVER_TASK_VECTORS, classification_examples, family_examples, perturb
 
 SEQ_CLS = {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}
 
@@ -193,7 +193,7 @@ def test_auto_choices_are_saved_and_rebuild_the_merge(bert_family, tmp_path):
 
 
 def test_apply_coefficients_matches_rows_by_name_and_checks_the_range(bert_family):
-    merger = SuperMerger(config(bert_family.base, bert_family.sources))
+    merger = SuperMerger(config(bert_family.base, bert_family.sources, method_kwargs=OVER_TASK_VECTORS))
     groups = merger.plan.groups
     values = torch.stack([torch.full((len(groups),), 0.1), torch.full((len(groups),), 0.6)])
     merger.apply_coefficients(Coefficients.from_values(["nli", "sst"], groups, values, "tanh"))

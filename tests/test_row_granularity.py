@@ -12,13 +12,14 @@ from supermerge_hf import Coefficients, SuperMergeConfig, SuperMerger
 from supermerge_hf.data import as_examples
 from supermerge_hf.functional import FunctionalMerge
 
-from .conftest import family_examples
+from .conftest import OVER_TASK_VECTORS, family_examples
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
 
 
 def make_merger(family, **kwargs) -> SuperMerger:
-    kwargs = {"steps": 2, "eval_every": 1, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0} | kwargs
+    kwargs = {"steps": 2, "eval_every": 1, "batch_size": 4, "learning_rate": 0.1, "holdout_fraction": 0.0,
+              "method_kwargs": OVER_TASK_VECTORS} | kwargs  # the formula over the task vectors
     return SuperMerger(SuperMergeConfig(base=str(family.base), sources=family.source_list(), **kwargs))
 
 
