@@ -24,10 +24,10 @@ from supermerge_hf import SuperMergeConfig, SuperMerger
 from supermerge_hf.demo.finetune import evaluate_accuracy
 
 METHOD_ORDER = ["pretrained", "average", "task_arithmetic", "ties", "dare_ties", "tsv_m", "iso_c", "iso_cts", "lines",
-                "regmean", "regmean_plusplus", "adamerging", "supermerge_paper", "supermerge_none", "supermerge_block",
-                "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge_row_distill", "supermerge_singular",
-                "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit", "supermerge", "individual",
-                "multitask"]  # fmt: skip
+                "regmean", "regmean_plusplus", "prodistill", "adamerging", "supermerge_paper", "supermerge_none",
+                "supermerge_block", "supermerge_distill", "supermerge_both", "supermerge_row", "supermerge_row_distill",
+                "supermerge_singular", "supermerge_start_ties", "supermerge_start_tsv_m", "supermerge_refit",
+                "supermerge", "individual", "multitask"]  # fmt: skip
 # memory modes of SuperMerge (issue 6), run on request (`--methods`): not part of the main table by default
 MEMORY_MODES = ["supermerge_hier2", "supermerge_hier3", "supermerge_streaming"]
 TASK_VECTORS = {"start": "constant", "refit_heads": 0}  # learning over the task vectors, the fine-tunes' heads
@@ -214,6 +214,13 @@ def run_regmean(cell: Cell) -> Outcome:
 def run_regmean_plusplus(cell: Cell) -> Outcome:
     # RegMean block by block, each block's inputs taken through the blocks merged before it
     return merge_and_evaluate(cell, unlabelled=True, method="regmean_plusplus")
+
+
+@runner("prodistill")
+def run_prodistill(cell: Cell) -> Outcome:
+    # element-wise coefficients block by block (method.md section 9): each task's first 64 inputs (its 32 labelled
+    # ones' and 32 of the pool's, labels unread), Adam at 1e-2, 100 steps per block
+    return merge_and_evaluate(cell, unlabelled=True, method="prodistill")
 
 
 @runner("adamerging")

@@ -21,6 +21,7 @@ from .estimate import Estimate, estimate
 from .export import (check_adapter_export, check_tokenizer, load_examples, load_result, save_combined_adapter,
                      save_merge)
 from .functional import FunctionalMerge
+from .blockdistill import merge_block_distill
 from .gram import merge_with_statistics
 from .heads import refit_heads, use_heads
 from .hierarchy import fit_extension, fit_hierarchical, growth
@@ -154,8 +155,8 @@ class SuperMerger(PushMixin):
         if method.kind == "statistics":
             self.accelerator = self.accelerator or Accelerator(cpu=not torch.cuda.is_available())
             inputs = {t: [*data.get(t, []), *(extra or {}).get(t, [])] for t in plan.tasks}
-            merged, chosen, grid = merge_with_statistics(plan, config, method, inputs,
-                                                         device=self.accelerator.device), {}, {}
+            merge = merge_block_distill if method.statistics == "block_distill" else merge_with_statistics
+            merged, chosen, grid = merge(plan, config, method, inputs, device=self.accelerator.device), {}, {}
         elif method.kind == "data_free":
             fm = functional_merge(plan, config, method)
             merged, chosen, grid = merge_data_free(fm, method, config.method_kwargs, seed=config.seed, examples=data)

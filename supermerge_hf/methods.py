@@ -24,7 +24,7 @@ from .sparsify import (MajoritySignMethod, TrimScope, disjoint_mean, drop_and_re
 from .spectral import iso_c_merge, iso_cts_merge, tsv_merge
 
 Objective = Literal["supervised", "entropy"]
-Statistics = Literal["gram", "gram_sequential"]
+Statistics = Literal["gram", "gram_sequential", "block_distill"]
 LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 ISO_LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))  # Iso-C / Iso-CTS's α goes past 1 (authors: to 3)
 DENSITY_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
@@ -226,12 +226,19 @@ def lines(deltas: Tensor, *, depth: float, weights: Tensor | None = None, alpha:
     return task_arithmetic(deltas, weights=weights, lam=alpha + beta * depth)  # (*shape)
 
 
-# ---- from the inputs' statistics (run by `gram.merge_with_statistics`) ----------------------------------------
+# ---- from the inputs' statistics (run by `gram.merge_with_statistics`; ProDistill by `blockdistill.py`) --------
 
 register_method("regmean", url="https://arxiv.org/abs/2212.09849", statistics="gram", hyperparameters={"alpha": ALPHA},
                 description="Each linear layer solved from its inputs' Gram matrices; the mean elsewhere.")(regmean)
 register_method("regmean_plusplus", url="https://arxiv.org/abs/2508.03121", hyperparameters={"alpha": ALPHA},
                 statistics="gram_sequential", description="RegMean block by block, through the merged blocks.")(regmean)
+register_method("prodistill", url="https://arxiv.org/abs/2502.12706", statistics="block_distill",
+                hyperparameters={"lr": Hyperparameter(float, 1e-2, low=1e-12, high=10.0),
+                                 "block_steps": Hyperparameter(int, 100, low=1),
+                                 "max_inputs": Hyperparameter(int, 64, low=1)},
+                description="Element-wise coefficients learned block by block: each merged block, fed the merged "
+                "model's activations, reproduces each fine-tune's block output (MSE); the mean outside "
+                "blocks.")(average)
 
 
 # ---- learned methods (run by `learning.learn`) ---------------------------------------------------------------
