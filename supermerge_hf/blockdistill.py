@@ -4,8 +4,8 @@ parameter's shape per source, learned one transformer block at a time by feature
 Block b (in the order the blocks run) is merged as W = W_base + Σ_i c_i ⊙ τ_i with c_i starting at
 `init_coefficient`. Fed the merged model's own input to block b on task i's inputs (blocks before b already
 merged), it should reproduce fine-tune i's output of block b on its own activations: Adam on the mean squared
-error, summed over tasks, for `block_steps` full-batch steps at `lr`, keeping the step of lowest loss. The block's
-inputs are captured once per block (a forward pre-hook stops the model there) and the fine-tunes' block outputs
+error over real tokens (padding masked), summed over tasks, for `block_steps` full-batch steps at `lr`, keeping
+the step of lowest loss. The block's inputs are captured once per block (a forward pre-hook stops the model there) and the fine-tunes' block outputs
 once per task, so a step runs that block alone. Tensors outside numbered blocks (embeddings, final norms) take the
 mean of the fine-tunes. The result is one dense merge: the element-wise coefficients (S x the blocks' parameters)
 are not kept; `coefficient_numbers` says how many they were.
@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 from .config import SuperMergeConfig
 from .data import Example, collate
 from .functional import FunctionalMerge
-from .gram import check_inputs, finetune_weights, merge_steps, same_shape_batches
+from .gram import check_inputs, finetune_weights, merge_steps
 from .methods import MergeMethod
 from .plan import MergePlan, block_name
 
@@ -71,6 +71,13 @@ def capture(fm: FunctionalMerge, task: str, weights: Mapping[str, torch.Tensor],
     return found
 
 
+def real_positions(batch: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """`(B, T)` 1 where a block output `out` `(B, T, H)` is a real token (the batch's padding mask when it has the
+    output's length, e.g. not a decoder block of an encoder-decoder), else everywhere."""
+    mask = batch.get("attention_mask")
+    return mask.to(out.dtype) if mask is not None and mask.shape == out.shape[:2] else out.new_ones(out.shape[:2])
+
+
 def learn_block(fm: FunctionalMerge, names: list[str], io: Mapping[str, tuple[str, list, list]],
                 kwargs: Mapping[str, float], init: float) -> tuple[dict[str, torch.Tensor], float, float]:
     """The merged tensors `names` of one block and its distillation loss at the start and at the kept step. `io`:
@@ -88,10 +95,10 @@ def learn_block(fm: FunctionalMerge, names: list[str], io: Mapping[str, tuple[st
             local = {plan.task_specs[task].param_names[n][len(path) + 1:]: t for n, t in merged.items()}
             local |= {k[len(path) + 1:]: v for k, v in fm.heads[task].items() if k.startswith(path + ".")}
             block = fm.models[task].get_submodule(path)
-            for (args, kw), target in zip(inputs, targets):
+            for (args, kw), (target, mask) in zip(inputs, targets):
                 out = torch.func.functional_call(block, local, args, kw)
-                out = out[0] if isinstance(out, tuple) else out
-                loss = loss + torch.nn.functional.mse_loss(out, target) / len(inputs)  # mean over the batches
+                error = ((out[0] if isinstance(out, tuple) else out) - target) ** 2  # (B, T, H)
+                loss = loss + (error * mask[..., None]).sum() / (mask.sum() * error.shape[-1]) / len(inputs)
         value = float(loss.detach())
         first = value if first is None else first
         if value < best:
@@ -110,9 +117,9 @@ def merge_block_distill(plan: MergePlan, config: SuperMergeConfig, method: Merge
     kwargs = config.method_kwargs
     fm = FunctionalMerge(plan, dtype=config.compute_dtype, device=device, streaming=True)
     keep_labels = {t: fm.models[t].config.is_encoder_decoder for t in plan.tasks}
-    batches = {t: [collate(b, fm.pad_id) for b in same_shape_batches(inputs[t][: kwargs["max_inputs"]], 64,
-                                                                     keep_labels=keep_labels[t])]
-               for t in plan.tasks}
+    batches = {t: [collate([ex if keep_labels[t] else {k: v for k, v in ex.items() if k != "labels"}
+                            for ex in inputs[t][i: i + 32]], fm.pad_id)
+                   for i in range(0, min(len(inputs[t]), kwargs["max_inputs"]), 32)] for t in plan.tasks}
     steps = merge_steps(plan.merged, sequential=True)
     blocks = [names for names in steps if block_name(names[0]).rpartition(".")[2].isdigit()]
     merged = {n: fm.base_tensor(n) + method.merge(fm.deltas[n].dense()).to(fm.dtype)
@@ -122,7 +129,8 @@ def merge_block_distill(plan: MergePlan, config: SuperMergeConfig, method: Merge
         for task in plan.tasks:
             path = block_path(plan, task, names)
             row = plan.task_rows[task]
-            teacher = capture(fm, task, finetune_weights(fm, row, {}), batches[task], path, output=True)
+            teacher = [(out, real_positions(batch, out)) for out, batch in zip(
+                capture(fm, task, finetune_weights(fm, row, {}), batches[task], path, output=True), batches[task])]
             student = capture(fm, task, finetune_weights(fm, row, merged), batches[task], path, output=False)
             io[task] = (path, student, teacher)
         tensors, first, best = learn_block(fm, names, io, kwargs, config.init_coefficient)

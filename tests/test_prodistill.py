@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 from supermerge_hf import SuperMergeConfig, SuperMerger
-from supermerge_hf.blockdistill import block_path, capture, learn_block
+from supermerge_hf.blockdistill import block_path, capture, learn_block, real_positions
 from supermerge_hf.data import as_examples, collate
 from supermerge_hf.functional import FunctionalMerge
 from supermerge_hf.gram import finetune_weights, same_shape_batches
@@ -65,8 +65,9 @@ def test_block_loss_falls_and_the_kept_step_is_the_lowest(bert_family):
         batches = [collate(b) for b in same_shape_batches(inputs, 8, keep_labels=False)]
         path = block_path(plan, task, names)
         weights = finetune_weights(fm, plan.task_rows[task], {})
+        targets = capture(fm, task, weights, batches, path, output=True)
         io[task] = (path, capture(fm, task, weights, batches, path, output=False),
-                    capture(fm, task, weights, batches, path, output=True))
+                    [(t, real_positions(b, t)) for t, b in zip(targets, batches)])
     tensors, first, best = learn_block(fm, names, io, {"lr": 0.05, "block_steps": 20}, 0.3)
     assert best < 0.7 * first
     _, first_again, zero_steps = learn_block(fm, names, io, {"lr": 0.05, "block_steps": 0}, 0.3)
