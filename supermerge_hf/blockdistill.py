@@ -5,10 +5,10 @@ Block b (in the order the blocks run) is merged as W = W_base + Σ_i c_i ⊙ τ_
 `init_coefficient`. Fed the merged model's own input to block b on task i's inputs (blocks before b already
 merged), it should reproduce fine-tune i's output of block b on its own activations: Adam on the mean squared
 error over real tokens (padding masked), summed over tasks, for `block_steps` full-batch steps at `lr`, keeping
-the step of lowest loss. The block's inputs are captured once per block (a forward pre-hook stops the model there) and the fine-tunes' block outputs
-once per task, so a step runs that block alone. Tensors outside numbered blocks (embeddings, final norms) take the
-mean of the fine-tunes. The result is one dense merge: the element-wise coefficients (S x the blocks' parameters)
-are not kept; `coefficient_numbers` says how many they were.
+the step of lowest loss. Per block, its inputs through the merged blocks and each fine-tune's output are
+captured once (a hook stops the model at that block), so a step runs that block alone. Tensors outside numbered
+blocks (embeddings, final norms) take the mean of the fine-tunes. The result is one dense merge; the element-wise
+coefficients (S x the blocks' parameters; their count and float32 size are logged) are not kept.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def merge_block_distill(plan: MergePlan, config: SuperMergeConfig, method: Merge
     blocks = [names for names in steps if block_name(names[0]).rpartition(".")[2].isdigit()]
     merged = {n: fm.base_tensor(n) + method.merge(fm.deltas[n].dense()).to(fm.dtype)
               for names in steps if names not in blocks for n in names}  # outside numbered blocks: the mean
+    numbers = 0
     for names in tqdm(blocks, desc="prodistill: blocks"):
         io = {}
         for task in plan.tasks:
@@ -135,5 +136,8 @@ def merge_block_distill(plan: MergePlan, config: SuperMergeConfig, method: Merge
             io[task] = (path, student, teacher)
         tensors, first, best = learn_block(fm, names, io, kwargs, config.init_coefficient)
         merged |= tensors
+        numbers += plan.num_sources * sum(t.numel() for t in tensors.values())
         logger.info("prodistill: %s, feature MSE %.4g -> %.4g", block_name(names[0]), first, best)
+    logger.info("prodistill: %d element-wise coefficients learned (%.1f MB in float32), not kept", numbers,
+                numbers * 4 / 2**20)
     return merged
