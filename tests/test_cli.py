@@ -108,13 +108,13 @@ def test_help_explains_every_option(command, capsys):
             assert flag in text
 
 
-def test_methods_lists_all_fifteen(capsys):
+def test_methods_lists_all_sixteen(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines if not line.startswith(" ")]  # indented: a method's hyperparameters
     assert names == sorted(["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
                             "tsv_m", "iso_c", "iso_cts", "lines", "adamerging", "adamerging_plus", "supermerge",
-                            "regmean", "regmean_plusplus"])
+                            "regmean", "regmean_plusplus", "prodistill"])
     assert next(line for line in lines if line.startswith("regmean ")).split()[1] == "statistics"
 
 

@@ -39,7 +39,7 @@ def test_registry_lists_all_methods():
     learned = ["adamerging", "adamerging_plus", "supermerge"]
     data_free = ["average", "dare_linear", "dare_ties", "iso_c", "iso_cts", "lines", "magnitude_prune",
                  "task_arithmetic", "ties", "tsv_m"]
-    statistics = ["regmean", "regmean_plusplus"]  # data-free merges of statistics of the inputs
+    statistics = ["regmean", "regmean_plusplus", "prodistill"]  # computed from the inputs, no coefficient table
     assert sorted(METHODS) == sorted(learned + data_free + statistics)
     assert all(get_method(name).kind == "learned" and get_method(name).merge is None for name in learned)
     assert all(get_method(name).kind == "data_free" and callable(get_method(name).merge) for name in data_free)
