@@ -94,13 +94,11 @@ class SuperMergeConfig:
         base_revision (`str`, *optional*): Revision of `base` when it is a Hub repo id.
         method (`str`, defaults to `"supermerge"`): A name from `supermerge_hf.METHODS`.
         method_kwargs (`dict`): The method's hyperparameters (`supermerge methods` lists them), checked here and
-            completed with their defaults; `"auto"` picks `lam` / `density` / `start_lam` on the examples, and
-            SuperMerge's `start: auto` the TSV-M start for a flat merge of full fine-tunes (`start.py`).
+            completed with their defaults; `"auto"` picks `lam` / `density` / `start_lam` on the examples.
         granularity (`str`, *optional*): What shares a coefficient: `tensor`, `block`, `task`, `row` or `singular`
             (per row / singular direction of block matrices, else per tensor); default: the method's (SuperMerge: row).
         transform (`str`, *optional*): c(w), `tanh` or `none`; defaults to the method's (AdaMerging: `none`).
-        init_coefficient (`float`, defaults to 0.3): c(w) for every entry at the start of learning (over the task
-            vectors, or the TIES / TSV-M components scaled so that it is that merge: SuperMerge's `start`).
+        init_coefficient (`float`, defaults to 0.3): c(w) for every entry at the start of learning (`start.py`).
         init_from_task_arithmetic (`bool`): Deprecated: read as SuperMerge's `method_kwargs.start: task_arithmetic`.
         learning_rate (`float`, defaults to 0.05): Adam learning rate on w.
         steps (`int`, defaults to 100): Optimisation steps; each visits one batch of every task.

@@ -193,9 +193,8 @@ class SuperMerger(PushMixin):
         them: `save_examples`). It learns from this merge's coefficients, the new row starting at
         `init_coefficient`; `cheap=True` merges this merge as one source (its task vector) with the new fine-tune
         instead: two rows to learn. `overrides`: config fields to change (e.g. `output_dir`); `steps` defaults to
-        twice the step this merge selected (at least `eval_every`, at most its `steps`): learning that starts from
-        the deployed merge needs no longer than the first run did. A merge learned over TIES / TSV-M components
-        (the default's `start` for full fine-tunes) keeps its `steps`: the new source changes every component."""
+        twice the step this merge selected (at most its `steps`; all of them over TIES / TSV-M components, which
+        the new source changes): learning that starts from the deployed merge needs no longer than the first run."""
         if self._origin is None or self.coefficients is None:
             raise ValueError("`add_source` extends a saved learned merge: load it with "
                              "`SuperMerger.from_pretrained(merged_dir)` first (a data-free merge has nothing learned).")

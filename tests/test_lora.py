@@ -151,16 +151,23 @@ def test_delta_equals_peft(variant, request, tmp_path):
 
 
 # ---------------------------------------------------------------- the combined adapter is the dense merge
-def test_combined_adapter_equals_dense_merge_bert(bert_family, bert_adapters, tmp_path):
-    merger = SuperMerger(config(bert_family.base, bert_adapters)).fit(bert_examples())
-    c = merger.coefficients.values
-    assert not torch.equal(c, torch.full_like(c, 0.3)), "the coefficients should have moved"
+def saved_adapter_and_merge(merger: SuperMerger, base: Path, tmp_path: Path):
+    """Save the dense merge and the combined adapter; the adapter's body output on random ids equals the merge's.
+    Returns the PEFT model, the merged body's output and the ids."""
     merger.save_pretrained(tmp_path / "merged")
     merger.save_adapter(tmp_path / "adapter")
     x = torch.randint(1, 64, (3, 7))
     expected = AutoModel.from_pretrained(tmp_path / "merged")(x).last_hidden_state
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(bert_family.base), tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), tmp_path / "adapter")
     assert relative_error(peft_model(x).last_hidden_state, expected) < 1e-5
+    return peft_model, expected, x
+
+
+def test_combined_adapter_equals_dense_merge_bert(bert_family, bert_adapters, tmp_path):
+    merger = SuperMerger(config(bert_family.base, bert_adapters)).fit(bert_examples())
+    c = merger.coefficients.values
+    assert not torch.equal(c, torch.full_like(c, 0.3)), "the coefficients should have moved"
+    peft_model, expected, x = saved_adapter_and_merge(merger, bert_family.base, tmp_path)
     assert relative_error(expected, AutoModel.from_pretrained(bert_family.base)(x).last_hidden_state) > 1e-2
 
     # rank of each module = sum of the source ranks that target it, in the config and as PEFT reads it
@@ -189,12 +196,7 @@ def test_default_on_adapters_learns_over_task_vectors_and_exports_the_adapter(be
                                           holdout_fraction=0.0))
     assert merger.config.method_kwargs["start"] == "constant" and merger.config.method_kwargs["refit_heads"] == 200
     merger.fit(bert_examples())
-    merger.save_pretrained(tmp_path / "merged")
-    merger.save_adapter(tmp_path / "adapter")
-    x = torch.randint(1, 64, (3, 7))
-    expected = AutoModel.from_pretrained(tmp_path / "merged")(x).last_hidden_state
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(bert_family.base), tmp_path / "adapter")
-    assert relative_error(peft_model(x).last_hidden_state, expected) < 1e-5
+    peft_model, expected, x = saved_adapter_and_merge(merger, bert_family.base, tmp_path)
     for task, adapter in bert_adapters.items():
         head = load_file(adapter / "adapter_model.safetensors")["base_model.model.classifier.weight"]
         saved = load_task_model(tmp_path / "merged", task).classifier.weight
